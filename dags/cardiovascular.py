@@ -1,0 +1,25 @@
+"""Cardiovascular: CT calcium scoring: Agatston, volume and mass scores with a per-lesion table.
+
+landing bucket -> index (headers only) -> de-identify (PS3.15) -> cardiovascular processing (GPU queue) -> warehouse.
+"""
+import pendulum
+from airflow.sdk import dag
+
+from imaging_dags import (SCHEDULE, SPECIALTY_DEFAULTS, deidentify, index_studies, landing_sensor, load_metadata,
+                          pipeline_params, process_study)
+
+SPECIALTY = "cardiovascular"
+
+
+@dag(dag_id=SPECIALTY, schedule=SCHEDULE, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
+     params=pipeline_params(), default_args=SPECIALTY_DEFAULTS, max_active_runs=1, tags=["imaging", SPECIALTY],
+     doc_md=__doc__)
+def cardiovascular():
+    arrived = landing_sensor(SPECIALTY)
+    studies = index_studies(SPECIALTY, arrived.output)
+    clean = deidentify.partial(specialty=SPECIALTY).expand(study=studies)
+    processed = process_study.partial(specialty=SPECIALTY).expand(study=clean)
+    load_metadata(SPECIALTY, processed)
+
+
+cardiovascular()

@@ -1,0 +1,138 @@
+"""Group what arrived in a landing prefix into studies, reading headers only.
+
+The index is the one place that sees raw identifiers: it keys each study by a keyed pseudonym and
+writes the list of raw inputs to a study manifest in the lake's PHI zone (``work/``).  Downstream
+tasks get only the pseudonyms and the manifest URI.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from imaging_tasks import storage
+from imaging_tasks.deid.pseudonym import pseudo_id
+from imaging_tasks.dicom_io import read_header
+from imaging_tasks.errors import BadInput
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".bif")
+
+# Modalities each DICOM specialty accepts; anything else is quarantined as wrong_modality.
+ACCEPTED_MODALITIES = {
+    "neuroimaging": {"MR", "PT"},
+    "cardiovascular": {"CT"},
+    "mammography": {"MG"},
+}
+
+
+@dataclass
+class StudyEntry:
+    specialty: str
+    study: str  # pseudonymous study id
+    patient: str  # pseudonymous patient id
+    files: list[dict] = field(default_factory=list)  # [{uri, size, modified}] raw inputs (PHI zone only)
+    modalities: dict[str, int] = field(default_factory=dict)  # modality -> instance count
+    newest: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when an input is added, removed or rewritten; decides whether a done study is redone."""
+        lines = sorted(f"{f['uri']}:{f['size']}" for f in self.files)
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+    def summary(self, manifest_uri: str) -> dict:
+        """What downstream tasks (and XCom) may see: pseudonyms and counts, no raw paths or identifiers."""
+        return {"specialty": self.specialty, "study": self.study, "patient": self.patient,
+                "manifest": manifest_uri, "n_files": len(self.files), "modalities": self.modalities,
+                "fingerprint": self.fingerprint}
+
+
+@dataclass
+class IndexResult:
+    studies: list[StudyEntry]
+    quarantined: list[dict]
+    waiting: list[str]  # pseudonymous ids of sessions not ready yet
+
+
+Quarantine = Callable[[storage.ObjectInfo, BadInput], dict]
+
+
+def index_objects(objects: list[storage.ObjectInfo], *, specialty: str, key: bytes, quarantine: Quarantine,
+                  now: dt.datetime | None = None, mr_only_wait: dt.timedelta = dt.timedelta(hours=6)) -> IndexResult:
+    """Group objects into studies; bad files go to ``quarantine`` and the rest carry on."""
+    if specialty == "pathology":
+        return _index_slides(objects, key=key, quarantine=quarantine)
+    studies: dict[str, StudyEntry] = {}
+    quarantined = []
+    accepted = ACCEPTED_MODALITIES[specialty]
+    for obj in objects:
+        try:
+            if obj.size == 0:
+                raise BadInput("empty_file", "the file is empty (0 bytes); re-export it from the source system")
+            with storage.as_path(obj.uri).open("rb") as fh:
+                ds = read_header(fh)
+            modality = str(ds.Modality)
+            if modality not in accepted:
+                raise BadInput("wrong_modality", f"modality {modality} does not belong to the {specialty} pipeline "
+                               f"(accepts {', '.join(sorted(accepted))}); move it to the right landing prefix")
+        except BadInput as exc:
+            quarantined.append(quarantine(obj, exc))
+            continue
+        study = pseudo_id(key, str(ds.StudyInstanceUID), "study")
+        entry = studies.setdefault(study, StudyEntry(specialty=specialty, study=study,
+                                                     patient=pseudo_id(key, str(ds.get("PatientID", "")), "patient")))
+        entry.files.append(_file_row(obj))
+        entry.modalities[modality] = entry.modalities.get(modality, 0) + 1
+        if obj.modified:
+            entry.newest = max(entry.newest or "", obj.modified.isoformat())
+    ready, waiting = [], []
+    for entry in studies.values():
+        if specialty == "neuroimaging" and not _session_ready(entry, now=now, wait=mr_only_wait):
+            waiting.append(entry.study)
+            continue
+        ready.append(entry)
+    return IndexResult(studies=sorted(ready, key=lambda e: e.study), quarantined=quarantined, waiting=waiting)
+
+
+def _session_ready(entry: StudyEntry, *, now: dt.datetime | None, wait: dt.timedelta) -> bool:
+    """A neuro session is ready with MR and PET, or MR alone once nothing new has arrived for ``wait``."""
+    if "MR" in entry.modalities and "PT" in entry.modalities:
+        return True
+    if "MR" not in entry.modalities or entry.newest is None:
+        return False
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return now - dt.datetime.fromisoformat(entry.newest) >= wait
+
+
+def _index_slides(objects: list[storage.ObjectInfo], *, key: bytes, quarantine: Quarantine) -> IndexResult:
+    """Each slide file is a study; its pseudonym comes from its content, as the slide de-identifier does."""
+    studies, quarantined = [], []
+    for obj in objects:
+        try:
+            if obj.size == 0:
+                raise BadInput("empty_file", "the slide file is empty (0 bytes); re-scan or re-export it")
+            if not obj.relpath.lower().endswith(SLIDE_SUFFIXES):
+                raise BadInput("not_a_slide", f"file type is not a supported whole-slide format "
+                               f"({', '.join(SLIDE_SUFFIXES)}); only slides belong in this prefix")
+        except BadInput as exc:
+            quarantined.append(quarantine(obj, exc))
+            continue
+        digest = storage.sha256_of(obj.uri)
+        entry = StudyEntry(specialty="pathology", study=pseudo_id(key, digest, "study"),
+                           patient=pseudo_id(key, digest, "patient"), files=[_file_row(obj)],
+                           modalities={"SM": 1}, newest=obj.modified.isoformat() if obj.modified else None)
+        studies.append(entry)
+    return IndexResult(studies=sorted(studies, key=lambda e: e.study), quarantined=quarantined, waiting=[])
+
+
+def _file_row(obj: storage.ObjectInfo) -> dict[str, Any]:
+    return {"uri": obj.uri, "size": obj.size, "modified": obj.modified.isoformat() if obj.modified else None}
+
+
+def entry_from_manifest(manifest: dict) -> StudyEntry:
+    return StudyEntry(**{k: manifest[k] for k in ("specialty", "study", "patient", "files", "modalities", "newest")})
+
+
+def entry_to_manifest(entry: StudyEntry) -> dict:
+    return asdict(entry) | {"fingerprint": entry.fingerprint}

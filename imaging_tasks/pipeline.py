@@ -1,0 +1,398 @@
+"""The steps every specialty chains: index -> de-identify -> process -> load.
+
+Each takes locations, a key and small dicts, and returns small dicts with pseudonyms, URIs and counts:
+what a task may put in XCom.  The same functions back the ``imaging-tasks`` CLI and the Airflow tasks.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import imaging_tasks
+from imaging_tasks import storage
+from imaging_tasks.errors import BadInput
+from imaging_tasks.index import entry_to_manifest, index_objects
+
+log = logging.getLogger(__name__)
+CODE_VERSION = imaging_tasks.__version__
+DEID_MANIFEST = "_DEID.json"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Who is running a step; lineage rows are keyed by it."""
+
+    dag_id: str = "imaging-tasks-cli"
+    run_id: str = "cli"
+    task_id: str = "cli"
+    map_index: int = -1
+
+
+@dataclass(frozen=True)
+class Lake:
+    """The lake layout of one specialty (see :mod:`imaging_tasks.storage`)."""
+
+    root: Any
+    specialty: str
+
+    def anonymized(self, patient: str, study: str):
+        return storage.join(self.root, "anonymized", self.specialty, patient, study)
+
+    def derived(self, patient: str, study: str):
+        return storage.join(self.root, "derived", self.specialty, patient, study)
+
+    def work(self, *parts: str):
+        return storage.join(self.root, "work", self.specialty, *parts)
+
+    def runs(self, run_id: str):
+        return storage.join(self.root, "runs", self.specialty, _safe(run_id))
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def record_lineage(lake: Lake, run: RunContext, *, study: str, inputs: list[dict], outputs: list[dict],
+                   device: str | None, started: float, status: str = "success") -> None:
+    """One processing_runs row per (task, study), written next to the run so the load step finds it."""
+    ended = time.time()
+    row = {"dag_id": run.dag_id, "run_id": run.run_id, "task_id": run.task_id, "map_index": run.map_index,
+           "study_id": study, "specialty": lake.specialty, "inputs": inputs, "outputs": outputs,
+           "code_version": CODE_VERSION, "device": device,
+           "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
+           "ended_at": dt.datetime.fromtimestamp(ended, dt.timezone.utc).isoformat(),
+           "duration_s": round(ended - started, 3), "status": status}
+    storage.write_json(storage.join(lake.runs(run.run_id), f"{_safe(run.task_id)}.{run.map_index}.{study}.json"), row)
+
+
+def _quarantine(lake: Lake, data: bytes, exc: BadInput, *, stage: str, source_uri: str, suffix: str = "") -> dict:
+    log.warning("quarantined input", extra={"specialty": lake.specialty, "stage": stage, "reason": exc.reason})
+    return storage.quarantine(data, lake.root, specialty=lake.specialty, reason=exc.reason, message=exc.message,
+                              stage=stage, source_uri=source_uri, suffix=suffix)
+
+
+# --------------------------------------------------------------------------- index
+def index_landing(landing: Any, lake: Lake, *, key: bytes, prefix: str = "", since: dt.datetime | None = None,
+                  until: dt.datetime | None = None, reprocess: bool = False, now: dt.datetime | None = None,
+                  mr_only_wait_hours: float = 6.0) -> dict:
+    """List what arrived (in [since, until) when given), group it into studies, skip studies already done."""
+    root = storage.join(landing, prefix) if prefix else storage.as_path(landing)
+    objects = storage.list_objects(root, since=since, until=until)
+
+    def quarantine(obj: storage.ObjectInfo, exc: BadInput) -> dict:
+        return _quarantine(lake, storage.read_bytes(obj.uri), exc, stage="index", source_uri=obj.uri,
+                           suffix=Path(obj.relpath).suffix)
+
+    result = index_objects(objects, specialty=lake.specialty, key=key, quarantine=quarantine, now=now,
+                           mr_only_wait=dt.timedelta(hours=mr_only_wait_hours))
+    studies, skipped = [], []
+    for entry in result.studies:
+        done = storage.read_manifest(lake.derived(entry.patient, entry.study))
+        if done and done.get("fingerprint") == entry.fingerprint and not reprocess:
+            skipped.append(entry.study)
+            continue
+        manifest_uri = lake.work("studies", f"{entry.study}.json")
+        storage.write_json(manifest_uri, entry_to_manifest(entry))
+        studies.append(entry.summary(str(manifest_uri)))
+    summary = {"objects": len(objects), "studies": studies, "skipped_done": skipped, "waiting": result.waiting,
+               "quarantined": len(result.quarantined)}
+    log.info("indexed landing", extra={"specialty": lake.specialty, "objects": len(objects),
+                                       "studies": len(studies), "skipped_done": len(skipped),
+                                       "waiting": len(result.waiting), "quarantined": len(result.quarantined)})
+    return summary
+
+
+# --------------------------------------------------------------------------- de-identification
+def deidentify_study(study: dict, lake: Lake, *, key: bytes, demo: bool, options=None,
+                     run: RunContext = RunContext()) -> dict:
+    """De-identify one study's raw files into ``anonymized/``; bad files go to quarantine, the rest go on.
+
+    Every output is audited against the identifying values of its own input before it is written.
+    """
+    started = time.time()
+    manifest = storage.read_json(study["manifest"])
+    dest = lake.anonymized(study["patient"], study["study"])
+    if lake.specialty == "pathology":
+        instances, quarantined = _deidentify_slides(manifest["files"], dest, lake, key=key)
+    else:
+        instances, quarantined = _deidentify_dicoms(manifest["files"], dest, lake, key=key, demo=demo,
+                                                    options=options)
+    status = "ok" if instances else "quarantined"
+    record = {"specialty": lake.specialty, "study": study["study"], "patient": study["patient"],
+              "fingerprint": study["fingerprint"], "demo_key": demo, "instances": instances}
+    if instances:
+        storage.write_json(storage.join(dest, DEID_MANIFEST), record)
+    record_lineage(lake, run, study=study["study"],
+                   inputs=[{"uri": "landing:" + study["study"], "sha256": i["source_sha256"]} for i in instances],
+                   outputs=[{"uri": i["uri"], "sha256": i["sha256"]} for i in instances], device=None,
+                   started=started, status=status)
+    log.info("de-identified study", extra={"specialty": lake.specialty, "study": study["study"],
+                                           "instances": len(instances), "quarantined": quarantined})
+    return {"specialty": lake.specialty, "study": study["study"], "patient": study["patient"],
+            "anonymized": str(dest), "n_instances": len(instances), "n_quarantined": quarantined,
+            "fingerprint": study["fingerprint"], "status": status}
+
+
+def _deidentify_dicoms(files: list[dict], dest, lake: Lake, *, key: bytes, demo: bool, options) -> tuple[list, int]:
+    from imaging_tasks.deid.dicom import DeidOptions, deidentify_bytes
+    from imaging_tasks.dicom_io import read_full
+    from imaging_tasks.phi_audit import assert_no_leaks, dicom_identifying_values
+
+    options = options or DeidOptions()
+    instances, quarantined = [], 0
+    for f in files:
+        data = storage.read_bytes(f["uri"])
+        try:
+            raw = read_full(data)  # truncated pixels are caught here, before anything is written
+            out, info = deidentify_bytes(data, key, options, demo=demo)
+        except BadInput as exc:
+            _quarantine(lake, data, exc, stage="deidentify", source_uri=f["uri"], suffix=".dcm")
+            quarantined += 1
+            continue
+        assert_no_leaks(dicom_identifying_values(raw), out, f"study {info['pseudo_study']}")
+        uri = storage.join(dest, info["series_uid"], f"{info['sop_uid']}.dcm")
+        sha = storage.write_bytes(uri, out)
+        instances.append({"uri": str(uri), "sha256": sha, "bytes": len(out), "source_sha256": storage.sha256_bytes(data),
+                          "study_uid": info["study_uid"], "series_uid": info["series_uid"], "sop_uid": info["sop_uid"],
+                          "modality": info["modality"], "sop_class_uid": info["sop_class_uid"],
+                          "header": info.get("header", {})})
+    return instances, quarantined
+
+
+def _deidentify_slides(files: list[dict], dest, lake: Lake, *, key: bytes) -> tuple[list, int]:
+    from imaging_tasks.deid.slide import TECHNICAL_FIELDS, deidentify_svs, read_description
+    from imaging_tasks.phi_audit import assert_no_leaks, slide_identifying_values
+
+    instances, quarantined = [], 0
+    with tempfile.TemporaryDirectory(prefix="deid-slide-") as tmp:
+        for i, f in enumerate(files):
+            src = storage.download(f["uri"], Path(tmp) / f"in-{i}{Path(f['uri']).suffix}")
+            dst = Path(tmp) / f"out-{i}.svs"
+            try:
+                description = read_description(src)
+                info = deidentify_svs(src, dst, key)
+            except BadInput as exc:
+                _quarantine(lake, src.read_bytes(), exc, stage="deidentify", source_uri=f["uri"],
+                            suffix=src.suffix)
+                quarantined += 1
+                continue
+            out = dst.read_bytes()
+            assert_no_leaks(slide_identifying_values(description, TECHNICAL_FIELDS), out, "slide")
+            uri = storage.join(dest, "slide.svs")
+            sha = storage.write_bytes(uri, out)
+            instances.append({"uri": str(uri), "sha256": sha, "bytes": len(out),
+                              "source_sha256": storage.sha256_of(src), "study_uid": None, "series_uid": None,
+                              "sop_uid": f"slide-{sha[:16]}", "modality": "SM", "sop_class_uid": None,
+                              "header": {k: v for k, v in info.items() if k in ("mpp", "removed", "dimensions")}})
+    return instances, quarantined
+
+
+# --------------------------------------------------------------------------- processing
+def process_study(study: dict, lake: Lake, *, device: str | None = None, options: dict | None = None,
+                  run: RunContext = RunContext()) -> dict:
+    """Run the specialty's algorithm on the de-identified study and publish ``derived/`` with a manifest."""
+    from imaging_tasks.device import pick_device
+    from imaging_tasks.specialties import processor
+
+    started = time.time()
+    if study.get("status") != "ok":
+        return {**study, "status": "skipped"}
+    deid = storage.read_json(storage.join(study["anonymized"], DEID_MANIFEST))
+    dev = str(pick_device(device))
+    with tempfile.TemporaryDirectory(prefix=f"{lake.specialty}-") as tmp:
+        files = _fetch(deid["instances"], Path(tmp) / "in")
+        out_dir = Path(tmp) / "out"
+        out_dir.mkdir()
+        try:
+            result = processor(lake.specialty)(files, out_dir, device=dev, **(options or {}))
+        except BadInput as exc:
+            return _quarantine_study(study, deid, lake, exc, run=run, started=started)
+        return _publish(study, deid, lake, result, out_dir, run=run, started=started, device=dev)
+
+
+def _fetch(instances: list[dict], local: Path) -> list[Path]:
+    return [storage.download(inst["uri"], local / f"{n:05d}{Path(inst['uri']).suffix}")
+            for n, inst in enumerate(instances)]
+
+
+def _publish(study: dict, deid: dict, lake: Lake, result: dict, out_dir: Path, *, run: RunContext, started: float,
+             device: str) -> dict:
+    results = {"metrics": result.get("metrics", []), "findings": result.get("findings", [])}
+    storage.write_json(out_dir / "results.json", results)
+    dest = lake.derived(study["patient"], study["study"])
+    outputs = storage.upload_dir(out_dir, dest)
+    manifest = {"specialty": lake.specialty, "study": study["study"], "patient": study["patient"],
+                "fingerprint": study["fingerprint"], "code_version": CODE_VERSION,
+                "inputs": [{"uri": i["uri"], "sha256": i["sha256"]} for i in deid["instances"]],
+                "outputs": outputs, "metrics": results["metrics"], "n_findings": len(results["findings"])}
+    storage.publish_manifest(dest, manifest)
+    record_lineage(lake, run, study=study["study"], inputs=manifest["inputs"],
+                   outputs=[{"uri": str(storage.join(dest, o["path"])), "sha256": o["sha256"]} for o in outputs],
+                   device=device, started=started)
+    log.info("processed study", extra={"specialty": lake.specialty, "study": study["study"], "device": device,
+                                       "seconds": round(time.time() - started, 2)})
+    return {"specialty": lake.specialty, "study": study["study"], "patient": study["patient"],
+            "anonymized": study["anonymized"], "derived": str(dest), "status": "ok",
+            "metrics": {m["name"]: m["value"] for m in results["metrics"]}}
+
+
+def _quarantine_study(study: dict, deid: dict, lake: Lake, exc: BadInput, *, run: RunContext, started: float) -> dict:
+    """A study the algorithm cannot use: its de-identified instance list goes to quarantine with the reason."""
+    import json
+
+    listing = json.dumps({"study": study["study"], "instances": deid["instances"]}, sort_keys=True).encode()
+    _quarantine(lake, listing, exc, stage="process", source_uri=study["anonymized"], suffix=".json")
+    record_lineage(lake, run, study=study["study"], inputs=[], outputs=[], device=None, started=started,
+                   status="quarantined")
+    return {**{k: study[k] for k in ("specialty", "study", "patient", "anonymized")}, "status": "quarantined",
+            "reason": exc.reason}
+
+
+# --------------------------------------------------------------------------- pathology fan-out
+def plan_slide(study: dict, lake: Lake, *, target_mpp: float = 1.0, tile_px: int = 256,
+               run: RunContext = RunContext()) -> dict:
+    """Tissue detection and the tile list, written to the work area for the mapped feature tasks."""
+    from imaging_tasks.pathology import plan_tiles
+
+    started = time.time()
+    if study.get("status") != "ok":
+        return {**study, "n_tiles": 0, "status": "skipped"}
+    deid = storage.read_json(storage.join(study["anonymized"], DEID_MANIFEST))
+    with tempfile.TemporaryDirectory(prefix="plan-") as tmp:
+        slide = _fetch(deid["instances"][:1], Path(tmp) / "in")[0]
+        out_dir = Path(tmp) / "out"
+        out_dir.mkdir()
+        try:
+            plan = plan_tiles(slide, out_dir, target_mpp=target_mpp, tile_px=tile_px)
+        except BadInput as exc:
+            return _quarantine_study(study, deid, lake, exc, run=run, started=started)
+        storage.upload_dir(out_dir, lake.work("plans", study["study"]))
+    plan_uri = lake.work("plans", study["study"], "plan.json")
+    storage.write_json(plan_uri, {**plan, "target_mpp": target_mpp, "tile_px": tile_px})
+    record_lineage(lake, run, study=study["study"], inputs=[{"uri": i["uri"], "sha256": i["sha256"]}
+                                                              for i in deid["instances"]],
+                   outputs=[{"uri": str(plan_uri), "sha256": storage.sha256_of(plan_uri)}], device=None,
+                   started=started)
+    return {**study, "plan": str(plan_uri), "slide": deid["instances"][0]["uri"], "n_tiles": len(plan["tiles"]),
+            "status": "ok"}
+
+
+def tile_batches(plans: list[dict], *, max_batches: int = 1000, min_tiles_per_batch: int = 64) -> list[dict]:
+    """Split every slide's tiles into batches, sized so the whole run maps to at most ``max_batches`` tasks."""
+    plans = [p for p in plans if p.get("status") == "ok" and p["n_tiles"]]
+    total = sum(p["n_tiles"] for p in plans)
+    if not total:
+        return []
+    per_batch = max(min_tiles_per_batch, -(-total // max_batches))
+    while sum(-(-p["n_tiles"] // per_batch) for p in plans) > max_batches:
+        per_batch += 1
+    return [{"study": p["study"], "plan": p["plan"], "slide": p["slide"], "start": start,
+             "stop": min(start + per_batch, p["n_tiles"])}
+            for p in plans for start in range(0, p["n_tiles"], per_batch)]
+
+
+def tile_features_batch(batch: dict, lake: Lake, *, device: str | None = None, run: RunContext = RunContext()) -> dict:
+    """Features of one batch of tiles, on the GPU when present; written to the work area."""
+    from imaging_tasks.device import pick_device
+    from imaging_tasks.pathology import tile_features
+
+    started = time.time()
+    plan = storage.read_json(batch["plan"])
+    dev = str(pick_device(device))
+    with tempfile.TemporaryDirectory(prefix="tiles-") as tmp:
+        slide = storage.download(batch["slide"], Path(tmp) / "slide.svs")
+        rows = tile_features(slide, plan["tiles"][batch["start"]:batch["stop"]], target_mpp=plan["target_mpp"],
+                             tile_px=plan["tile_px"], device=dev)
+    uri = lake.work("features", batch["study"], f"{batch['start']:08d}.json")
+    sha = storage.write_json(uri, rows)
+    record_lineage(lake, RunContext(run.dag_id, run.run_id, run.task_id, run.map_index), study=batch["study"],
+                   inputs=[{"uri": batch["slide"], "sha256": None}], outputs=[{"uri": str(uri), "sha256": sha}],
+                   device=dev, started=started)
+    return {"study": batch["study"], "features": str(uri), "n_tiles": len(rows), "device": dev}
+
+
+def finish_slide(plan: dict, features: list[dict], lake: Lake, *, run: RunContext = RunContext()) -> dict:
+    """Gather a slide's feature batches, summarise and publish ``derived/`` like any other study."""
+    from imaging_tasks.pathology import summarize
+
+    started = time.time()
+    if plan.get("status") != "ok":
+        return plan
+    deid = storage.read_json(storage.join(plan["anonymized"], DEID_MANIFEST))
+    plan_doc = storage.read_json(plan["plan"])
+    mine = sorted((f for f in features if f and f["study"] == plan["study"]), key=lambda f: f["features"])
+    rows = [row for f in mine for row in storage.read_json(f["features"])]
+    result = summarize(plan_doc, rows)
+    devices = sorted({f["device"] for f in mine}) or ["cpu"]
+    with tempfile.TemporaryDirectory(prefix="slide-") as tmp:
+        out_dir = Path(tmp)
+        for o in plan_doc.get("outputs", []):
+            storage.download(lake.work("plans", plan["study"], o), out_dir / o)
+        storage.write_json(out_dir / "tile_features.json", rows)
+        return _publish(plan, deid, lake, result, out_dir, run=run, started=started, device=",".join(devices))
+
+
+# --------------------------------------------------------------------------- load
+def warehouse_rows(processed: list[dict], lake: Lake, *, run: RunContext) -> dict[str, list[dict]]:
+    """Rows for every table from the published manifests, the quarantine folder and this run's lineage."""
+    rows: dict[str, list[dict]] = {t: [] for t in ("studies", "series", "instances", "results", "findings")}
+    for item in processed:
+        if not item or item.get("status") != "ok":
+            continue
+        deid = storage.read_json(storage.join(item["anonymized"], DEID_MANIFEST))
+        derived = storage.read_manifest(item["derived"])
+        results = storage.read_json(storage.join(item["derived"], "results.json"))
+        spec, study = lake.specialty, item["study"]
+        series: dict[str, dict] = {}
+        for inst in deid["instances"]:
+            header = inst.get("header", {})
+            sid = inst["series_uid"] or f"{study}-slide"
+            s = series.setdefault(sid, {"specialty": spec, "series_uid": sid, "study_id": study,
+                                        "modality": inst["modality"], "series_number": header.get("SeriesNumber"),
+                                        "series_description": header.get("SeriesDescription"), "n_instances": 0})
+            s["n_instances"] += 1
+            rows["instances"].append({"specialty": spec, "sop_uid": inst["sop_uid"], "series_uid": sid,
+                                      "study_id": study, "sop_class_uid": inst["sop_class_uid"],
+                                      "modality": inst["modality"], "uri": inst["uri"], "sha256": inst["sha256"],
+                                      "bytes": inst["bytes"], "header": header})
+        rows["series"].extend(series.values())
+        first = deid["instances"][0]
+        rows["studies"].append({
+            "specialty": spec, "study_id": study, "patient_id": item["patient"], "study_uid": first["study_uid"],
+            "study_date": first.get("header", {}).get("StudyDate"),
+            "modalities": sorted({i["modality"] for i in deid["instances"]}), "n_series": len(series),
+            "n_instances": len(deid["instances"]), "anonymized_uri": item["anonymized"],
+            "derived_uri": item["derived"], "status": "processed", "demo_key": deid.get("demo_key", False),
+            "updated_at": _now()})
+        for m in results["metrics"]:
+            rows["results"].append({"specialty": spec, "study_id": study, "metric": m["name"], "value": m["value"],
+                                    "unit": m.get("unit"), "run_id": run.run_id,
+                                    "code_version": derived["code_version"]})
+        for n, f in enumerate(results["findings"]):
+            rows["findings"].append({"specialty": spec, "study_id": study, "kind": f.get("kind", "finding"),
+                                     "finding_index": f.get("index", n), "properties": f})
+    rows["quarantine"] = storage.quarantine_rows(lake.root, lake.specialty)
+    rows["processing_runs"] = [storage.read_json(o.uri) for o in storage.list_objects(lake.runs(run.run_id))]
+    return rows
+
+
+def load(processed: list[dict], lake: Lake, warehouse, *, run: RunContext = RunContext()) -> dict[str, int]:
+    """Upsert everything this run produced; per-study tables are replaced whole so no stale rows remain."""
+    rows = warehouse_rows(processed, lake, run=run)
+    scoped = {"series", "instances", "results", "findings"}
+    counts = {}
+    for table, table_rows in rows.items():
+        scope = ("specialty", "study_id") if table in scoped else ()
+        counts[table] = warehouse.upsert(table, table_rows, replace_scope=scope)
+    log.info("loaded warehouse", extra={"specialty": lake.specialty, **counts})
+    return counts

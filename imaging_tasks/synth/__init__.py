@@ -1,0 +1,1 @@
+"""Synthetic studies with realistic PHI and known ground truth."""

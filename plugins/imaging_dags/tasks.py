@@ -1,0 +1,154 @@
+"""The tasks every specialty DAG chains; thin wrappers over ``imaging_tasks.pipeline``.
+
+XComs carry pseudonyms, lake URIs and counts only: never image data, raw paths or identifiers.
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+from airflow.sdk import Asset, Param, TriggerRule, get_current_context, task
+
+from imaging_dags.settings import GPU_POOL, GPU_QUEUE, SENSOR_TIMEOUT_S
+
+SPECIALTY_DEFAULTS = {
+    "owner": "imaging-data-eng",
+    "retries": 2,
+    "retry_delay": dt.timedelta(seconds=30),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": dt.timedelta(minutes=10),
+    "execution_timeout": dt.timedelta(hours=2),
+}
+
+
+def pipeline_params(**extra: Param) -> dict[str, Param]:
+    """Trigger-form Params; the defaults are what the nightly schedule uses."""
+    return {
+        "prefix": Param("", type="string", description="only inputs under this sub-prefix of the landing bucket"),
+        "reprocess": Param(False, type="boolean", description="redo studies whose outputs are already published"),
+        "window": Param("auto", enum=["auto", "interval", "all"],
+                        description="auto: the data interval for scheduled/backfill runs, everything for manual runs"),
+        **extra,
+    }
+
+
+def warehouse_asset(specialty: str) -> Asset:
+    """Emitted when a specialty's rows land, so downstream DAGs can be scheduled on it."""
+    return Asset(name=f"imaging_{specialty}_warehouse", uri=f"imaging://warehouse/{specialty}")
+
+
+def _run():
+    from imaging_tasks.pipeline import RunContext
+
+    ctx = get_current_context()
+    ti = ctx["ti"]
+    return RunContext(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, map_index=ti.map_index)
+
+
+def _lake(specialty: str):
+    from imaging_dags.settings import for_specialty
+
+    return for_specialty(specialty).lake
+
+
+def landing_sensor(specialty: str):
+    from imaging_dags.sensors import LandingSensor
+
+    return LandingSensor(task_id="wait_for_landing", specialty=specialty, poke_interval=60,
+                         timeout=SENSOR_TIMEOUT_S, soft_fail=True)
+
+
+@task
+def index_studies(specialty: str, arrived: dict | None = None) -> list[dict]:
+    """Headers only; groups files into studies, quarantines unreadable ones, skips studies already done."""
+    from imaging_dags.settings import deid_key, for_specialty
+    from imaging_dags.window import run_window
+    from imaging_tasks.pipeline import index_landing
+
+    ctx = get_current_context()
+    params = ctx["params"]
+    settings = for_specialty(specialty)
+    since, until = run_window(ctx)
+    key, _demo = deid_key()
+    summary = index_landing(settings.landing, settings.lake, key=key, prefix=params.get("prefix") or "",
+                            since=since, until=until, reprocess=bool(params.get("reprocess")),
+                            mr_only_wait_hours=float(params.get("mr_only_wait_hours", 6.0)))
+    print(f"index {specialty}: {summary['objects']} object(s) -> {len(summary['studies'])} stud(ies) to process, "
+          f"{len(summary['skipped_done'])} already done, {len(summary['waiting'])} waiting, "
+          f"{summary['quarantined']} quarantined")
+    return summary["studies"]
+
+
+@task(max_active_tis_per_dagrun=4)
+def deidentify(specialty: str, study: dict) -> dict:
+    """PS3.15 basic profile with keyed pseudonyms; outputs audited for PHI before they are written."""
+    from imaging_dags.settings import deid_key
+    from imaging_tasks.pipeline import deidentify_study
+
+    key, demo = deid_key()
+    return deidentify_study(study, _lake(specialty), key=key, demo=demo, run=_run())
+
+
+def gpu_task(**kwargs):
+    """A task routed to the GPU queue and pool (CPU fallback inside the step when no CUDA)."""
+    return task(queue=GPU_QUEUE, pool=GPU_POOL, **kwargs)
+
+
+@gpu_task()
+def process_study(specialty: str, study: dict) -> dict:
+    from imaging_tasks.pipeline import process_study as run_step
+
+    return run_step(study, _lake(specialty), run=_run())
+
+
+@task
+def plan_tiles(study: dict) -> dict:
+    """Tissue detection and tile list at the run's ``target_mpp`` / ``tile_px`` Params."""
+    from imaging_tasks.pipeline import plan_slide
+
+    params = get_current_context()["params"]
+    return plan_slide(study, _lake("pathology"), target_mpp=float(params.get("target_mpp", 1.0)),
+                      tile_px=int(params.get("tile_px", 256)), run=_run())
+
+
+@task
+def tile_batches(plans: list[dict], max_batches: int = 1000) -> list[dict]:
+    """Never more than ``max_batches`` mapped feature tasks, however many tiles arrive."""
+    from imaging_tasks.pipeline import tile_batches as split
+
+    batches = split(list(plans), max_batches=max_batches)
+    print(f"{sum(b['stop'] - b['start'] for b in batches)} tiles in {len(batches)} batch(es)")
+    return batches
+
+
+@gpu_task()
+def tile_features(batch: dict) -> dict:
+    from imaging_tasks.pipeline import tile_features_batch
+
+    return tile_features_batch(batch, _lake("pathology"), run=_run())
+
+
+@task(trigger_rule=TriggerRule.NONE_FAILED)
+def finish_slide(plan: dict, features: list[dict] | None = None) -> dict:
+    from imaging_tasks.pipeline import finish_slide as finish
+
+    return finish(plan, list(features or []), _lake("pathology"), run=_run())
+
+
+def load_metadata(specialty: str, processed):
+    """Upsert studies, series, instances, results, findings, quarantine and lineage rows."""
+
+    @task(task_id="load_metadata", trigger_rule=TriggerRule.NONE_FAILED, outlets=[warehouse_asset(specialty)])
+    def _load(processed: list[dict] | None = None) -> dict:
+        from airflow.sdk import Variable
+
+        from imaging_dags.settings import for_specialty
+        from imaging_dags.warehouse_hook import WarehouseHook
+        from imaging_tasks.pipeline import load
+
+        settings = for_specialty(specialty)
+        hook = WarehouseHook(settings.warehouse_uri, Variable.get("imaging_gcp_conn_id", default="google_cloud_default"))
+        counts = load(list(processed or []), settings.lake, hook.get_conn(), run=_run())
+        print(f"loaded {specialty}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        return counts
+
+    return _load(processed)
