@@ -194,7 +194,9 @@ def heart_roi(volume_hu: np.ndarray, spacing_mm: tuple, *, threshold_hu: float =
         mediastinum = np.ones_like(dense)
     else:
         method = "lung_hull_minus_lungs_minus_bone"
-        mediastinum = convex_hull_image(lung_any)[None] & ~lungs
+        # Eroded so the hull's pixel-thin rim lateral to each lung (ribs, chest wall) stays out.
+        hull = ndimage.binary_erosion(convex_hull_image(lung_any), iterations=max(1, round(1.5 / min(dy, dx))))
+        mediastinum = hull[None] & ~lungs
     roi = mediastinum & ~bone
     voxel_ml = dz * dy * dx / 1000.0
     info = {"method": method, "roi_volume_ml": float(roi.sum() * voxel_ml),
@@ -247,8 +249,7 @@ def _pick_series(files: list[pathlib.Path]) -> tuple[list[pathlib.Path], dict]:
     return [p for p, _ in members], {"n_series_axial_ct": len(series), "slice_thickness_mm": members[0][1]}
 
 
-def _qc_png(path: pathlib.Path, vol: np.ndarray, roi: np.ndarray, labels3d: np.ndarray, lesions: list[dict],
-            spacing_mm: tuple) -> None:
+def _qc_png(path: pathlib.Path, vol: np.ndarray, roi: np.ndarray, labels3d: np.ndarray, lesions: list[dict]) -> None:
     """Axial MIP with scored lesions coloured by Agatston weight and boxed with their lesion id."""
     from PIL import Image, ImageDraw
 
@@ -340,7 +341,7 @@ def process_study(files: list[pathlib.Path], out_dir: pathlib.Path, *, device: s
              "n_slices": int(vol.shape[0]), "lesions_3d": lesions_3d, "lesions_2d": result["lesions"]}
     (out_dir / "lesions.json").write_text(json.dumps(table, indent=1))
     qc_mask = mask if mask is not None else np.ones(vol.shape, bool)
-    _qc_png(out_dir / "qc_calcium.png", vol, qc_mask, labels3d, result["lesions"], volume.spacing_mm)
+    _qc_png(out_dir / "qc_calcium.png", vol, qc_mask, labels3d, result["lesions"])
 
     dz = volume.spacing_mm[0]
     metrics = [

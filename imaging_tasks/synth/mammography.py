@@ -90,7 +90,7 @@ def _one_study(out, label, rng, *, rows, cols, spacing, views, clusters, isolate
         "thickness_mm": float(rng.uniform(40, 62)),
         "depth_mm": float(rng.uniform(0.70, 0.85) * fov_x),
         "half_height_mm": float(rng.uniform(0.38, 0.45) * fov_y),
-        "density": float(rng.choice([0.25, 0.4, 0.55, 0.7])),  # BI-RADS a..d as peak glandular fraction
+        "density": float(rng.choice([0.15, 0.25, 0.35, 0.5])),  # BI-RADS a..d as peak glandular fraction
     }
     bits = int(rng.choice([12, 14]))
     kvp = float(rng.integers(26, 33))
@@ -135,12 +135,17 @@ def _one_study(out, label, rng, *, rows, cols, spacing, views, clusters, isolate
 
 # ----------------------------------------------------------------------------------------------- anatomy
 
-def _power_law_noise(rng, shape, spacing, beta=3.0, k0_per_mm=0.02) -> np.ndarray:
-    """Gaussian field with a 1/f^beta power spectrum, unit standard deviation."""
+def _power_law_noise(rng, shape, spacing, beta=3.0, k0_per_mm=0.02, kc_per_mm=1.5) -> np.ndarray:
+    """Gaussian field with a 1/f^beta power spectrum (rolled off above ``kc``), unit standard deviation.
+
+    beta ~ 3 is what mammograms measure at scales above ~1 mm; finer tissue structure is smoothed by the
+    roll-off so that the finest scale is left to quantum noise, as on real detectors.
+    """
     white = rng.standard_normal(shape)
     fy = np.fft.fftfreq(shape[0], d=spacing)[:, None]
     fx = np.fft.rfftfreq(shape[1], d=spacing)[None, :]
-    filt = (fx * fx + fy * fy + k0_per_mm**2) ** (-beta / 4.0)
+    k2 = fx * fx + fy * fy
+    filt = (k2 + k0_per_mm**2) ** (-beta / 4.0) * np.exp(-k2 / kc_per_mm**2)
     field = np.fft.irfft2(np.fft.rfft2(white) * filt, s=shape)
     field -= field.mean()
     return field / field.std()
@@ -323,10 +328,10 @@ def _render_view(rng, lat, view, rows, cols, spacing, anatomy, bits, clusters_ra
                   - ((y - info["yc"] - info["tilt"] * x) / (0.7 * anatomy["half_height_mm"])) ** 2)
     fat_layer = np.clip((depth - 4.0) / 8.0, 0.0, 1.0)
     texture = _power_law_noise(rng, shape, spacing)
-    patchy = 1.0 / (1.0 + np.exp(-(2.5 * texture + 1.5 * (anatomy["density"] - 0.45))))
+    patchy = 1.0 / (1.0 + np.exp(-(1.8 * texture + 3.0 * (anatomy["density"] - 0.3))))
     gland_frac = anatomy["density"] * cone * fat_layer * patchy
     gland = inner * gland_frac
-    muscle = inner * 0.6 * pectoral
+    muscle = inner * 0.45 * pectoral
     vessels = _vessels(rng, shape, spacing, info, depth, int(rng.integers(3, 7))) * mask
     line_integral = (MU_FAT * (inner - gland - muscle) + MU_GLAND * gland + MU_MUSCLE * muscle
                      + MU_SKIN * skin + (MU_VESSEL - MU_FAT) * vessels)

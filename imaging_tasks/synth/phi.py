@@ -139,7 +139,7 @@ def dicom_dataset(study: Study, *, modality: str, sop_class_uid: str, series_uid
     ds.SeriesNumber = series_number
     ds.InstanceNumber = instance_number
     ds.Manufacturer = "SynthCo"
-    ds.StationName = "SYNTH-" + study.institution.split()[0].upper()
+    ds.StationName = ("SYNTH-" + study.institution.split()[0].upper())[:16]
     ds.DeviceSerialNumber = "SN" + study.accession[-6:]
     other = Dataset()
     other.PatientID = p.other_id

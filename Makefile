@@ -1,0 +1,48 @@
+# The two commands: `make demo` (set up + run all four DAGs on the embedded default) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+export AIRFLOW_HOME                    ?= $(CURDIR)/.airflow
+export AIRFLOW__CORE__DAGS_FOLDER      := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER   := $(CURDIR)/plugins
+export AIRFLOW__CORE__LOAD_EXAMPLES    := False
+export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN ?= sqlite:///$(AIRFLOW_HOME)/airflow.db
+export PYTHONPATH := $(CURDIR)/plugins$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+.PHONY: install demo test up bench lock clean
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(AIRFLOW_HOME)/airflow.db: $(STAMP)
+	mkdir -p $(AIRFLOW_HOME)
+	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 || (cat $(AIRFLOW_HOME)/db-migrate.log; exit 1)
+	$(BIN)/airflow pools set gpu 1 "GPU slots (one task per GPU)" > /dev/null
+
+demo: $(AIRFLOW_HOME)/airflow.db
+	$(BIN)/python -m imaging_dags.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+up: $(AIRFLOW_HOME)/airflow.db
+	$(BIN)/airflow standalone
+
+bench: $(STAMP)
+	$(BIN)/python bench/dag_parse_time.py
+
+lock:
+	rm -rf /tmp/imaging-lock && $(PYTHON) -m venv /tmp/imaging-lock
+	/tmp/imaging-lock/bin/pip install -q -r requirements.txt
+	(echo "# Lock file: every installed version, from 'pip freeze' of a venv built from requirements.txt (make lock)."; \
+	 /tmp/imaging-lock/bin/pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu/torch==2.13.0/') > constraints.txt
+
+clean:
+	rm -rf data .airflow

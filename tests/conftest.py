@@ -1,0 +1,47 @@
+"""Test environment: a throw-away Airflow home (SQLite), the repo's DAGs and plugins, tmp buckets.
+
+Environment variables are set before anything imports Airflow, as Airflow reads its config at import.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_HOME = Path(tempfile.mkdtemp(prefix="imaging-airflow-home-"))
+os.environ.update({
+    "AIRFLOW_HOME": str(_HOME),
+    "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+    "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_HOME}/airflow.db",
+    "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+    "IMAGING_DEVICE": "auto",
+})
+os.environ.pop("IMAGING_DEID_KEY", None)
+for p in (str(REPO / "plugins"), str(REPO)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """Migrate the SQLite metadata DB once per session (what `airflow db migrate` does for users)."""
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
+    return _HOME
+
+
+@pytest.fixture()
+def buckets(tmp_path, monkeypatch):
+    """Landing, lake and warehouse in tmp, configured the way users do: AIRFLOW_VAR_* variables."""
+    landing, lake, warehouse = tmp_path / "landing", tmp_path / "lake", tmp_path / "warehouse.duckdb"
+    landing.mkdir()
+    monkeypatch.setenv("AIRFLOW_VAR_IMAGING_LANDING_URI", landing.as_uri())
+    monkeypatch.setenv("AIRFLOW_VAR_IMAGING_LAKE_URI", lake.as_uri())
+    monkeypatch.setenv("AIRFLOW_VAR_IMAGING_WAREHOUSE", f"duckdb://{warehouse}")
+    return {"landing": landing, "lake": lake, "warehouse": warehouse, "truth": landing / "_truth"}
