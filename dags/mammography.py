@@ -5,13 +5,13 @@ landing bucket -> index (headers only) -> de-identify (PS3.15) -> mammography pr
 import pendulum
 from airflow.sdk import dag
 
-from imaging_dags import (SCHEDULE, SPECIALTY_DEFAULTS, deidentify, index_studies, landing_sensor, load_metadata,
-                          pipeline_params, process_study)
+from imaging_dags import (SPECIALTY_DEFAULTS, deidentify, index_studies, landing_sensor, load_metadata,
+                          pipeline_params, process_study, schedule)
 
 SPECIALTY = "mammography"
 
 
-@dag(dag_id=SPECIALTY, schedule=SCHEDULE, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
+@dag(dag_id=SPECIALTY, schedule=schedule(), start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
      params=pipeline_params(), default_args=SPECIALTY_DEFAULTS, max_active_runs=1, tags=["imaging", SPECIALTY],
      doc_md=__doc__)
 def mammography():

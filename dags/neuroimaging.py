@@ -6,13 +6,13 @@ landing bucket -> index (a session is ready with MR+PET, or MR alone after a wai
 import pendulum
 from airflow.sdk import Param, dag
 
-from imaging_dags import (SCHEDULE, SPECIALTY_DEFAULTS, deidentify, index_studies, landing_sensor, load_metadata,
-                          pipeline_params, process_study)
+from imaging_dags import (SPECIALTY_DEFAULTS, deidentify, index_studies, landing_sensor, load_metadata,
+                          pipeline_params, process_study, schedule)
 
 SPECIALTY = "neuroimaging"
 
 
-@dag(dag_id=SPECIALTY, schedule=SCHEDULE, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
+@dag(dag_id=SPECIALTY, schedule=schedule(), start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
      params=pipeline_params(mr_only_wait_hours=Param(6.0, type="number", minimum=0,
                                                      description="process an MR-only session after this wait")),
      default_args=SPECIALTY_DEFAULTS, max_active_runs=1, tags=["imaging", SPECIALTY], doc_md=__doc__)

@@ -6,13 +6,13 @@ landing bucket -> index -> de-identify (label/macro removed, description scrubbe
 import pendulum
 from airflow.sdk import Param, dag
 
-from imaging_dags import (SCHEDULE, SPECIALTY_DEFAULTS, deidentify, finish_slide, index_studies, landing_sensor,
-                          load_metadata, pipeline_params, plan_tiles, tile_batches, tile_features)
+from imaging_dags import (SPECIALTY_DEFAULTS, deidentify, finish_slide, index_studies, landing_sensor,
+                          load_metadata, pipeline_params, plan_tiles, schedule, tile_batches, tile_features)
 
 SPECIALTY = "pathology"
 
 
-@dag(dag_id=SPECIALTY, schedule=SCHEDULE, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
+@dag(dag_id=SPECIALTY, schedule=schedule(), start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
      params=pipeline_params(target_mpp=Param(1.0, type="number", exclusiveMinimum=0, description="µm per pixel"),
                             tile_px=Param(256, type="integer", minimum=32, maximum=2048)),
      default_args=SPECIALTY_DEFAULTS, max_active_runs=1, tags=["imaging", SPECIALTY], doc_md=__doc__)

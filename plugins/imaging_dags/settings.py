@@ -32,8 +32,16 @@ DATA = Path(os.environ.get("IMAGING_DATA_DIR", REPO / "data"))
 
 GPU_QUEUE = conf.get("imaging", "gpu_queue", fallback="gpu")
 GPU_POOL = conf.get("imaging", "gpu_pool", fallback="gpu")
-SCHEDULE = conf.get("imaging", "schedule", fallback="0 2 * * *")
+SCHEDULE_CRON = conf.get("imaging", "schedule", fallback="0 2 * * *")
 SENSOR_TIMEOUT_S = conf.getint("imaging", "sensor_timeout", fallback=3600)
+
+
+def schedule():
+    """Cron with data intervals (not Airflow 3's default trigger timetable): a nightly run owns the arrivals of
+    the previous day, and a backfill over a date range re-processes exactly those days."""
+    from airflow.sdk import CronDataIntervalTimetable
+
+    return CronDataIntervalTimetable(SCHEDULE_CRON, timezone="UTC")
 
 
 def _var(name: str, default: str) -> str:
