@@ -516,10 +516,14 @@ def _clean_pixel_data(ds: Dataset, ts: UID) -> bool:
                        "invalid; re-export the image from the source system") from None
     if not ts.is_encapsulated:
         try:
-            expected = pydicom.pixels.utils.get_expected_length(ds, "bytes")
+            for kw in ("Rows", "Columns", "SamplesPerPixel", "NumberOfFrames"):
+                if kw in ds and ds[kw].value not in (None, ""):
+                    int(ds[kw].value)  # IS values such as "1A" make the expected size meaningless
+            expected = int(pydicom.pixels.utils.get_expected_length(ds, "bytes"))
         except (AttributeError, KeyError, TypeError, ValueError):
             raise BadInput("missing_attribute", "Pixel Data present but the image pixel module (Rows, Columns, "
-                           "SamplesPerPixel, PhotometricInterpretation) is incomplete") from None
+                           "SamplesPerPixel, NumberOfFrames, PhotometricInterpretation) is incomplete or "
+                           "invalid") from None
         raw = ds.PixelData
         if len(raw) < expected:
             raise BadInput("truncated_pixels", f"Pixel Data holds {len(raw)} bytes but Rows x Columns x frames "
