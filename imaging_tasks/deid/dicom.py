@@ -112,10 +112,14 @@ _IOD_TYPE = {
     0x300A00B2: "2",  # Treatment Machine Name: Type 2 in RT Beams
 }
 
-# Unlisted attributes that still carry free text inside sequences the table marks D.
+# Unlisted attributes handled anyway: free text inside sequences the table marks D, and a few free-text
+# comments/identifiers of the SR and worklist modules that the table does not list.
 _EXTRA_CODES = {
     0x0040A160: "D",  # Text Value (SR content items inside Content Sequence)
     0x00700006: "D",  # Unformatted Text Value (text objects inside Graphic Annotation Sequence)
+    0x0040A492: "X",  # Completion Flag Description (SR Document General, Type 3)
+    0x00400400: "X",  # Comments on the Scheduled Procedure Step
+    0x0040E001: "X",  # HL7 Instance Identifier
 }
 
 # Retain Safe Private: a small subset of PS3.15 Table E.3.10-1 (diffusion and scaling parameters).
@@ -162,6 +166,7 @@ _DUMMY_BY_VR = {"AS": "000D", "DA": "19000101", "DT": "19000101000000", "TM": "0
                 "UR": "urn:x-anonymized"}
 
 PATIENT_NAME, PATIENT_ID = 0x00100010, 0x00100020
+_DATES_COLUMN = profile.OPTION_COLUMNS["retain_modified_dates"]
 DATASET_TRAILING_PADDING = 0xFFFCFFFC
 
 # Header attributes whose values make identifiers worth blanking out of descriptions ("C" on text).
@@ -398,6 +403,12 @@ class _Deidentifier:
                 self.map_uids(elem)
             elif elem.VR == "SQ":
                 self.recurse(elem, depth)
+            else:  # a UID stored as UN by a writer that did not know the tag: re-type it and map it
+                raw = elem.value
+                text = raw.decode("ascii", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw or "")
+                uids = [u.strip("\0 ") for u in text.split("\\")]
+                mapped = [uid_for(self.key, u) if u else "" for u in uids]
+                ds[tag] = DataElement(tag, "UI", mapped[0] if len(mapped) == 1 else mapped)
         elif code == "C":
             self.clean(ds, elem, row, depth)
         elif elem.VR == "SQ":  # K and U*: keep, with the items cleaned
@@ -444,9 +455,11 @@ class _Deidentifier:
 
     def clean(self, ds: Dataset, elem: DataElement, row: profile.Row | None, depth: int) -> None:
         vr = elem.VR
+        # Which enabled options asked for C decides what cleaning means (unlisted dates: the date option).
+        sources = {c for c in self.columns if row.options.get(c) == "C"} if row is not None else {_DATES_COLUMN}
         if vr == "SQ":
             self.recurse(elem, depth)
-        elif vr in ("DA", "DT", "TM") and self.options.retain_modified_dates:
+        elif vr in ("DA", "DT", "TM") and _DATES_COLUMN in sources:
             if vr != "TM":  # whole-day shift: times stay valid as they are
                 shift = _shift_date if vr == "DA" else _shift_datetime
                 _set_values(elem, [shift(v, self.shift_days) for v in _values(elem)] or [""])
@@ -456,7 +469,7 @@ class _Deidentifier:
                 _set_values(elem, [pseudo_id(self.key, str(v).strip(), "ae")[:16] for v in vals])
         elif vr == "CS":
             pass  # enumerated / defined terms: already non-identifying
-        elif vr in _FREE_TEXT_VRS:
+        elif vr in _FREE_TEXT_VRS and sources - {_DATES_COLUMN}:
             vals = _values(elem)
             if vals:
                 _set_values(elem, [self.scrub(str(v)) for v in vals])
@@ -540,8 +553,9 @@ def _clean_pixel_data(ds: Dataset, ts: UID) -> bool:
         return True
     if bits_stored >= bits_alloc or bits_alloc not in (8, 16, 32):
         return False
-    # Encapsulated: JPEG/JPEG-LS/JPEG 2000 code streams carry BitsStored precision, so they cannot hold
-    # high-bit overlays; RLE stores whole bytes and can.  Decode where a decoder is available.
+    # Encapsulated: RLE stores whole bytes, so it can carry high-bit overlays; JPEG-family streams normally
+    # carry exactly BitsStored precision but one written at full precision can too.  Decode where a
+    # decoder is installed; RLE can be re-encoded here, the others are refused if they carry overlay bits.
     try:
         arr = pydicom.pixels.pixel_array(ds, correct_unused_bits=False)
     except Exception:  # noqa: BLE001 - no codec installed: nothing can be checked or rewritten
@@ -600,7 +614,6 @@ def _deidentify_inplace(ds: Dataset, key: bytes, options: DeidOptions, demo: boo
         "sop_uid": str(ds.get("SOPInstanceUID", "") or ""),
         "modality": str(ds.get("Modality", "") or "") or None,
         "sop_class_uid": str(ds.get("SOPClassUID", "") or "") or None,
-        "date_shift_days": walker.shift_days if options.retain_modified_dates else None,
         "header": header_summary(ds),
     }
 
@@ -621,7 +634,8 @@ def deidentify_bytes(data: bytes, key: bytes, options: DeidOptions = DeidOptions
     """Parse a DICOM file, de-identify it and serialize it; returns ``(bytes, info)``.
 
     ``info``: pseudo_patient, pseudo_study (folder names), study_uid/series_uid/sop_uid (new), modality,
-    sop_class_uid, date_shift_days and ``header`` (non-PHI fields for a warehouse instances table).
+    sop_class_uid and ``header`` (non-PHI fields for a warehouse instances table).  The date shift is
+    deliberately not returned: with it, anyone holding a shifted date could recover the real one.
     """
     read_header(data)  # empty_file / not_dicom / unreadable_dicom / missing_attribute
     try:

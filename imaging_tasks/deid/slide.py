@@ -44,11 +44,12 @@ _OFFSET_TAGS = {273: 279, 324: 325}  # offsets tag -> byte counts tag
 _DESCRIPTION = 270
 
 # Aperio ImageDescription fields that describe the optics and scan geometry, not the patient/operator.
-APERIO_KEPT_FIELDS = {
-    "appmag", "mpp", "stripewidth", "originalwidth", "originalheight", "filtered", "focus offset", "left",
-    "top", "linecameraskew", "lineareaxoffset", "lineareayoffset", "exposure time", "exposure scale",
-    "displaycolor", "gamma", "icc profile",
-}
+# Matched case-sensitively, as Aperio writes them (the PHI audit in phi_audit.py uses the same set).
+TECHNICAL_FIELDS = frozenset({
+    "AppMag", "MPP", "StripeWidth", "OriginalWidth", "OriginalHeight", "Originalheight", "Filtered",
+    "Focus Offset", "Left", "Top", "LineCameraSkew", "LineAreaXOffset", "LineAreaYOffset", "Exposure Time",
+    "Exposure Scale", "DisplayColor", "Gamma", "ICC Profile",
+})
 
 _TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
 _COPY_BLOCK = 1 << 20
@@ -113,11 +114,30 @@ def scrub_description(desc: str | None, removed: list[str]) -> str | None:
     kept_parts = []
     for part in parts:
         name, sep, _ = part.partition("=")
-        if sep and name.strip().lower() in APERIO_KEPT_FIELDS:
+        if sep and name.strip() in TECHNICAL_FIELDS:
             kept_parts.append(f"{name.strip()} = {part.partition('=')[2].strip()}")
         else:
             _note(removed, f"ImageDescription field {name.strip()!r}" if sep else "ImageDescription free text")
     return "\r\n".join(kept_lines) + "".join("|" + p for p in kept_parts)
+
+
+def _check_file(src: Path) -> None:
+    if not src.is_file():
+        raise BadInput("unreadable_slide", "the slide file is missing; re-send it")
+    if src.stat().st_size == 0:
+        raise BadInput("empty_file", "the slide file is empty (0 bytes); re-scan or re-export it")
+
+
+def read_description(src: Path) -> str:
+    """The first page's ImageDescription of a slide ('' if none); BadInput if it is not readable TIFF."""
+    src = Path(src)
+    _check_file(src)
+    try:
+        with tifffile.TiffFile(src) as tif:
+            return tif.pages[0].description or ""
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many types on non-TIFF input
+        raise BadInput("unreadable_slide", f"not a readable TIFF/SVS slide ({type(exc).__name__}); "
+                       "check the file is a complete whole-slide image") from None
 
 
 def _note(removed: list[str], what: str) -> None:
@@ -258,12 +278,11 @@ def deidentify_svs(src: Path, dst: Path, key: bytes) -> dict:
     """Write a de-identified copy of the slide ``src`` to ``dst``; returns what was done.
 
     Returns ``{"pseudo_study", "pseudo_patient", "removed": [what was dropped, no values], "mpp",
-    "pages": kept page count, "vendor": "aperio" | "generic"}``.  Raises BadInput("unreadable_slide") for
+    "dimensions": [width, height] of level 0, "pages": kept page count, "vendor": "aperio" | "generic"}``.  Raises BadInput("unreadable_slide") for
     files that are not readable TIFF.
     """
     src, dst = Path(src), Path(dst)
-    if not src.is_file() or src.stat().st_size == 0:
-        raise BadInput("unreadable_slide", "the slide file is missing or empty; re-export it from the scanner")
+    _check_file(src)
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError("dst must differ from src: the source is needed while the copy is written")
     digest = _sha256(src)
@@ -274,6 +293,7 @@ def deidentify_svs(src: Path, dst: Path, key: bytes) -> dict:
             pages = _plan(tif, removed)
             fields = pages[0].fields
             mpp = _mpp(pages, tif.pages[0])
+            dimensions = [int(tif.pages[0].imagewidth), int(tif.pages[0].imagelength)]
             payload = sum(sum(p.bytecounts) for p in pages)
             big = tif.is_bigtiff or payload > 0xFFFFFFFF - (64 << 20)
             src_fh = tif.filehandle
@@ -318,9 +338,11 @@ def deidentify_svs(src: Path, dst: Path, key: bytes) -> dict:
         "pseudo_patient": pseudo_id(key, patient_source, "patient"),
         "removed": removed,
         "mpp": mpp,
+        "dimensions": dimensions,
         "pages": len(pages),
         "vendor": "aperio" if pages[0].description and pages[0].description.startswith("Aperio") else "generic",
     }
 
 
-__all__ = ["deidentify_svs", "scrub_description", "associated_kind", "KEPT_TAGS", "APERIO_KEPT_FIELDS"]
+__all__ = ["deidentify_svs", "read_description", "scrub_description", "associated_kind", "KEPT_TAGS",
+           "TECHNICAL_FIELDS"]

@@ -60,7 +60,8 @@ def synthesize(out: pathlib.Path, studies: int, seed: int, *, rows: int = 1000, 
 
     ``views`` fixes the views (e.g. ``["L_CC", "L_MLO"]``); by default a study has all four, or (one
     in four) a seeded subset of 2-3, as happens with unilateral or incomplete exams.  The count ranges
-    are inclusive.  Defaults: 1000 x 800 px at 0.1 mm, about 1.6 MB per image.
+    are inclusive.  Defaults: 1000 x 800 px at 0.1 mm (a 100 x 80 mm field), about 1.6 MB per image and
+    2-3 s per study.  Size options meant for other specialties are ignored.
     """
     out = pathlib.Path(out)
     truth_paths = []
@@ -257,7 +258,7 @@ def _plan_calcifications(rng, mask, depth, pectoral, spacing, n_clusters, n_isol
         idx0 = len(calcs)
         for p in members:
             calcs.append({"xy": p, "cluster": ci, "isolated": False,
-                          "diameter_mm": float(np.exp(rng.uniform(np.log(0.1), np.log(0.5))))})
+                          "diameter_mm": float(rng.uniform(0.1, 0.5))})
         clusters.append({"index": ci, "members": list(range(idx0, len(calcs))), "region_radius_mm": region_r})
         centres.append((centre, region_r))
     iso_ok = allowed & (depth >= 6.0)
@@ -389,7 +390,7 @@ def _mg_attributes(ds, rng, lat, view, pixels, spacing, bits, kvp, anatomy) -> N
     from pydicom.sequence import Sequence
 
     rows, cols = pixels.shape
-    ds.ImageType = ["DERIVED", "PRIMARY", "", ""]
+    ds.ImageType = ["DERIVED", "PRIMARY"]
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.BodyPartExamined = "BREAST"
     ds.ImageLaterality = lat
