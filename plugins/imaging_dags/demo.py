@@ -10,59 +10,76 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]
 SPECIALTIES = ("neuroimaging", "cardiovascular", "pathology", "mammography")
+PROCESS_TASK = {"pathology": "finish_slide"}
 
 
 def synthesize(landing: Path, studies: int, seed: int) -> None:
     from imaging_tasks.cli import main as cli
 
     for specialty in SPECIALTIES:
-        if (landing / specialty).exists():
-            continue
-        cli(["synth", "--specialty", specialty, "--out", str(landing), "--studies", str(studies),
-             "--seed", str(seed), "--bad-inputs"])
+        if not (landing / specialty).exists():
+            cli(["synth", "--specialty", specialty, "--out", str(landing), "--studies", str(studies),
+                 "--seed", str(seed), "--bad-inputs"])
 
 
-def warehouse_counts(path: Path) -> dict[str, dict[str, int]]:
+def run_xcoms(dag_id: str, run_id: str) -> dict[tuple[str, str], list]:
+    """(task_id, key) -> values of one run, read back from the metadata DB."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    out: dict[tuple[str, str], list] = {}
+    with create_session() as session:
+        q = select(XComModel.task_id, XComModel.key, XComModel.value).where(
+            XComModel.dag_id == dag_id, XComModel.run_id == run_id)
+        for task_id, key, value in session.execute(q):
+            out.setdefault((task_id, key), []).append(value)
+    return out
+
+
+def summarize(dag_id: str, run, seconds: float, warehouse: Path) -> dict:
     from imaging_tasks.warehouse import DuckDBWarehouse
 
-    wh = DuckDBWarehouse(path)
-    counts: dict[str, dict[str, int]] = {}
-    for table in ("studies", "series", "instances", "results", "findings", "quarantine", "processing_runs"):
-        for specialty, n in wh.query(f"SELECT specialty, count(*) FROM {table} GROUP BY specialty"):
-            counts.setdefault(specialty, {})[table] = n
-    return counts
+    x = run_xcoms(dag_id, run.run_id)
+    index = (x.get(("index_studies", "summary")) or [{}])[0]
+    ok = lambda task: sum(1 for v in x.get((task, "return_value"), []) if isinstance(v, dict) and v.get("status") == "ok")  # noqa: E731
+    loaded = (x.get(("load_metadata", "return_value")) or [{}])[0] or {}
+    wh = DuckDBWarehouse(warehouse)
+    return {"dag": dag_id, "state": str(run.state).split(".")[-1].lower(),
+            "found": index.get("to_process", 0) + index.get("already_done", 0),
+            "done_before": index.get("already_done", 0), "deidentified": ok("deidentify"),
+            "processed": ok(PROCESS_TASK.get(dag_id, "process_study")),
+            "quarantined": wh.count("quarantine", "WHERE specialty = ?", [dag_id]),
+            "rows": sum(loaded.values()), "seconds": seconds}
 
 
 def main() -> int:
     from airflow.dag_processing.dagbag import DagBag
 
-    data = Path(os.environ.get("IMAGING_DATA_DIR", Path(__file__).resolve().parents[2] / "data"))
+    data = Path(os.environ.get("IMAGING_DATA_DIR", REPO / "data"))
     synthesize(data / "landing", studies=int(os.environ.get("DEMO_STUDIES", "2")), seed=0)
-    bag = DagBag(dag_folder=str(Path(__file__).resolve().parents[2] / "dags"))
+    bag = DagBag(dag_folder=str(REPO / "dags"))
     if bag.import_errors:
         print("DAG import errors:", bag.import_errors, file=sys.stderr)
         return 1
-    rows, ok = [], True
+    rows = []
     for dag_id in SPECIALTIES:
         started = time.time()
         run = bag.dags[dag_id].test()
-        seconds = time.time() - started
-        ok &= str(run.state) in ("success", "DagRunState.SUCCESS")
-        tis = {ti.task_id: ti for ti in run.get_task_instances()}
-        rows.append((dag_id, str(run.state), seconds, tis))
-    counts = warehouse_counts(data / "warehouse.duckdb")
+        rows.append(summarize(dag_id, run, time.time() - started, data / "warehouse.duckdb"))
+    cols = [("dag", "DAG", 15), ("state", "state", 8), ("found", "studies", 7), ("done_before", "done before", 11),
+            ("deidentified", "de-identified", 13), ("processed", "processed", 9), ("quarantined", "quarantined", 11),
+            ("rows", "rows loaded", 11), ("seconds", "wall s", 7)]
     print()
-    header = f"{'DAG':<15} {'state':<8} {'studies':>7} {'de-id':>6} {'processed':>9} {'quarant.':>8} {'rows':>6} {'wall s':>7}"
-    print(header)
-    print("-" * len(header))
-    for dag_id, state, seconds, _tis in rows:
-        c = counts.get(dag_id, {})
-        processed = c.get("studies", 0)
-        print(f"{dag_id:<15} {state:<8} {processed:>7} {processed:>6} {processed:>9} {c.get('quarantine', 0):>8} "
-              f"{sum(c.values()):>6} {seconds:>7.1f}")
-    print(f"\nwarehouse: {data / 'warehouse.duckdb'}   lake: {data / 'lake'}")
-    return 0 if ok else 1
+    print(" ".join(f"{title:>{w}}" if i else f"{title:<{w}}" for i, (_k, title, w) in enumerate(cols)))
+    print("-" * (sum(w for *_x, w in cols) + len(cols) - 1))
+    for r in rows:
+        print(" ".join((f"{r[k]:<{w}}" if i == 0 else f"{r[k]:>{w}.1f}" if k == "seconds" else f"{r[k]:>{w}}")
+                       for i, (k, _t, w) in enumerate(cols)))
+    print(f"\nlake: {data / 'lake'}   warehouse: {data / 'warehouse.duckdb'}   (run again: done studies are skipped)")
+    return 0 if all(r["state"] == "success" for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -72,6 +72,10 @@ def index_studies(specialty: str, arrived: dict | None = None) -> list[dict]:
     summary = index_landing(settings.landing, settings.lake, key=key, prefix=params.get("prefix") or "",
                             since=since, until=until, reprocess=bool(params.get("reprocess")),
                             mr_only_wait_hours=float(params.get("mr_only_wait_hours", 6.0)))
+    counts = {"objects": summary["objects"], "to_process": len(summary["studies"]),
+              "already_done": len(summary["skipped_done"]), "waiting": len(summary["waiting"]),
+              "quarantined": summary["quarantined"]}
+    ctx["ti"].xcom_push(key="summary", value=counts)
     print(f"index {specialty}: {summary['objects']} object(s) -> {len(summary['studies'])} stud(ies) to process, "
           f"{len(summary['skipped_done'])} already done, {len(summary['waiting'])} waiting, "
           f"{summary['quarantined']} quarantined")
