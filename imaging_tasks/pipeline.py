@@ -97,7 +97,7 @@ def index_landing(landing: Any, lake: Lake, *, key: bytes, prefix: str = "", sin
                            mr_only_wait=dt.timedelta(hours=mr_only_wait_hours))
     studies, skipped = [], []
     for entry in result.studies:
-        done = storage.read_manifest(lake.derived(entry.patient, entry.study))
+        done = storage.read_manifest(lake.derived(entry.patient, entry.study)) or _read_outcome(lake, entry.study)
         if done and done.get("fingerprint") == entry.fingerprint and not reprocess:
             skipped.append(entry.study)
             continue
@@ -110,6 +110,21 @@ def index_landing(landing: Any, lake: Lake, *, key: bytes, prefix: str = "", sin
                                        "studies": len(studies), "skipped_done": len(skipped),
                                        "waiting": len(result.waiting), "quarantined": len(result.quarantined)})
     return summary
+
+
+def _outcome_uri(lake: Lake, study: str):
+    return lake.work("outcomes", f"{study}.json")
+
+
+def _read_outcome(lake: Lake, study: str) -> dict | None:
+    uri = _outcome_uri(lake, study)
+    return storage.read_json(uri) if uri.exists() else None
+
+
+def _record_quarantined_study(lake: Lake, study: dict, stage: str) -> None:
+    """Remember that these exact inputs ended in quarantine, so the next run does not redo them."""
+    storage.write_json(_outcome_uri(lake, study["study"]),
+                       {"fingerprint": study["fingerprint"], "status": "quarantined", "stage": stage})
 
 
 # --------------------------------------------------------------------------- de-identification
@@ -132,6 +147,8 @@ def deidentify_study(study: dict, lake: Lake, *, key: bytes, demo: bool, options
               "fingerprint": study["fingerprint"], "demo_key": demo, "instances": instances}
     if instances:
         storage.write_json(storage.join(dest, DEID_MANIFEST), record)
+    else:
+        _record_quarantined_study(lake, study, "deidentify")
     record_lineage(lake, run, study=study["study"],
                    inputs=[{"uri": "landing:" + study["study"], "sha256": i["source_sha256"]} for i in instances],
                    outputs=[{"uri": i["uri"], "sha256": i["sha256"]} for i in instances], device=None,
@@ -252,6 +269,7 @@ def _quarantine_study(study: dict, deid: dict, lake: Lake, exc: BadInput, *, run
 
     listing = json.dumps({"study": study["study"], "instances": deid["instances"]}, sort_keys=True).encode()
     _quarantine(lake, listing, exc, stage="process", source_uri=study["anonymized"], suffix=".json")
+    _record_quarantined_study(lake, study, "process")
     record_lineage(lake, run, study=study["study"], inputs=[], outputs=[], device=None, started=started,
                    status="quarantined")
     return {**{k: study[k] for k in ("specialty", "study", "patient", "anonymized")}, "status": "quarantined",

@@ -49,7 +49,8 @@ def summarize(dag_id: str, run, seconds: float, warehouse: Path) -> dict:
     wh = DuckDBWarehouse(warehouse)
     return {"dag": dag_id, "state": str(run.state).split(".")[-1].lower(),
             "found": index.get("to_process", 0) + index.get("already_done", 0),
-            "done_before": index.get("already_done", 0), "deidentified": ok("deidentify"),
+            "done_before": index.get("already_done", 0), "waiting": index.get("waiting", 0),
+            "deidentified": ok("deidentify"),
             "processed": ok(PROCESS_TASK.get(dag_id, "process_study")),
             "quarantined": wh.count("quarantine", "WHERE specialty = ?", [dag_id]),
             "rows": sum(loaded.values()), "seconds": seconds}
@@ -70,6 +71,7 @@ def main() -> int:
         run = bag.dags[dag_id].test()
         rows.append(summarize(dag_id, run, time.time() - started, data / "warehouse.duckdb"))
     cols = [("dag", "DAG", 15), ("state", "state", 8), ("found", "studies", 7), ("done_before", "done before", 11),
+            ("waiting", "waiting", 7),
             ("deidentified", "de-identified", 13), ("processed", "processed", 9), ("quarantined", "quarantined", 11),
             ("rows", "rows loaded", 11), ("seconds", "wall s", 7)]
     print()
