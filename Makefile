@@ -10,6 +10,8 @@ export AIRFLOW__CORE__PLUGINS_FOLDER   := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES    := False
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN ?= sqlite:///$(AIRFLOW_HOME)/airflow.db
 export PYTHONPATH := $(CURDIR)/plugins$(if $(PYTHONPATH),:$(PYTHONPATH))
+# airflow standalone starts its components as `airflow ...` subprocesses: the venv must be on PATH
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install demo test up bench lock clean
 

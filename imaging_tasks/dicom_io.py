@@ -45,7 +45,7 @@ def read_header(data: bytes | BinaryIO) -> pydicom.Dataset:
 
 def read_full(data: bytes) -> pydicom.Dataset:
     """Parse a whole file including pixel data, checking the pixels decode to the declared size."""
-    ds = read_header(data)
+    read_header(data)  # same checks and reasons as the index
     ds = pydicom.dcmread(io.BytesIO(data))
     if "PixelData" in ds:
         try:

@@ -16,7 +16,7 @@ import numpy as np
 from imaging_tasks.errors import BadInput
 
 
-def _group_series(files: list[Path]) -> dict[str, list[Path]]:
+def _group_series(files: list[Path]) -> tuple[dict[str, list[Path]], dict[str, str]]:
     import pydicom
 
     series: dict[str, list[Path]] = defaultdict(list)
@@ -29,10 +29,10 @@ def _group_series(files: list[Path]) -> dict[str, list[Path]]:
         uid = str(ds.SeriesInstanceUID)
         series[uid].append(f)
         modality[uid] = str(ds.Modality)
-    return {uid: paths for uid, paths in series.items()}, modality
+    return dict(series), modality
 
 
-def to_sitk(volume) -> "SimpleITK.Image":
+def to_sitk(volume):
     import SimpleITK as sitk
 
     img = sitk.GetImageFromArray(volume.array.astype(np.float32))

@@ -23,7 +23,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from upath import UPath
 
@@ -136,11 +136,6 @@ def read_json(location: Any) -> Any:
     return json.loads(as_path(location).read_bytes())
 
 
-def copy_file(src: Any, dst: Any) -> str:
-    """Copy one object (streams through memory; inputs are at most a few GB); return the sha256."""
-    return write_bytes(dst, read_bytes(src))
-
-
 def download(src: Any, local: Path) -> Path:
     """Make a local copy for libraries that need a real file (openslide, SimpleITK)."""
     src = as_path(src)
@@ -200,8 +195,3 @@ def quarantine_rows(quarantine_root: Any, specialty: str) -> list[dict]:
             record.pop("source_uri", None)
             rows.append(record)
     return rows
-
-
-def iter_chunks(items: list, n: int) -> Iterable[list]:
-    for i in range(0, len(items), n):
-        yield items[i:i + n]

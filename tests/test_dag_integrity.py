@@ -68,3 +68,15 @@ def test_parsing_imports_no_heavy_module():
     loaded = set(json.loads(out.strip().splitlines()[-1]))
     heavy = sorted(m for m in loaded if m in HEAVY or m.split(".")[0] in HEAVY)
     assert heavy == []
+
+
+def test_failures_name_the_study_and_hide_raw_detail_where_asked():
+    from imaging_dags.tasks import StudyFailed, naming_study
+
+    with pytest.raises(StudyFailed, match=r"cardiovascular study S123: processing failed \(ValueError: bad spacing\)"):
+        with naming_study("cardiovascular", {"study": "S123"}, "processing"):
+            raise ValueError("bad spacing")
+    with pytest.raises(StudyFailed) as exc:
+        with naming_study("neuroimaging", {"study": "S9"}, "de-identification", detail=False):
+            raise OSError("/landing/Doe^Jane/0001.dcm unreadable")
+    assert "Doe" not in str(exc.value) and "S9" in str(exc.value)

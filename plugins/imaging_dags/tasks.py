@@ -5,6 +5,7 @@ XComs carry pseudonyms, lake URIs and counts only: never image data, raw paths o
 from __future__ import annotations
 
 import datetime as dt
+from contextlib import contextmanager
 
 from airflow.sdk import Asset, Param, TriggerRule, get_current_context, task
 
@@ -42,6 +43,24 @@ def _run():
     ctx = get_current_context()
     ti = ctx["ti"]
     return RunContext(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, map_index=ti.map_index)
+
+
+class StudyFailed(RuntimeError):
+    """A step failed for one study: the message names the specialty, the pseudonymous study and the step."""
+
+
+@contextmanager
+def naming_study(specialty: str, study: dict, step: str, *, detail: bool = True):
+    """Re-raise any failure with the study it happened to, so the UI and alerts say which one.
+
+    ``detail=False`` keeps the original message out (steps reading raw inputs, whose errors may quote them).
+    """
+    try:
+        yield
+    except Exception as exc:
+        what = f"{type(exc).__name__}: {exc}" if detail else type(exc).__name__
+        raise StudyFailed(f"{specialty} study {study.get('study', '?')}: {step} failed ({what}); the task retries "
+                          "with backoff; if it keeps failing, look at this study's inputs and the task log") from exc
 
 
 def _lake(specialty: str):
@@ -89,7 +108,8 @@ def deidentify(specialty: str, study: dict) -> dict:
     from imaging_tasks.pipeline import deidentify_study
 
     key, demo = deid_key()
-    return deidentify_study(study, _lake(specialty), key=key, demo=demo, run=_run())
+    with naming_study(specialty, study, "de-identification", detail=False):
+        return deidentify_study(study, _lake(specialty), key=key, demo=demo, run=_run())
 
 
 def gpu_task(**kwargs):
@@ -101,7 +121,8 @@ def gpu_task(**kwargs):
 def process_study(specialty: str, study: dict) -> dict:
     from imaging_tasks.pipeline import process_study as run_step
 
-    return run_step(study, _lake(specialty), run=_run())
+    with naming_study(specialty, study, "processing"):
+        return run_step(study, _lake(specialty), run=_run())
 
 
 @task
@@ -110,8 +131,9 @@ def plan_tiles(study: dict) -> dict:
     from imaging_tasks.pipeline import plan_slide
 
     params = get_current_context()["params"]
-    return plan_slide(study, _lake("pathology"), target_mpp=float(params.get("target_mpp", 1.0)),
-                      tile_px=int(params.get("tile_px", 256)), run=_run())
+    with naming_study("pathology", study, "tile planning"):
+        return plan_slide(study, _lake("pathology"), target_mpp=float(params.get("target_mpp", 1.0)),
+                          tile_px=int(params.get("tile_px", 256)), run=_run())
 
 
 @task
@@ -128,14 +150,16 @@ def tile_batches(plans: list[dict], max_batches: int = 1000) -> list[dict]:
 def tile_features(batch: dict) -> dict:
     from imaging_tasks.pipeline import tile_features_batch
 
-    return tile_features_batch(batch, _lake("pathology"), run=_run())
+    with naming_study("pathology", batch, f"tile features {batch['start']}-{batch['stop']}"):
+        return tile_features_batch(batch, _lake("pathology"), run=_run())
 
 
 @task(trigger_rule=TriggerRule.NONE_FAILED)
 def finish_slide(plan: dict, features: list[dict] | None = None) -> dict:
     from imaging_tasks.pipeline import finish_slide as finish
 
-    return finish(plan, list(features or []), _lake("pathology"), run=_run())
+    with naming_study("pathology", plan, "slide summary"):
+        return finish(plan, list(features or []), _lake("pathology"), run=_run())
 
 
 def load_metadata(specialty: str, processed):
