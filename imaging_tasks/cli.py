@@ -23,8 +23,9 @@ def _synth(args) -> int:
 
     out = Path(args.out.removeprefix("file://"))
     chosen = SPECIALTIES if args.specialty == "all" else (args.specialty,)
-    for i, specialty in enumerate(chosen):
-        truths = synthesizer(specialty)(out, args.studies, args.seed + 1000 * i)
+    for specialty in chosen:
+        # distinct patients per specialty, whichever subset is asked for
+        truths = synthesizer(specialty)(out, args.studies, args.seed + 1000 * SPECIALTIES.index(specialty))
         bad = write_bad_inputs(out, specialty, args.seed) if args.bad_inputs else {}
         print(f"{specialty}: {len(truths)} stud(ies), {len(bad)} bad input(s) -> {out / specialty}")
     return 0
