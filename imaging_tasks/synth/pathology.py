@@ -1,9 +1,18 @@
 """Synthetic whole-slide images in the Aperio SVS layout, with known tissue area and PHI where scanners put it.
 
-Tissue pixels are real IHC microscopy (scikit-image's ``immunohistochemistry`` image, shipped in the wheel),
-mirrored to fill elliptical tissue sections on a glass-white background.  The level-0 tissue mask is known,
-so the tissue area in mm² is exact ground truth.  PHI sits in the label and macro images (rendered text) and
-in the Aperio ImageDescription (Filename, User, barcode), as real scanners write it.
+Tissue pixels come from real microscopy shipped inside the scikit-image wheel
+(``skimage.data.immunohistochemistry``, a DAB/haematoxylin IHC section; no download).  For an H&E slide
+the image is colour-deconvolved (Ruifrok & Johnston) and restained: its real haematoxylin layer is kept
+and eosin is laid where the IHC had DAB (cytoplasm, membranes) over a stroma baseline.  Patches of it are
+rotated, scaled, elastically warped and blended to fill a few irregular tissue fragments of known shape,
+composited in optical density onto glass with sensor noise and dust.  The level-0 fragment mask is known,
+so tissue area in mm², region count and the expected tile count are exact ground truth.
+
+PHI sits where Aperio scanners put it: the label and macro images (rendered text and a barcode) and the
+page ImageDescription (Filename, User, Barcode, Date, Time), so the slide de-identifier has real work.
+
+Tiles are JPEG (what Aperio writes), encoded by tifffile through ``imagecodecs``; ``compression="zlib"``
+is available where JPEG is unwanted.
 """
 from __future__ import annotations
 
@@ -12,108 +21,314 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from imaging_tasks.synth.phi import fake_study, phi_values
 
 SPECIALTY = "pathology"
 TILE = 256
-DOWNSAMPLES = (4, 16)
-BACKGROUND = 238
+DOWNSAMPLES = (4, 16)  # reduced pyramid levels, as Aperio writes them
+THUMB_MAX_SIDE = 1024
+GLASS_RGB = (240.0, 238.0, 236.0)  # bright-field glass as scanners record it (not 255)
+NOISE_SD = 1.8
+JPEG_QUALITY = 80
+BAND = 256  # rows composited at a time, so memory stays ~ width x BAND, not the whole slide
+
+# Ruifrok & Johnston (2001) stain OD vectors, rows H, E, DAB; the published constants (as in scikit-image).
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+RGB_FROM_HED = RGB_FROM_HED / np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+
+# The tile grid the ground-truth tile count refers to (pathology.plan_tiles defaults).
+TRUTH_TARGET_MPP, TRUTH_TILE_PX, TRUTH_MIN_FRACTION = 1.0, 256, 0.5
 
 
-def _texture(height: int, width: int) -> np.ndarray:
-    """Real IHC pixels mirrored to cover the canvas (no interpolation: the colours stay real)."""
+# ----------------------------------------------------------------------------------------------- tissue
+def _source_od(stain: str) -> np.ndarray:
+    """Optical density (512, 512, 3) of the real IHC image, restained to H&E unless ``stain == "ihc"``."""
     from skimage.data import immunohistochemistry
 
-    # x0.85: as a slightly thicker section attenuates light, so the IHC image's own glass-white lumens still
-    # read as tissue (optical density > 0.15) and the elliptical section mask is exactly the tissue.
-    ihc = (immunohistochemistry().astype(np.float32) * 0.85).round().astype(np.uint8)
-    tile = np.concatenate([ihc, ihc[:, ::-1]], axis=1)
-    tile = np.concatenate([tile, tile[::-1]], axis=0)
-    reps = (-(-height // tile.shape[0]), -(-width // tile.shape[1]), 1)
-    return np.tile(tile, reps)[:height, :width]
+    od = -np.log10(np.clip(immunohistochemistry().astype(np.float64), 1, 255) / 255.0)
+    if stain == "ihc":
+        # A baseline so the IHC image's own glass-white lumens still read as (pale) tissue inside a fragment.
+        return (od + 0.05).astype(np.float32)
+    if stain != "he":
+        raise ValueError(f"stain must be 'he' or 'ihc', not {stain!r}")
+    hed = np.clip(od @ HED_FROM_RGB, 0, None)
+    h = 1.5 * hed[..., 0] + 0.04
+    e = 0.16 + 0.5 * hed[..., 2]
+    return (np.stack([h, e], -1) @ RGB_FROM_HED[:2]).astype(np.float32)
 
 
-def _tissue_mask(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A few elliptical tissue sections, as cut sections lie on a slide."""
-    yy, xx = np.mgrid[0:height, 0:width]
-    mask = np.zeros((height, width), bool)
-    for _ in range(int(rng.integers(2, 4))):
-        cy, cx = rng.uniform(0.3, 0.7) * height, rng.uniform(0.2, 0.8) * width
-        ry, rx = rng.uniform(0.12, 0.25) * height, rng.uniform(0.08, 0.2) * width
-        theta = rng.uniform(0, np.pi)
-        c, s = np.cos(theta), np.sin(theta)
-        u = ((xx - cx) * c + (yy - cy) * s) / rx
-        v = (-(xx - cx) * s + (yy - cy) * c) / ry
-        mask |= u * u + v * v <= 1.0
-    return mask
+def _warped_patches(rng: np.random.Generator, src, count: int, size: int) -> np.ndarray:
+    """``count`` size x size views of ``src`` (a torch tensor 1x3xHxW): random rotation, flip, scale, offset
+    and a smooth elastic warp each, so the mosaic does not repeat visibly."""
+    import torch
+    import torch.nn.functional as F
+
+    n_src = src.shape[-1]
+    grids = np.empty((count, size, size, 2), np.float32)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) - size / 2
+    for i in range(count):
+        angle, scale = rng.uniform(0, 2 * np.pi), rng.uniform(0.85, 1.2)
+        flip = rng.integers(2) * 2 - 1
+        offset = rng.uniform(0, n_src, 2)
+        field = [np.asarray(Image.fromarray(c.astype(np.float32), mode="F").resize((size, size), Image.BICUBIC))
+                 for c in rng.normal(0, 10.0, (2, 6, 6))]
+        c, s = np.cos(angle) * scale, np.sin(angle) * scale
+        ys = c * yy - s * xx * flip + offset[0] + field[0]
+        xs = s * yy + c * xx * flip + offset[1] + field[1]
+        # grid_sample wants (x, y) in [-1, 1] (align_corners=False: pixel centres at (2i + 1) / n - 1)
+        grids[i, ..., 0] = (2 * xs + 1) / n_src - 1
+        grids[i, ..., 1] = (2 * ys + 1) / n_src - 1
+    with torch.no_grad():
+        out = F.grid_sample(src.expand(count, -1, -1, -1), torch.from_numpy(grids), mode="bilinear",
+                            padding_mode="reflection", align_corners=False)
+    return out.permute(0, 2, 3, 1).numpy()
 
 
-def _text_image(lines: list[str], size: tuple[int, int]) -> np.ndarray:
-    img = Image.new("RGB", size, (250, 250, 250))
+def _fragment_od(rng: np.random.Generator, src, height: int, width: int) -> np.ndarray:
+    """Tissue OD filling a height x width box: warped patches feather-blended on an overlapping grid."""
+    patch, step = 512, 416
+    ramp = np.minimum(1.0, np.minimum(np.arange(patch) + 1, patch - np.arange(patch)) / (patch - step))
+    weight = np.outer(ramp, ramp).astype(np.float32)[..., None]
+    origins = [(y, x) for y in range(0, height, step) for x in range(0, width, step)]
+    acc = np.zeros((height, width, 3), np.float32)
+    wsum = np.zeros((height, width, 1), np.float32)
+    for start in range(0, len(origins), 8):
+        chunk = origins[start:start + 8]
+        for (y, x), view in zip(chunk, _warped_patches(rng, src, len(chunk), patch), strict=True):
+            h, w = min(patch, height - y), min(patch, width - x)
+            acc[y:y + h, x:x + w] += view[:h, :w] * weight[:h, :w]
+            wsum[y:y + h, x:x + w] += weight[:h, :w]
+    acc /= np.maximum(wsum, 1e-6)
+    return acc
+
+
+def _fragments(rng: np.random.Generator, height: int, width: int, count: int) -> list[dict]:
+    """Irregular, non-touching tissue fragments: star-shaped outlines r(theta) = R (1 + sum a_k cos(k theta))."""
+    frags: list[dict] = []
+    short = min(height, width)
+    for _ in range(400):
+        if len(frags) == count:
+            break
+        radius = rng.uniform(0.14, 0.24) * short
+        harmonics = [(k, rng.uniform(0, 0.22 / k ** 0.8), rng.uniform(0, 2 * np.pi)) for k in range(2, 6)]
+        reach = radius * (1 + sum(a for _, a, _ in harmonics))
+        cy, cx = rng.uniform(reach + 8, height - reach - 8), rng.uniform(reach + 8, width - reach - 8)
+        if all(np.hypot(cy - f["cy"], cx - f["cx"]) > reach + f["reach"] + 0.02 * short for f in frags):
+            frags.append({"cy": cy, "cx": cx, "radius": radius, "reach": reach, "harmonics": harmonics})
+    if not frags:
+        raise ValueError("slide too small for a tissue fragment; use at least 512 x 512 px")
+    return frags
+
+
+def _fragment_mask(frag: dict, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    dy, dx = ys[:, None] - np.float32(frag["cy"]), xs[None, :] - np.float32(frag["cx"])
+    theta = np.arctan2(dy, dx)
+    r = np.ones_like(theta)
+    for k, a, p in frag["harmonics"]:
+        r += np.float32(a) * np.cos(np.float32(k) * theta + np.float32(p))
+    return np.hypot(dy, dx) <= r * np.float32(frag["radius"])
+
+
+# ----------------------------------------------------------------------------------------------- slide
+def _compose(rng: np.random.Generator, height: int, width: int, stain: str, n_fragments: int):
+    """Level-0 RGB, the exact tissue mask, and per-fragment areas (px)."""
+    import torch
+    from scipy import ndimage
+
+    src = torch.from_numpy(_source_od(stain)).permute(2, 0, 1)[None].contiguous()
+    frags = _fragments(rng, height, width, n_fragments)
+    boxes = []
+    for f in frags:
+        y0, y1 = int(max(0, np.floor(f["cy"] - f["reach"] - 4))), int(min(height, np.ceil(f["cy"] + f["reach"] + 5)))
+        x0, x1 = int(max(0, np.floor(f["cx"] - f["reach"] - 4))), int(min(width, np.ceil(f["cx"] + f["reach"] + 5)))
+        mask = _fragment_mask(f, np.arange(y0, y1, dtype=np.float32) + 0.5, np.arange(x0, x1, dtype=np.float32) + 0.5)
+        # Section thickness varies slowly across a fragment; the edge is soft over ~1 µm, centred on the outline.
+        thick = Image.fromarray(rng.uniform(0.85, 1.15, (4, 4)).astype(np.float32), mode="F")
+        thick = np.asarray(thick.resize((x1 - x0, y1 - y0), Image.BILINEAR))
+        alpha = ndimage.gaussian_filter(mask.astype(np.float32), 1.2)
+        alpha *= thick
+        del thick
+        od = _fragment_od(rng, src, y1 - y0, x1 - x0)
+        od *= alpha[..., None]
+        od = od.astype(np.float16)  # kept until compositing: half the memory
+        boxes.append((y0, y1, x0, x1, mask, od))
+    # Dust on the glass: a few specks of a few µm, which a tissue detector must not count.
+    specks = []
+    for _ in range(int(rng.integers(4, 9))):
+        y, x, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(1.5, 5)
+        if all(not (y0 - 10 < y < y1 + 10 and x0 - 10 < x < x1 + 10) for y0, y1, x0, x1, _, _ in boxes):
+            specks.append((y, x, r))
+
+    rgb = np.empty((height, width, 3), np.uint8)
+    full_mask = np.zeros((height, width), bool)
+    glass = np.asarray(GLASS_RGB, np.float32)
+    for b0 in range(0, height, BAND):
+        b1 = min(height, b0 + BAND)
+        od = np.zeros((b1 - b0, width, 3), np.float32)
+        for y0, y1, x0, x1, mask, fod in boxes:
+            lo, hi = max(b0, y0), min(b1, y1)
+            if lo < hi:
+                od[lo - b0:hi - b0, x0:x1] += fod[lo - y0:hi - y0]
+                full_mask[lo:hi, x0:x1] |= mask[lo - y0:hi - y0]
+        yy = np.arange(b0, b1)[:, None] + 0.5
+        for y, x, r in specks:
+            if b0 - r - 1 < y < b1 + r + 1:
+                lo, hi = int(max(0, x - r - 1)), int(min(width, x + r + 2))
+                xx = np.arange(lo, hi)[None, :] + 0.5
+                od[:, lo:hi] += 0.6 * ((yy - y) ** 2 + (xx - x) ** 2 <= r * r)[..., None]
+        noise = rng.standard_normal((b1 - b0, width, 3), dtype=np.float32) * NOISE_SD
+        rgb[b0:b1] = np.clip(glass * np.power(10.0, -od) + noise, 0, 255).round().astype(np.uint8)
+    areas = [int(mask.sum()) for *_, mask, _ in boxes]
+    return rgb, full_mask, areas
+
+
+def _stain_truth(rgb: np.ndarray, mask: np.ndarray) -> dict:
+    """Mean H, E, DAB optical density over the true tissue pixels, as written (before JPEG)."""
+    od_of = -np.log10(np.maximum(np.arange(256), 1) / 255.0).astype(np.float32)
+    sums, n = np.zeros(3), 0
+    for b0 in range(0, rgb.shape[0], BAND):
+        m = mask[b0:b0 + BAND]
+        if m.any():
+            hed = np.clip(od_of[rgb[b0:b0 + BAND]] @ HED_FROM_RGB.astype(np.float32), 0, None)
+            sums += np.einsum("yxc,yx->c", hed, m.astype(np.float32), dtype=np.float64)
+            n += int(m.sum())
+    mean = sums / max(n, 1)
+    return {"hematoxylin_od_mean": float(mean[0]), "eosin_od_mean": float(mean[1]), "dab_od_mean": float(mean[2])}
+
+
+def expected_tiles(mask: np.ndarray, mpp: float, *, target_mpp: float = TRUTH_TARGET_MPP,
+                   tile_px: int = TRUTH_TILE_PX, min_fraction: float = TRUTH_MIN_FRACTION) -> int:
+    """Tiles of tile_px at target_mpp on a grid from (0, 0) whose true tissue fraction >= min_fraction."""
+    side = tile_px * target_mpp / mpp
+    height, width = mask.shape
+    count = 0
+    for j in range(int((height + 1e-6) // side)):
+        for i in range(int((width + 1e-6) // side)):
+            y0, x0 = int(round(j * side)), int(round(i * side))
+            if mask[y0:int(round(y0 + side)), x0:int(round(x0 + side))].mean() >= min_fraction:
+                count += 1
+    return count
+
+
+# ----------------------------------------------------------------------------------------------- label
+def _barcode(draw: ImageDraw.ImageDraw, text: str, box: tuple[int, int, int, int]) -> None:
+    """A 1-D bar pattern from the text's bytes (looks like a barcode; not a decodable symbology)."""
+    x0, y0, x1, y1 = box
+    bits = "".join(f"{b:08b}" for b in text.encode())
+    unit = max(1, (x1 - x0) // max(1, len(bits) + 4))
+    for i, bit in enumerate(bits):
+        if bit == "1":
+            draw.rectangle([x0 + (i + 2) * unit, y0, x0 + (i + 3) * unit - 1, y1], fill=(0, 0, 0))
+
+
+def _label_image(lines: list[str], barcode: str, size=(560, 470)) -> Image.Image:
+    img = Image.new("RGB", size, (246, 246, 242))
     draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=30)
     for i, line in enumerate(lines):
-        draw.text((10, 10 + 18 * i), line, fill=(0, 0, 0))
-    return np.asarray(img)
+        draw.text((18, 18 + 44 * i), line, fill=(10, 10, 10), font=font)
+    _barcode(draw, barcode, (18, size[1] - 130, size[0] - 18, size[1] - 30))
+    return img
 
 
-def _downsample(image: np.ndarray, factor: int) -> np.ndarray:
-    h, w = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
-    return image[:h, :w].reshape(h // factor, factor, w // factor, factor, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+def _macro_image(label: Image.Image, rgb: np.ndarray, size=(1280, 431)) -> Image.Image:
+    """Overview photo of the whole glass: the label at one end, the section on the rest."""
+    img = Image.new("RGB", size, (205, 208, 210))
+    lab = label.resize((int(label.width * size[1] / label.height), size[1]), Image.BILINEAR)
+    img.paste(lab, (0, 0))
+    room = (size[0] - lab.width - 20, size[1] - 20)
+    thumb = Image.fromarray(rgb)
+    thumb.thumbnail(room, Image.BOX)
+    img.paste(thumb, (lab.width + 10 + (room[0] - thumb.width) // 2, 10 + (room[1] - thumb.height) // 2))
+    return img
 
 
-def write_svs(path: Path, rgb: np.ndarray, *, mpp: float, description_fields: dict[str, str],
-              label: np.ndarray, macro: np.ndarray) -> None:
+# ----------------------------------------------------------------------------------------------- writing
+def write_svs(path: Path, rgb: np.ndarray, *, mpp: float, fields: dict[str, str], label: Image.Image,
+              macro: Image.Image, compression: str = "jpeg") -> None:
     """Aperio layout: tiled level 0, stripped thumbnail, tiled reduced levels, stripped label and macro."""
     height, width = rgb.shape[:2]
-    fields = "|".join(f"{k} = {v}" for k, v in {"AppMag": "20", "MPP": f"{mpp}", **description_fields}.items())
-    head = f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE}) RAW"
+    codec = f"JPEG/RGB Q={JPEG_QUALITY}" if compression == "jpeg" else "Deflate/RGB"
+    head = f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE})"
+    text = "|".join(f"{k} = {v}" for k, v in fields.items())
+    if compression == "jpeg":
+        # JPEG tiles as scanners write them, encoded by tifffile through imagecodecs.  Photometric RGB: with
+        # tifffile's YCbCr tiles openslide decodes the colours wrongly (seen: (200,80,40) read as (77,255,115)).
+        tiled = dict(compression="jpeg", compressionargs={"level": JPEG_QUALITY}, photometric="rgb")
+    elif compression == "zlib":
+        tiled = dict(compression="zlib", photometric="rgb")
+    else:
+        raise ValueError(f"compression must be 'jpeg' or 'zlib', not {compression!r}")
+    stripped = dict(compression="zlib", photometric="rgb", metadata=None, software=False)
+    pil = Image.fromarray(rgb)
+    thumb_ds = max(1, -(-max(width, height) // THUMB_MAX_SIDE))
     with tifffile.TiffWriter(path, bigtiff=False) as tif:
-        kw = dict(photometric="rgb", compression="zlib", metadata=None)
-        tif.write(rgb, tile=(TILE, TILE), description=f"{head}|{fields}", **kw)
-        thumb = _downsample(rgb, 32)
-        tif.write(thumb, description=f"{head} -> {thumb.shape[1]}x{thumb.shape[0]} - |{fields}", **kw)
+        tif.write(rgb, tile=(TILE, TILE), description=f"{head} {codec}|{text}", metadata=None, software=False,
+                  **tiled)
+        thumb = np.asarray(pil.reduce(thumb_ds))
+        tif.write(thumb, description=f"{head} -> {thumb.shape[1]}x{thumb.shape[0]} {codec}", rowsperstrip=64,
+                  **stripped)
         for factor in DOWNSAMPLES:
-            level = _downsample(rgb, factor)
-            tif.write(level, tile=(TILE, TILE), description=f"{head} -> {level.shape[1]}x{level.shape[0]} - |{fields}",
-                      **kw)
-        # label and macro uncompressed: openslide reads associated images only in a few compressions
-        plain = dict(photometric="rgb", metadata=None)
-        tif.write(label, description=f"Aperio Image Library v12.0.15\nlabel {label.shape[1]}x{label.shape[0]}",
-                  subfiletype=1, **plain)
-        tif.write(macro, description=f"Aperio Image Library v12.0.15\nmacro {macro.shape[1]}x{macro.shape[0]}",
-                  subfiletype=9, **plain)
+            level = np.asarray(pil.reduce(factor))
+            tif.write(level, tile=(TILE, TILE), metadata=None, software=False,
+                      description=f"{head} -> {level.shape[1]}x{level.shape[0]} {codec}|{text}", **tiled)
+        # Aperio: NewSubfileType 1 for the label, 9 for the macro; the kind is the first word of line 2.
+        tif.write(np.asarray(label), subfiletype=1, rowsperstrip=64,
+                  description=f"Aperio Image Library v12.0.15\r\nlabel {label.width}x{label.height}", **stripped)
+        tif.write(np.asarray(macro), subfiletype=9, rowsperstrip=64,
+                  description=f"Aperio Image Library v12.0.15\r\nmacro {macro.width}x{macro.height}", **stripped)
 
 
-def synthesize(out: Path, studies: int, seed: int, *, width: int = 4096, height: int = 3072, mpp: float = 0.5,
-               **_ignored) -> list[Path]:
+# ----------------------------------------------------------------------------------------------- entry
+def synthesize(out: Path, studies: int, seed: int, *, width: int = 6144, height: int = 4608, mpp: float = 0.5,
+               stain: str = "he", fragments: int = 3, compression: str = "jpeg", **_ignored) -> list[Path]:
+    """One Aperio SVS per study under ``out/pathology/<label>/slide.svs``; truth JSON per study."""
     out = Path(out)
     truths = []
     for n in range(studies):
         rng = np.random.default_rng([seed, n])
         label = f"study-{n:03d}"
         study = fake_study(rng, label)
-        barcode = f"{study.accession}-A1-HE"
-        study.extra_phi += [barcode, f"{study.accession}.svs"]
-        mask = _tissue_mask(rng, height, width)
-        noise = rng.normal(0, 2.0, size=(height, width, 1))
-        background = np.clip(BACKGROUND + noise, 0, 255).astype(np.uint8).repeat(3, axis=2)
-        rgb = np.where(mask[..., None], _texture(height, width), background)
         p = study.patient
-        label_img = _text_image([p.name.replace("^", " "), p.patient_id, study.accession, barcode], (400, 300))
-        macro = _text_image([study.institution, p.name.replace("^", " "), p.patient_id, barcode], (800, 300))
+        family, given = p.name.split("^")[:2]
+        person, operator = f"{family}, {given}", " ".join(study.operator.split("^")[:2][::-1])
+        barcode = f"{study.accession}-A1-{stain.upper()}"
+        filename = f"{study.accession}_{family}"
+        study.extra_phi += [barcode, filename, person, operator]
+        rgb, mask, areas = _compose(rng, height, width, stain, fragments)
+        label_img = _label_image([study.institution[:28], person, p.patient_id, study.accession,
+                                  f"DOB {p.birth_date}  {stain.upper()}"], barcode)
+        macro = _macro_image(label_img, rgb)
+        d = study.study_date
+        fields = {
+            "AppMag": "20", "StripeWidth": "2040", "ScanScope ID": f"SS{1000 + int(rng.integers(9000))}",
+            "Filename": filename, "Date": f"{d[4:6]}/{d[6:8]}/{d[2:4]}",
+            "Time": f"{study.study_time[:2]}:{study.study_time[2:4]}:{study.study_time[4:6]}",
+            "Time Zone": "GMT+00:00", "User": operator, "Barcode": barcode, "MPP": f"{mpp:.4f}",
+            "Left": f"{rng.uniform(20, 30):.6f}", "Top": f"{rng.uniform(18, 26):.6f}",
+            "LineCameraSkew": "-0.000424", "LineAreaXOffset": "0.019265", "LineAreaYOffset": "-0.000313",
+            "Focus Offset": "0.000000", "ImageID": str(int(rng.integers(10 ** 6, 10 ** 7))),
+            "OriginalWidth": str(width), "OriginalHeight": str(height), "Filtered": "5",
+            "ICC Profile": "ScanScope v1",
+        }
         folder = out / SPECIALTY / label
         folder.mkdir(parents=True, exist_ok=True)
-        slide_date = f"{study.study_date[4:6]}/{study.study_date[6:8]}/{study.study_date[2:4]}"
-        write_svs(folder / "slide.svs", rgb, mpp=mpp, label=label_img, macro=macro, description_fields={
-            "StripeWidth": "2040", "ScanScope ID": "SS" + study.accession[-4:], "Filename": f"{study.accession}",
-            "Date": slide_date, "Time": f"{study.study_time[:2]}:{study.study_time[2:4]}:{study.study_time[4:6]}",
-            "User": p.name.replace("^", " "), "Barcode": barcode, "Focus Offset": "0.000000"})
-        truth = {"specialty": SPECIALTY, "label": label, "study_uid": None, "phi": phi_values(study) + [
-                     p.name.replace("^", " ")],
-                 "truth": {"tissue_area_mm2": float(mask.sum()) * (mpp / 1000.0) ** 2, "mpp": mpp,
-                           "dimensions": [width, height], "tissue_fraction": float(mask.mean())}}
+        write_svs(folder / "slide.svs", rgb, mpp=mpp, fields=fields, label=label_img, macro=macro,
+                  compression=compression)
+        px_mm2 = (mpp / 1000.0) ** 2
+        truth = {"specialty": SPECIALTY, "label": label, "study_uid": None, "phi": phi_values(study),
+                 "truth": {
+                     "tissue_area_mm2": float(mask.sum()) * px_mm2,
+                     "fragment_areas_mm2": sorted(a * px_mm2 for a in areas),
+                     "n_tissue_regions": len(areas), "mpp": mpp, "dimensions": [width, height],
+                     "tissue_fraction": float(mask.mean()), "stain": stain,
+                     "n_tiles_expected": expected_tiles(mask, mpp),
+                     "tile_grid": {"target_mpp": TRUTH_TARGET_MPP, "tile_px": TRUTH_TILE_PX,
+                                   "min_tissue_fraction": TRUTH_MIN_FRACTION},
+                     **_stain_truth(rgb, mask)}}
         tpath = out / "_truth" / SPECIALTY / f"{label}.json"
         tpath.parent.mkdir(parents=True, exist_ok=True)
         tpath.write_text(json.dumps(truth, indent=2, sort_keys=True))
