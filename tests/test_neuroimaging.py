@@ -1,4 +1,4 @@
-"""Neuro session synthesis and preprocessing against the known bias field and brain region."""
+"""Neuro sessions: MNI152-based T1 + PET synthesis and T1 preprocessing, checked against the planted truth."""
 from __future__ import annotations
 
 import hashlib
@@ -8,66 +8,166 @@ import numpy as np
 import pytest
 
 from imaging_tasks.errors import BadInput
-from imaging_tasks.neuro import n4_correct, process_study, to_sitk
-from imaging_tasks.synth.neuroimaging import bias_field, synthesize
+from imaging_tasks.neuro import process_study, to_sitk
+from imaging_tasks.synth import neuroimaging as synth
+
+SEED = 5
 
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
     out = tmp_path_factory.mktemp("neuro")
-    record = json.loads(synthesize(out, 1, 5)[0].read_text())
+    record = json.loads(synth.synthesize(out, 1, SEED)[0].read_text())
     return out / "neuroimaging" / "study-000", record
 
 
-def test_series_headers_carry_geometry_and_phi(session):
+@pytest.fixture(scope="module")
+def processed(session, tmp_path_factory):
+    folder, _record = session
+    out = tmp_path_factory.mktemp("neuro-out")
+    result = process_study(sorted(folder.rglob("*.dcm")), out, device="cpu")
+    return out, result, {m["name"]: m["value"] for m in result["metrics"]}
+
+
+def _series(folder):
+    from imaging_tasks.dicom_io import load_series
+
+    return to_sitk(load_series(sorted(folder.glob("*.dcm"))))
+
+
+def test_session_layout_and_headers(session):
     import pydicom
 
     folder, record = session
-    t1 = [pydicom.dcmread(p) for p in sorted((folder / "t1").glob("*.dcm"))[:2]]
-    pet = pydicom.dcmread(sorted((folder / "pet").glob("*.dcm"))[0])
-    assert t1[0].Modality == "MR" and pet.Modality == "PT" and pet.Units == "BQML"
-    assert t1[0].StudyInstanceUID == pet.StudyInstanceUID == record["study_uid"]
-    assert float(t1[1].ImagePositionPatient[2]) - float(t1[0].ImagePositionPatient[2]) == pytest.approx(2.0)
-    assert str(t1[0].PatientName) in record["phi"]
+    t1 = [pydicom.dcmread(p) for p in sorted((folder / "t1").glob("*.dcm"))]
+    pet = [pydicom.dcmread(p) for p in sorted((folder / "pet").glob("*.dcm"))]
+    assert len(t1) == record["truth"]["mr"]["n_slices"] and len(pet) == record["truth"]["pet"]["n_slices"]
+    assert (t1[0].Modality, t1[0].SOPClassUID) == ("MR", "1.2.840.10008.5.1.4.1.1.4")
+    assert (pet[0].Modality, pet[0].SOPClassUID, pet[0].Units) == ("PT", "1.2.840.10008.5.1.4.1.1.128", "BQML")
+    assert {d.StudyInstanceUID for d in t1 + pet} == {record["study_uid"]}
+    assert {str(d.PatientID) for d in t1 + pet} == {str(t1[0].PatientID)}
+    # geometry: evenly stacked along the orientation normal, at the slice thickness
+    for series, mm in ((t1, 2.0), (pet, 4.0)):
+        iop = np.array(series[0].ImageOrientationPatient, float)
+        normal = np.cross(iop[:3], iop[3:])
+        steps = np.diff([np.dot(normal, np.array(d.ImagePositionPatient, float)) for d in series])
+        assert np.allclose(steps, mm, atol=1e-3)
+        assert [float(v) for v in series[0].PixelSpacing] == [mm, mm] and float(series[0].SliceThickness) == mm
+    assert len({d.RescaleSlope for d in pet}) > 1  # per-slice PET scaling, as scanners write it
+    assert str(t1[0].PatientName) in record["phi"] and record["study_uid"] in record["phi"]
+    # the subject is the template scaled by the planted head size: the truth volume follows it
+    truth = record["truth"]
+    scale = np.prod(truth["mr"]["pose"]["scale"])
+    assert truth["brain_volume_ml"] == pytest.approx(truth["brain_volume_template_ml"] * scale, rel=0.01)
+    assert truth["pet"]["pose"]["scale"] == truth["mr"]["pose"]["scale"]
 
 
-def test_brain_volume_matches_truth(session, tmp_path):
-    folder, record = session
-    result = process_study(sorted(folder.rglob("*.dcm")), tmp_path, device="cpu")
-    metrics = {m["name"]: m["value"] for m in result["metrics"]}
-    # the phantom's brain region is known voxel for voxel; skull and scalp must not be counted (they add ~40 %)
-    assert metrics["brain_volume_ml"] == pytest.approx(record["truth"]["brain_volume_ml"], rel=0.05)
-    assert metrics["n_pet_series"] == 1 and metrics["n_mr_series"] == 1
-    assert metrics["bias_cv_after"] < metrics["bias_cv_before"]
-    assert {"t1_n4.nii.gz", "brain_mask.nii.gz", "qc_brain.png"} <= {p.name for p in tmp_path.iterdir()}
+def test_pet_carries_the_planted_regional_uptake(session):
+    """PET read back through RescaleSlope and its own pose shows the planted regional contrast.
 
-
-def test_n4_recovers_the_planted_bias_field(session):
+    Partial volume (6 mm PSF, 4 mm voxels) pulls grey matter down and white matter up; here the cores read
+    ~80 % (cerebral grey), ~87 % (cerebellar grey) and ~108 % (white) of the truth, the grey/cerebellum ratio
+    ~0.92 of it.
+    A wrong slope, grid or pose collapses these contrasts.
+    """
     import SimpleITK as sitk
 
-    from imaging_tasks.dicom_io import load_series
-
     folder, record = session
-    volume = load_series(sorted((folder / "t1").glob("*.dcm")))
-    _corrected, log_bias = n4_correct(to_sitk(volume))
-    estimated = sitk.GetArrayFromImage(log_bias)
-    true = np.log(bias_field(tuple(record["truth"]["shape_zyx"]), record["truth"]["bias_coeffs"]))
-    head = volume.array > 200
-    assert np.corrcoef(estimated[head], true[head])[0, 1] > 0.9
+    truth = record["truth"]
+    pet = _series(folder / "pet")
+    act = sitk.GetArrayFromImage(pet)
+    gm, cb, wm = (synth.truth_on_grid(truth, pet, k, "pet") for k in ("gm", "cereb", "wm"))
+    up = truth["pet"]["uptake_bqml"]
+    cerebrum, cerebellum, white = act[(gm > 0.8) & (cb < 0.5)], act[(gm > 0.8) & (cb > 0.5)], act[wm > 0.95]
+    assert 0.65 < cerebrum.mean() / up["grey_matter"] < 1.0
+    assert 0.75 < cerebellum.mean() / up["cerebellum"] < 1.0
+    assert 1.0 < white.mean() / up["white_matter"] < 1.3
+    assert cerebrum.mean() / cerebellum.mean() == pytest.approx(truth["pet"]["suvr_grey_matter"], rel=0.2)
+    assert truth["pet"]["reference_region"] == "cerebellum"
 
 
-def test_pet_only_session_is_bad_input(session, tmp_path):
+def test_brain_and_intracranial_volume_match_truth(session, processed):
+    """Volumes within 5 % (brain) and 6 % (intracranial), and the brain mask on the right voxels.
+
+    Why these tolerances: moving the whole truth brain surface in or out by one 2 mm voxel changes the volume
+    by 8-9 % (folded cortex, 1.2-1.7 l), so 5 % allows about a 1.2 mm systematic boundary error and no
+    more; measured error is under 1 %.  Counting the CSF as brain would read +12 %, the scalp far more.  The
+    intracranial estimate trims part of the ~1.3-voxel CSF rim on purpose (measured -3 to -3.6 %) and must
+    still differ from the brain volume (-11 %).  Truth volumes differ per subject (head size), so no constant
+    passes.
+    """
+    import SimpleITK as sitk
+
+    _folder, record = session
+    out, _result, m = processed
+    truth = record["truth"]
+    assert m["brain_volume_ml"] == pytest.approx(truth["brain_volume_ml"], rel=0.05)
+    assert m["intracranial_volume_ml"] == pytest.approx(truth["intracranial_volume_ml"], rel=0.06)
+    assert m["brain_volume_ml"] < m["intracranial_volume_ml"]
+    mask_img = sitk.ReadImage(str(out / "brain_mask.nii.gz"))
+    mask = sitk.GetArrayFromImage(mask_img) > 0
+    true = synth.truth_on_grid(truth, mask_img, "brain") > 0.5
+    dice = 2 * (mask & true).sum() / (mask.sum() + true.sum())
+    assert dice > 0.985  # measured 0.993; the truth mask shifted by one 2 mm voxel scores 0.972
+
+
+def test_n4_recovers_the_planted_bias_field(session, processed):
+    """The estimated field matches the planted one inside the brain; what N4 leaves is about half of it.
+
+    Measured over seeds: correlation 0.87-0.98, residual log-field spread 0.41-0.52 of the planted one
+    (lower correlation when the planted field is weak and anatomy is a larger share of what N4 sees; a third,
+    finer N4 level that soaks up anatomy drops it to 0.6-0.9).  The white-matter CV metric is mostly the MNI
+    template's own white-matter variation (~5.6 %), so it drops clearly only when the field is strong in white
+    matter; this seed gives 6.0 % -> 5.7 %.
+    """
+    import SimpleITK as sitk
+
+    _folder, record = session
+    out, _result, m = processed
+    field = sitk.ReadImage(str(out / "bias_field.nii.gz"))
+    mask_img = sitk.ReadImage(str(out / "brain_mask.nii.gz"))
+    inside = sitk.GetArrayFromImage(sitk.Resample(mask_img, field, sitk.Transform(), sitk.sitkNearestNeighbor)) > 0
+    estimated = np.log(sitk.GetArrayFromImage(field))[inside]
+    planted = np.log(synth.bias_field_at(synth.image_points_mm(field), record["truth"]["bias_field"]))
+    planted = planted.reshape(inside.shape)[inside]
+    assert np.corrcoef(estimated, planted)[0, 1] > 0.8
+    assert (planted - estimated).std() < 0.6 * planted.std()
+    assert m["bias_field_cv_after"] < m["bias_field_cv_before"]
+
+
+def test_outputs_and_no_phi(session, processed):
+    from PIL import Image
+
+    _folder, record = session
+    out, result, m = processed
+    assert {"t1_n4.nii.gz", "brain_mask.nii.gz", "qc_brain.png"} <= set(result["outputs"])
+    assert all((out / name).is_file() for name in result["outputs"])
+    assert Image.open(out / "qc_brain.png").size[0] > 300
+    assert m["n_pet_series"] == 1 and m["n_mr_series"] == 1
+    json.dumps(result)
+    blobs = [p.read_bytes() for p in out.iterdir()]
+    assert not any(v.encode() in b for v in record["phi"] if len(v) >= 6 for b in blobs)
+
+
+def test_pet_only_or_localizer_only_session_is_bad_input(session, tmp_path):
     folder, _ = session
     with pytest.raises(BadInput) as exc:
         process_study(sorted((folder / "pet").glob("*.dcm")), tmp_path)
     assert exc.value.reason == "no_mri"
+    with pytest.raises(BadInput) as exc:
+        process_study(sorted((folder / "t1").glob("*.dcm"))[:5], tmp_path)
+    assert exc.value.reason == "not_volumetric"
 
 
 def test_mr_only_option_and_determinism(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    synthesize(a, 1, 9, with_pet=False)
-    synthesize(b, 1, 9, with_pet=False)
+    synth.synthesize(a, 1, 9, with_pet=False)
+    synth.synthesize(b, 1, 9, with_pet=False)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert not any("pet" in str(f) for f in files)
-    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-    assert all(digest(a / f) == digest(b / f) for f in files)
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert not (a / "neuroimaging" / "study-000" / "pet").exists()
+    assert json.loads((a / "_truth" / "neuroimaging" / "study-000.json").read_text())["truth"]["pet"] is None
+    assert all(hashlib.sha256((a / f).read_bytes()).digest() == hashlib.sha256((b / f).read_bytes()).digest()
+               for f in files)
+    with pytest.raises(ValueError):
+        synth.synthesize(tmp_path / "c", 2, 9, with_pet=[True])
