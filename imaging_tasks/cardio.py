@@ -210,22 +210,15 @@ def heart_roi(volume_hu: np.ndarray, spacing_mm: tuple, *, threshold_hu: float =
 # --------------------------------------------------------------------------- DICOM study handling
 def _pick_series(files: list[pathlib.Path]) -> tuple[list[pathlib.Path], dict]:
     """The axial CT series to score: thickness nearest 3 mm, then most slices; scouts are skipped."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    from imaging_tasks.dicom_io import read_header
 
     if not files:
         raise BadInput("no_series", "the study has no files; send the axial calcium-scoring CT series")
     series: dict[str, list] = defaultdict(list)
     modalities = set()
     for path in files:
-        try:
-            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-        except InvalidDicomError:
-            raise BadInput("not_dicom", "a file of the study is not DICOM; calcium scoring needs a DICOM CT "
-                           "series") from None
-        except Exception as exc:
-            raise BadInput("unreadable_dicom", f"a DICOM header could not be parsed ({type(exc).__name__}); "
-                           "re-send the study") from None
+        with open(path, "rb") as fh:
+            ds = read_header(fh)  # BadInput (not_dicom, unreadable_dicom, ...) for unusable files
         modality = str(ds.get("Modality", "") or "")
         modalities.add(modality or "?")
         if modality != "CT" or str(ds.get("SOPClassUID", "")) != CT_IMAGE_STORAGE:

@@ -336,7 +336,8 @@ def process_study(files: list[pathlib.Path], out_dir: pathlib.Path, *, device: s
         raise BadInput("empty_study", "the study has no files; nothing to process")
     modalities, presentation, processing = set(), [], 0
     for path in sorted(pathlib.Path(p) for p in files):
-        hdr = read_header(path.read_bytes())
+        with open(path, "rb") as fh:
+            hdr = read_header(fh)
         modality = str(hdr.get("Modality", ""))
         modalities.add(modality)
         if modality != "MG":

@@ -43,7 +43,8 @@ def group_series(files: list[Path]) -> list[Series]:
 
     series: dict[str, Series] = {}
     for f in files:
-        ds = read_header(Path(f).read_bytes())
+        with open(f, "rb") as fh:
+            ds = read_header(fh)
         uid = str(ds.SeriesInstanceUID)
         if uid not in series:
             text = " ".join(str(ds.get(k, "") or "") for k in ("SeriesDescription", "ProtocolName", "SequenceName"))

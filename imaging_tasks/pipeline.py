@@ -333,7 +333,7 @@ def tile_features_batch(batch: dict, lake: Lake, *, device: str | None = None, r
                              tile_px=plan["tile_px"], device=dev)
     uri = lake.work("features", batch["study"], f"{batch['start']:08d}.json")
     sha = storage.write_json(uri, rows)
-    record_lineage(lake, RunContext(run.dag_id, run.run_id, run.task_id, run.map_index), study=batch["study"],
+    record_lineage(lake, run, study=batch["study"],
                    inputs=[{"uri": batch["slide"], "sha256": None}], outputs=[{"uri": str(uri), "sha256": sha}],
                    device=dev, started=started)
     return {"study": batch["study"], "features": str(uri), "n_tiles": len(rows), "device": dev}
