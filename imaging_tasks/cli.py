@@ -65,31 +65,52 @@ def _run(args) -> int:
 
 
 def _deidentify(args) -> int:
-    """De-identify every DICOM file and slide under SRC into DST (first version; see issue 3)."""
+    """De-identify every DICOM file, slide and NIfTI under SRC into DST; bad files go to DST/quarantine."""
+    import tempfile
+
     from imaging_tasks import storage
     from imaging_tasks.deid.dicom import deidentify_bytes
+    from imaging_tasks.deid.nifti import deidentify_nifti
+    from imaging_tasks.deid.pseudonym import pseudo_id
+    from imaging_tasks.deid.slide import deidentify_svs
     from imaging_tasks.errors import BadInput
     from imaging_tasks.index import SLIDE_SUFFIXES
 
     key, demo = _key()
-    report = {"deidentified": 0, "quarantined": []}
-    for obj in storage.list_objects(args.src):
-        if obj.relpath.lower().endswith(SLIDE_SUFFIXES):
-            report["quarantined"].append({"reason": "slide_cli_unsupported", "sha256": storage.sha256_of(obj.uri)})
-            continue
-        data = storage.read_bytes(obj.uri)
-        try:
-            out, info = deidentify_bytes(data, key, demo=demo)
-        except BadInput as exc:
-            storage.quarantine(data, args.dst, specialty="cli", reason=exc.reason, message=exc.message,
-                               stage="deidentify", source_uri=obj.uri)
-            report["quarantined"].append({"reason": exc.reason, "sha256": storage.sha256_bytes(data)})
-            continue
-        storage.write_bytes(storage.join(args.dst, "anonymized", info["pseudo_patient"], info["pseudo_study"],
-                                         info["series_uid"], info["sop_uid"] + ".dcm"), out)
-        report["deidentified"] += 1
+    report = {"deidentified": 0, "quarantined": [], "demo_key": demo}
+    with tempfile.TemporaryDirectory(prefix="deid-cli-") as tmp:
+        for n, obj in enumerate(storage.list_objects(args.src)):
+            name = obj.relpath.lower()
+            data = storage.read_bytes(obj.uri)
+            try:
+                if name.endswith(SLIDE_SUFFIXES) or name.endswith((".nii", ".nii.gz")):
+                    gz = ".gz" if name.endswith(".gz") else ""
+                    src = Path(tmp) / f"in-{n}{'.nii' + gz if '.nii' in name else Path(name).suffix}"
+                    src.write_bytes(data)
+                    dst = Path(tmp) / f"out-{n}{src.name[src.name.index('.'):]}"
+                    if ".nii" in name:
+                        deidentify_nifti(src, dst)
+                        target = storage.join(args.dst, "nifti", pseudo_id(key, storage.sha256_bytes(data), "study")
+                                              + ".nii" + gz)
+                    else:
+                        info = deidentify_svs(src, dst, key)
+                        target = storage.join(args.dst, "slides", info["pseudo_patient"], info["pseudo_study"],
+                                              "slide.svs")
+                    storage.write_bytes(target, dst.read_bytes())
+                else:
+                    out, info = deidentify_bytes(data, key, demo=demo)
+                    storage.write_bytes(storage.join(args.dst, "anonymized", info["pseudo_patient"],
+                                                     info["pseudo_study"], info["series_uid"],
+                                                     info["sop_uid"] + ".dcm"), out)
+            except BadInput as exc:
+                storage.quarantine(data, args.dst, specialty="cli", reason=exc.reason, message=exc.message,
+                                   stage="deidentify", source_uri=obj.uri)
+                report["quarantined"].append({"reason": exc.reason, "sha256": storage.sha256_bytes(data)})
+                continue
+            report["deidentified"] += 1
     storage.write_json(storage.join(args.dst, "deidentify-report.json"), report)
-    print(f"de-identified {report['deidentified']} file(s), quarantined {len(report['quarantined'])}")
+    print(f"de-identified {report['deidentified']} file(s), quarantined {len(report['quarantined'])}"
+          f"{' (DEMO key)' if demo else ''}; report: {storage.join(args.dst, 'deidentify-report.json')}")
     return 0
 
 
@@ -126,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default="cli")
     p.set_defaults(func=_run)
 
-    p = sub.add_parser("deidentify", help="de-identify every DICOM file under SRC into DST")
+    p = sub.add_parser("deidentify", help="de-identify every DICOM file, slide and NIfTI under SRC into DST")
     p.add_argument("src")
     p.add_argument("dst")
     p.set_defaults(func=_deidentify)
