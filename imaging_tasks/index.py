@@ -120,7 +120,7 @@ def _index_slides(objects: list[storage.ObjectInfo], *, key: bytes, quarantine: 
             continue
         digest = storage.sha256_of(obj.uri)
         entry = StudyEntry(specialty="pathology", study=pseudo_id(key, digest, "study"),
-                           patient=pseudo_id(key, digest, "patient"), files=[_file_row(obj)],
+                           patient=pseudo_id(key, digest, "patient"), files=[{**_file_row(obj), "sha256": digest}],
                            modalities={"SM": 1}, newest=obj.modified.isoformat() if obj.modified else None)
         studies.append(entry)
     return IndexResult(studies=sorted(studies, key=lambda e: e.study), quarantined=quarantined, waiting=[])

@@ -208,7 +208,8 @@ def _deidentify_slides(files: list[dict], dest, lake: Lake, *, key: bytes) -> tu
             uri = storage.join(dest, "slide.svs")
             sha = storage.write_bytes(uri, out)
             instances.append({"uri": str(uri), "sha256": sha, "bytes": len(out),
-                              "source_sha256": storage.sha256_of(src), "study_uid": None, "series_uid": None,
+                              "source_sha256": f.get("sha256") or storage.sha256_of(src),  # hashed at index
+                              "study_uid": None, "series_uid": None,
                               "sop_uid": f"slide-{sha[:16]}", "modality": "SM", "sop_class_uid": None,
                               "header": {k: v for k, v in info.items() if k in ("mpp", "removed", "dimensions")}})
     return instances, quarantined

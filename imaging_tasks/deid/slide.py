@@ -15,7 +15,6 @@ Anything not on an allow-list goes, so a field a vendor adds later is removed, n
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import struct
@@ -25,6 +24,7 @@ from pathlib import Path
 import tifffile
 
 from imaging_tasks.errors import BadInput
+from imaging_tasks.storage import sha256_of
 
 from .pseudonym import pseudo_id
 
@@ -64,14 +64,6 @@ class _Page:
     bytecounts: tuple[int, ...]
     description: str | None
     fields: dict[str, str] = field(default_factory=dict)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(_COPY_BLOCK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _aperio_fields(desc: str) -> dict[str, str]:
@@ -285,7 +277,7 @@ def deidentify_svs(src: Path, dst: Path, key: bytes) -> dict:
     _check_file(src)
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError("dst must differ from src: the source is needed while the copy is written")
-    digest = _sha256(src)
+    digest = sha256_of(src)
     removed: list[str] = []
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:

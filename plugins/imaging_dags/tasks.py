@@ -95,9 +95,8 @@ def index_studies(specialty: str, arrived: dict | None = None) -> list[dict]:
               "already_done": len(summary["skipped_done"]), "waiting": len(summary["waiting"]),
               "quarantined": summary["quarantined"]}
     ctx["ti"].xcom_push(key="summary", value=counts)
-    print(f"index {specialty}: {summary['objects']} object(s) -> {len(summary['studies'])} stud(ies) to process, "
-          f"{len(summary['skipped_done'])} already done, {len(summary['waiting'])} waiting, "
-          f"{summary['quarantined']} quarantined")
+    print(f"index {specialty}: {counts['objects']} object(s) -> {counts['to_process']} stud(ies) to process, "
+          f"{counts['already_done']} already done, {counts['waiting']} waiting, {counts['quarantined']} quarantined")
     return summary["studies"]
 
 
