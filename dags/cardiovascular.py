@@ -1,11 +1,12 @@
 """Cardiovascular: CT calcium scoring: Agatston, volume and mass scores with a per-lesion table.
 
-landing bucket -> index (headers only) -> de-identify (PS3.15) -> cardiovascular processing (GPU queue) -> warehouse.
+landing bucket -> index (headers only) -> de-identify (PS3.15) -> PHI audit
+-> cardiovascular processing (GPU queue) -> warehouse.
 """
 import pendulum
 from airflow.sdk import dag
 
-from imaging_dags import (SPECIALTY_DEFAULTS, deidentify, index_studies, landing_sensor, load_metadata,
+from imaging_dags import (SPECIALTY_DEFAULTS, audit_phi, deidentify, index_studies, landing_sensor, load_metadata,
                           pipeline_params, process_study, schedule)
 
 SPECIALTY = "cardiovascular"
@@ -18,7 +19,8 @@ def cardiovascular():
     arrived = landing_sensor(SPECIALTY)
     studies = index_studies(SPECIALTY, arrived.output)
     clean = deidentify.partial(specialty=SPECIALTY).expand(study=studies)
-    processed = process_study.partial(specialty=SPECIALTY).expand(study=clean)
+    audited = audit_phi.partial(specialty=SPECIALTY).expand(study=clean)   # fail closed
+    processed = process_study.partial(specialty=SPECIALTY).expand(study=audited)
     load_metadata(SPECIALTY, processed)
 
 

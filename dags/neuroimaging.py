@@ -1,12 +1,12 @@
 """Neuroimaging: T1 MRI (and PET) sessions — N4 bias correction, brain extraction, brain/intracranial volume.
 
-landing bucket -> index (a session is ready with MR+PET, or MR alone after a wait) -> de-identify (PS3.15)
+landing bucket -> index (a session is ready with MR+PET, or MR alone after a wait) -> de-identify (PS3.15) -> PHI audit
 -> N4 + brain extraction (GPU queue) -> warehouse.
 """
 import pendulum
 from airflow.sdk import Param, dag
 
-from imaging_dags import (SPECIALTY_DEFAULTS, deidentify, index_studies, landing_sensor, load_metadata,
+from imaging_dags import (SPECIALTY_DEFAULTS, audit_phi, deidentify, index_studies, landing_sensor, load_metadata,
                           pipeline_params, process_study, schedule)
 
 SPECIALTY = "neuroimaging"
@@ -20,7 +20,8 @@ def neuroimaging():
     arrived = landing_sensor(SPECIALTY)
     sessions = index_studies(SPECIALTY, arrived.output)
     clean = deidentify.partial(specialty=SPECIALTY).expand(study=sessions)
-    processed = process_study.partial(specialty=SPECIALTY).expand(study=clean)
+    audited = audit_phi.partial(specialty=SPECIALTY).expand(study=clean)   # fail closed
+    processed = process_study.partial(specialty=SPECIALTY).expand(study=audited)
     load_metadata(SPECIALTY, processed)
 
 

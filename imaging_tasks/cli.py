@@ -3,7 +3,7 @@
     imaging-tasks synth --specialty all --out data/landing --studies 2 --seed 0 [--bad-inputs]
     imaging-tasks run cardiovascular --landing data/landing/cardiovascular --lake data/lake \
         --warehouse data/warehouse.duckdb
-    imaging-tasks deidentify SRC DST
+    imaging-tasks deidentify SRC DST [--option retain-device-identity ...] [--quarantine Q]
     imaging-tasks process cardiovascular FILE... --out DIR
 """
 from __future__ import annotations
@@ -31,12 +31,18 @@ def _synth(args) -> int:
     return 0
 
 
-def _key():
-    from imaging_tasks.deid.keys import load_key
+def _key(args):
+    """The de-identification key, or a clear refusal (exit status 2) when none is configured."""
+    from imaging_tasks.deid.keys import MissingKey, load_key
 
-    key, demo = load_key()
+    try:
+        key, demo = load_key(allow_demo=True if getattr(args, "demo_key", False) else None)
+    except MissingKey as exc:
+        print(f"imaging-tasks: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     if demo:
-        print("warning: IMAGING_DEID_KEY is not set; using the DEMO key (outputs are marked DEMO)", file=sys.stderr)
+        print("warning: using the public DEMO key (outputs are marked DEMO KEY); never use it on patient data",
+              file=sys.stderr)
     return key, demo
 
 
@@ -45,7 +51,7 @@ def _run(args) -> int:
     from imaging_tasks import pipeline
     from imaging_tasks.warehouse import DuckDBWarehouse
 
-    key, demo = _key()
+    key, demo = _key(args)
     lake = pipeline.Lake(args.lake, args.specialty)
     run = pipeline.RunContext(run_id=args.run_id)
     summary = pipeline.index_landing(args.landing, lake, key=key, reprocess=args.reprocess)
@@ -64,53 +70,35 @@ def _run(args) -> int:
     return 0
 
 
+# CLI spelling -> DeidOptions field; "no-modified-dates" turns the default date option off.
+OPTION_FLAGS = {
+    "retain-patient-characteristics": "retain_patient_characteristics",
+    "retain-device-identity": "retain_device_identity",
+    "retain-institution-identity": "retain_institution_identity",
+    "clean-descriptors": "clean_descriptors",
+    "retain-safe-private": "retain_safe_private",
+    "retain-uids": "retain_uids",
+    "no-modified-dates": "retain_modified_dates",
+}
+
+
 def _deidentify(args) -> int:
-    """De-identify every DICOM file, slide and NIfTI under SRC into DST; bad files go to DST/quarantine."""
-    import tempfile
-
+    """De-identify every DICOM file, slide and NIfTI under SRC into DST (see imaging_tasks.deid.tree)."""
     from imaging_tasks import storage
-    from imaging_tasks.deid.dicom import deidentify_bytes
-    from imaging_tasks.deid.nifti import deidentify_nifti
-    from imaging_tasks.deid.pseudonym import pseudo_id
-    from imaging_tasks.deid.slide import deidentify_svs
-    from imaging_tasks.errors import BadInput
-    from imaging_tasks.index import SLIDE_SUFFIXES
+    from imaging_tasks.deid.dicom import DeidOptions
+    from imaging_tasks.deid.tree import REPORT_NAME, deidentify_tree
 
-    key, demo = _key()
-    report = {"deidentified": 0, "quarantined": [], "demo_key": demo}
-    with tempfile.TemporaryDirectory(prefix="deid-cli-") as tmp:
-        for n, obj in enumerate(storage.list_objects(args.src)):
-            name = obj.relpath.lower()
-            data = storage.read_bytes(obj.uri)
-            try:
-                if name.endswith(SLIDE_SUFFIXES) or name.endswith((".nii", ".nii.gz")):
-                    gz = ".gz" if name.endswith(".gz") else ""
-                    src = Path(tmp) / f"in-{n}{'.nii' + gz if '.nii' in name else Path(name).suffix}"
-                    src.write_bytes(data)
-                    dst = Path(tmp) / f"out-{n}{src.name[src.name.index('.'):]}"
-                    if ".nii" in name:
-                        deidentify_nifti(src, dst)
-                        target = storage.join(args.dst, "nifti", pseudo_id(key, storage.sha256_bytes(data), "study")
-                                              + ".nii" + gz)
-                    else:
-                        info = deidentify_svs(src, dst, key)
-                        target = storage.join(args.dst, "slides", info["pseudo_patient"], info["pseudo_study"],
-                                              "slide.svs")
-                    storage.write_bytes(target, dst.read_bytes())
-                else:
-                    out, info = deidentify_bytes(data, key, demo=demo)
-                    storage.write_bytes(storage.join(args.dst, "anonymized", info["pseudo_patient"],
-                                                     info["pseudo_study"], info["series_uid"],
-                                                     info["sop_uid"] + ".dcm"), out)
-            except BadInput as exc:
-                storage.quarantine(data, args.dst, specialty="cli", reason=exc.reason, message=exc.message,
-                                   stage="deidentify", source_uri=obj.uri)
-                report["quarantined"].append({"reason": exc.reason, "sha256": storage.sha256_bytes(data)})
-                continue
-            report["deidentified"] += 1
-    storage.write_json(storage.join(args.dst, "deidentify-report.json"), report)
-    print(f"de-identified {report['deidentified']} file(s), quarantined {len(report['quarantined'])}"
-          f"{' (DEMO key)' if demo else ''}; report: {storage.join(args.dst, 'deidentify-report.json')}")
+    key, demo = _key(args)
+    if not storage.as_path(args.src).exists():
+        print(f"imaging-tasks: SRC {args.src} does not exist (a folder or bucket URI is expected)", file=sys.stderr)
+        return 2
+    chosen = {OPTION_FLAGS[o]: o != "no-modified-dates" for o in args.option}
+    report = deidentify_tree(args.src, args.dst, key=key, demo=demo, options=DeidOptions(**chosen),
+                             quarantine=args.quarantine)
+    kinds = ", ".join(f"{n} {k}" for k, n in report["by_kind"].items() if n)
+    print(f"de-identified {report['deidentified']} file(s) ({kinds or 'none'}), quarantined "
+          f"{len(report['quarantined'])} to {report['quarantine']} in {report['seconds']:.1f} s"
+          f"{' (DEMO key)' if demo else ''}; report: {storage.join(args.dst, REPORT_NAME)}")
     return 0
 
 
@@ -145,11 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warehouse", required=True, help="DuckDB file")
     p.add_argument("--reprocess", action="store_true")
     p.add_argument("--run-id", default="cli")
+    p.add_argument("--demo-key", action="store_true", help="use the public demo key (synthetic data only)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("deidentify", help="de-identify every DICOM file, slide and NIfTI under SRC into DST")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", help="folder or bucket URI (file://, s3://, gs://) holding the raw files")
+    p.add_argument("dst", help="folder or bucket URI for the de-identified tree and deidentify-report.json")
+    p.add_argument("--option", action="append", default=[], choices=sorted(OPTION_FLAGS),
+                   help="PS3.15 option (repeatable); default: basic profile + retain modified dates")
+    p.add_argument("--quarantine", default=None, help="where refused inputs go (default: DST-quarantine)")
+    p.add_argument("--demo-key", action="store_true", help="use the public demo key (synthetic data only)")
     p.set_defaults(func=_deidentify)
 
     p = sub.add_parser("process", help="run one specialty's algorithm on already de-identified local files")

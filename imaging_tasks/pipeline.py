@@ -215,6 +215,38 @@ def _deidentify_slides(files: list[dict], dest, lake: Lake, *, key: bytes) -> tu
     return instances, quarantined
 
 
+# --------------------------------------------------------------------------- PHI audit
+def _input_values(study: dict, lake: Lake) -> dict[str, set[str]]:
+    from imaging_tasks.phi_audit import merge, values_of_input
+
+    manifest = storage.read_json(study.get("manifest") or lake.work("studies", f"{study['study']}.json"))
+    return merge(*(values_of_input(f["uri"]) for f in manifest["files"]))
+
+
+def _files_under(root) -> list[str]:
+    root = storage.as_path(root)
+    return [o.uri for o in storage.list_objects(root)] + \
+        [str(storage.join(root, n)) for n in (DEID_MANIFEST, storage.MANIFEST) if storage.join(root, n).exists()]
+
+
+def audit_study(study: dict, lake: Lake, *, payloads: list[tuple[str, Any]] = (), derived: bool = False) -> dict:
+    """Prove that no identifying value of the study's raw inputs survives in what was made from them.
+
+    Independent of the de-identifier: values are re-read from the raw inputs, and the outputs are read
+    back from the lake (what was actually written), together with ``payloads`` (XComs, warehouse rows).
+    Raises ``phi_audit.PHILeak`` (naming attributes, never values): the caller must fail closed.
+    """
+    from imaging_tasks.phi_audit import audit
+
+    values = _input_values(study, lake)
+    files = _files_under(lake.anonymized(study["patient"], study["study"]))
+    if derived:
+        files += _files_under(lake.derived(study["patient"], study["study"]))
+    report = audit(values, files=files, payloads=[("XCom", study), *payloads])
+    log.info("PHI audit passed", extra={"specialty": lake.specialty, "study": study["study"], **report})
+    return {"study": study["study"], **report}
+
+
 # --------------------------------------------------------------------------- processing
 def process_study(study: dict, lake: Lake, *, device: str | None = None, options: dict | None = None,
                   run: RunContext = RunContext()) -> dict:
@@ -408,6 +440,10 @@ def warehouse_rows(processed: list[dict], lake: Lake, *, run: RunContext) -> dic
 def load(processed: list[dict], lake: Lake, warehouse, *, run: RunContext = RunContext()) -> dict[str, int]:
     """Upsert everything this run produced; per-study tables are replaced whole so no stale rows remain."""
     rows = warehouse_rows(processed, lake, run=run)
+    for item in processed:  # fail closed: nothing is loaded if any study's rows or outputs carry PHI
+        if item and item.get("status") == "ok":
+            mine = {t: [r for r in rs if r.get("study_id") == item["study"]] for t, rs in rows.items()}
+            audit_study(item, lake, payloads=[("warehouse rows", mine)], derived=True)
     scoped = {"series", "instances", "results", "findings"}
     counts = {}
     for table, table_rows in rows.items():

@@ -27,6 +27,7 @@ os.environ.update({
     "IMAGING_DEVICE": "auto",
 })
 os.environ.pop("IMAGING_DEID_KEY", None)
+os.environ["IMAGING_DEID_DEMO"] = "1"  # synthetic data only; tests of the refusal unset it
 for p in (str(REPO / "plugins"), str(REPO)):
     if p not in sys.path:
         sys.path.insert(0, p)

@@ -22,6 +22,7 @@ from pydicom.sequence import Sequence
 
 from imaging_tasks.deid import (DEMO_KEY, DeidOptions, date_shift_days, deidentify_bytes, deidentify_dataset,
                                 deidentify_svs, load_key, pseudo_id, uid_for)
+from imaging_tasks.deid.keys import MissingKey
 from imaging_tasks.errors import BadInput
 from imaging_tasks.synth import phi
 
@@ -457,10 +458,17 @@ def test_pydicom_test_files_never_crash():
 
 def test_keys_and_pseudonyms(monkeypatch):
     monkeypatch.delenv("IMAGING_DEID_KEY", raising=False)
+    monkeypatch.delenv("IMAGING_DEID_DEMO", raising=False)
+    with pytest.raises(MissingKey, match="imaging_deid.*IMAGING_DEID_KEY"):
+        load_key()  # no key and no explicit demo: refuse
+    assert load_key(allow_demo=True) == (DEMO_KEY, True)
+    monkeypatch.setenv("IMAGING_DEID_DEMO", "1")
     assert load_key() == (DEMO_KEY, True)
-    monkeypatch.setenv("IMAGING_DEID_KEY", "from-env\n")
-    assert load_key() == (b"from-env", False)
-    assert load_key(value="explicit") == (b"explicit", False)
+    monkeypatch.setenv("IMAGING_DEID_KEY", "from-env-0123456789abcdef\n")
+    assert load_key() == (b"from-env-0123456789abcdef", False)  # a real key always wins over the demo flag
+    assert load_key(value="explicit-0123456789abcdef") == (b"explicit-0123456789abcdef", False)
+    with pytest.raises(MissingKey, match="at least 16"):
+        load_key(value="short")
     assert uid_for(KEY, "1.2.3") == uid_for(KEY, "1.2.3\0") != uid_for(KEY2, "1.2.3")
     assert date_shift_days(KEY, "MRN1") == date_shift_days(KEY, "MRN1")
     ids = {pseudo_id(KEY, f"MRN{i}", "patient") for i in range(200)}

@@ -59,6 +59,9 @@ def summarize(dag_id: str, run, seconds: float, warehouse: Path) -> dict:
 def main() -> int:
     from airflow.dag_processing.dagbag import DagBag
 
+    if not os.environ.get("IMAGING_DEID_KEY"):
+        os.environ["IMAGING_DEID_DEMO"] = "1"  # synthetic data: the public demo key, outputs marked DEMO
+        print("demo: IMAGING_DEID_KEY is not set; de-identifying the synthetic data with the public DEMO key")
     data = Path(os.environ.get("IMAGING_DATA_DIR", REPO / "data"))
     synthesize(data / "landing", studies=int(os.environ.get("DEMO_STUDIES", "2")), seed=0)
     bag = DagBag(dag_folder=str(REPO / "dags"))

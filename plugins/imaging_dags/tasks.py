@@ -111,6 +111,29 @@ def deidentify(specialty: str, study: dict) -> dict:
         return deidentify_study(study, _lake(specialty), key=key, demo=demo, run=_run())
 
 
+@task(max_active_tis_per_dagrun=4)
+def audit_phi(specialty: str, study: dict) -> dict:
+    """Independent, fail-closed PHI audit of a de-identified study: the raw inputs' identifying values are
+    re-read and searched for in every byte written to the lake and in the XCom; returns the study unchanged.
+
+    A leak fails the task without retries (the result would not change) and nothing downstream runs on it.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from imaging_tasks.phi_audit import PHILeak
+    from imaging_tasks.pipeline import audit_study
+
+    if study.get("status") != "ok":
+        return study
+    try:
+        report = audit_study(study, _lake(specialty))
+    except PHILeak as exc:  # names attributes, never values
+        raise AirflowFailException(f"{specialty} study {study['study']}: {exc}") from None
+    print(f"PHI audit {specialty} {study['study']}: {report['values']} identifying value(s) absent from "
+          f"{report['files']} file(s), {report['bytes']} bytes, {report['payloads']} payload(s)")
+    return study
+
+
 def gpu_task(**kwargs):
     """A task routed to the GPU queue and pool (CPU fallback inside the step when no CUDA)."""
     return task(queue=GPU_QUEUE, pool=GPU_POOL, **kwargs)
@@ -174,7 +197,14 @@ def load_metadata(specialty: str, processed):
 
         settings = for_specialty(specialty)
         hook = WarehouseHook(settings.warehouse_uri, Variable.get("imaging_gcp_conn_id", default="google_cloud_default"))
-        counts = load(list(processed or []), settings.lake, hook.get_conn(), run=_run())
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from imaging_tasks.phi_audit import PHILeak
+
+        try:  # load audits every study's derived files, rows and XCom before writing anything
+            counts = load(list(processed or []), settings.lake, hook.get_conn(), run=_run())
+        except PHILeak as exc:
+            raise AirflowFailException(f"{specialty}: {exc}") from None
         print(f"loaded {specialty}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
         return counts
 
