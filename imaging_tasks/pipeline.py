@@ -197,7 +197,7 @@ def _deidentify_slides(files: list[dict], dest, lake: Lake, *, key: bytes) -> tu
             dst = Path(tmp) / f"out-{i}.svs"
             try:
                 description = read_description(src)
-                info = deidentify_svs(src, dst, key)
+                info = deidentify_svs(src, dst, key, digest=f.get("sha256"))
             except BadInput as exc:
                 _quarantine(lake, src.read_bytes(), exc, stage="deidentify", source_uri=f["uri"],
                             suffix=src.suffix)

@@ -75,6 +75,18 @@ def _aperio_fields(desc: str) -> dict[str, str]:
     return out
 
 
+def slide_pseudonyms(key: bytes, digest: str, description: str | None) -> tuple[str, str]:
+    """``(study, patient)`` pseudonyms of a slide, the one rule used by the index and the de-identifier.
+
+    The study is the file (its SHA-256); the patient is the slide's barcode or Aperio Filename when the
+    scanner recorded one (so a case's slides group together), else the file too.
+    """
+    lower = {k.lower(): v for k, v in _aperio_fields(description or "").items()}
+    patient_source = next((v for k, v in lower.items() if "barcode" in k and v), None) \
+        or lower.get("filename") or digest
+    return pseudo_id(key, digest, "study"), pseudo_id(key, patient_source, "patient")
+
+
 def associated_kind(desc: str | None) -> str | None:
     """'label' or 'macro' when a page description names an associated image of that kind."""
     if not desc:
@@ -266,24 +278,24 @@ def _mpp(pages: list[_Page], tif_page0) -> float | None:
     return None
 
 
-def deidentify_svs(src: Path, dst: Path, key: bytes) -> dict:
+def deidentify_svs(src: Path, dst: Path, key: bytes, *, digest: str | None = None) -> dict:
     """Write a de-identified copy of the slide ``src`` to ``dst``; returns what was done.
 
     Returns ``{"pseudo_study", "pseudo_patient", "removed": [what was dropped, no values], "mpp",
     "dimensions": [width, height] of level 0, "pages": kept page count, "vendor": "aperio" | "generic"}``.  Raises BadInput("unreadable_slide") for
-    files that are not readable TIFF.
+    files that are not readable TIFF.  ``digest``: the source's SHA-256 when the caller already has it.
     """
     src, dst = Path(src), Path(dst)
     _check_file(src)
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError("dst must differ from src: the source is needed while the copy is written")
-    digest = sha256_of(src)
+    digest = digest or sha256_of(src)
     removed: list[str] = []
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
         with tifffile.TiffFile(src) as tif:
             pages = _plan(tif, removed)
-            fields = pages[0].fields
+            original_description = tif.pages[0].description or ""
             mpp = _mpp(pages, tif.pages[0])
             dimensions = [int(tif.pages[0].imagewidth), int(tif.pages[0].imagelength)]
             payload = sum(sum(p.bytecounts) for p in pages)
@@ -322,12 +334,10 @@ def deidentify_svs(src: Path, dst: Path, key: bytes) -> dict:
         raise BadInput("unreadable_slide", f"not a readable TIFF/SVS slide ({type(exc).__name__}); "
                        "check the file is a complete whole-slide image") from None
 
-    lower = {k.lower(): v for k, v in fields.items()}
-    patient_source = next((v for k, v in lower.items() if "barcode" in k and v), None) \
-        or lower.get("filename") or digest
+    pseudo_study, pseudo_patient = slide_pseudonyms(key, digest, original_description)
     return {
-        "pseudo_study": pseudo_id(key, digest, "study"),
-        "pseudo_patient": pseudo_id(key, patient_source, "patient"),
+        "pseudo_study": pseudo_study,
+        "pseudo_patient": pseudo_patient,
         "removed": removed,
         "mpp": mpp,
         "dimensions": dimensions,
@@ -336,5 +346,5 @@ def deidentify_svs(src: Path, dst: Path, key: bytes) -> dict:
     }
 
 
-__all__ = ["deidentify_svs", "read_description", "scrub_description", "associated_kind", "KEPT_TAGS",
+__all__ = ["deidentify_svs", "slide_pseudonyms", "read_description", "scrub_description", "associated_kind", "KEPT_TAGS",
            "TECHNICAL_FIELDS"]
