@@ -64,7 +64,7 @@ def to_bytes(ds) -> bytes:
 
 
 def read(data: bytes):
-    return pydicom.dcmread(io.BytesIO(data))
+    return pydicom.dcmread(io.BytesIO(data), force=True)  # force: a few pydicom test files have no preamble
 
 
 def shifted(date: str, days: int) -> str:
@@ -448,10 +448,12 @@ def test_pydicom_test_files_never_crash():
         if "PixelData" in src and not src.file_meta.TransferSyntaxUID.is_encapsulated:
             assert np.array_equal(src.pixel_array, ds.pixel_array), path
         json.dumps(info)
-    assert done >= 60, (done, reasons)
+    assert done >= 55, (done, reasons)
     assert set(reasons) <= {"not_dicom", "missing_attribute", "truncated_pixels", "burned_in_annotation",
-                            "unreadable_dicom"}, reasons
+                            "unreadable_dicom", "truncated_file", "missing_pixels"}, reasons
     assert reasons.get("truncated_pixels", 0) >= 1 and reasons.get("burned_in_annotation", 0) >= 10
+    assert reasons.get("truncated_file", 0) >= 1  # rtplan_truncated.dcm: cut inside a sequence
+    assert reasons.get("missing_pixels", 0) >= 40  # the DICOMDIR set's CT instances, stored without pixels
 
 
 # ----------------------------------------------------------------------------------------- keys

@@ -151,7 +151,7 @@ def test_huge_private_block_is_dropped():
     assert len(out) < 64 * 1024
 
 
-@pytest.mark.parametrize("cut", [0.05, 0.3, 0.6, 0.97])
+@pytest.mark.parametrize("cut", [0.05, 0.3, 0.6, 0.97, *np.linspace(0.06, 0.99, 40).round(3)])
 def test_truncated_anywhere_is_refused_not_passed_on(cut):
     """Cut through the meta group, the patient module, a sequence or the pixels: refused with a reason."""
     ds, study = _ct(7)
@@ -159,7 +159,8 @@ def test_truncated_anywhere_is_refused_not_passed_on(cut):
     data = raw[: int(len(raw) * cut)]
     with pytest.raises(BadInput) as err:
         deidentify_bytes(data, KEY)
-    assert err.value.reason in {"unreadable_dicom", "truncated_pixels", "missing_attribute", "not_dicom"}
+    assert err.value.reason in {"unreadable_dicom", "truncated_file", "truncated_pixels", "missing_pixels",
+                                "missing_attribute", "not_dicom"}
     assert study.patient.name not in err.value.message
 
 
@@ -183,7 +184,7 @@ def test_a_folder_of_bad_inputs_goes_on_and_loses_nothing(tmp_path):
     report = deidentify_tree(src.as_uri(), dst.as_uri(), key=KEY, demo=False)
     reasons = sorted(q["reason"] for q in report["quarantined"])
     assert report["deidentified"] == 2
-    assert reasons == sorted(["empty_file", "not_dicom", "truncated_pixels", "burned_in_annotation"])
+    assert reasons == sorted(["empty_file", "not_dicom", "truncated_file", "burned_in_annotation"])
     assert sum(1 for p in dst.rglob("*.dcm")) == 2
     assert not list(dst.rglob("*.tmp*"))  # no half-written output
     assert len(list((tmp_path / "dst-quarantine").rglob("reason.json"))) == 4

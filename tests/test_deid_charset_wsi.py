@@ -53,10 +53,13 @@ CHARSET_FILES = sorted(f for f in get_charset_files() if f.endswith(".dcm"))
                          ids=["basic", "clean-descriptors"])
 def test_pydicom_charset_files(path, options):
     src = pydicom.dcmread(path)
-    # These are secondary-capture files, refused for burned-in text; the subject here is text encoding,
-    # so relabel them as CT (the header text, in the file's own character set, is left as it is).
-    src.SOPClassUID = src.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    src.Modality = "CT"
+    # These are secondary-capture headers without pixels, refused for burned-in text; the subject here is
+    # text encoding, so relabel them as Raw Data (the header text, in its own character set, is untouched).
+    src.SOPClassUID = src.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66"
+    src.Modality = "OT"
+    for kw in ("Rows", "Columns"):
+        if kw in src and "PixelData" not in src:
+            del src[kw]
     for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         if not src.get(kw):
             setattr(src, kw, generate_uid())
@@ -77,7 +80,7 @@ def _latin1_dataset() -> Dataset:
     ds.StudyDescription = "Kontrolle Müller Jürgen 12.03.2024"
     ds.SeriesDescription = "Thorax Übersicht"
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
-    ds.Modality, ds.SOPClassUID = "CT", "1.2.840.10008.5.1.4.1.1.2"
+    ds.Modality, ds.SOPClassUID = "OT", "1.2.840.10008.5.1.4.1.1.66"  # Raw Data: a header without pixels
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds

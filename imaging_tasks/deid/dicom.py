@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import functools
 import io
 import re
 from dataclasses import dataclass, fields
@@ -57,7 +58,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, RLELossless)
 
-from imaging_tasks.dicom_io import read_header
+from imaging_tasks.dicom_io import check_required, parse
 from imaging_tasks.errors import BadInput
 
 from . import profile
@@ -252,6 +253,7 @@ def _method_code_item(code: tuple[str, str]) -> Dataset:
     return item
 
 
+@functools.lru_cache(maxsize=4096)
 def _known_tag(tag: int) -> bool:
     try:
         get_entry(tag)
@@ -301,6 +303,39 @@ def _collect_identifiers(ds: Dataset) -> list[str]:
 
 # ----------------------------------------------------------------------------------------- walker
 
+def _resolve(tag: int, code: str) -> str:
+    """Reduce a combined code to one action (see module docstring)."""
+    if code in ("X", "Z", "D", "K", "C", "U"):
+        return code
+    if code == "X/Z/U*":
+        return "U*"
+    iod_type = _IOD_TYPE.get(tag, "3")
+    if iod_type == "1" and "D" in code:
+        return "D"
+    if iod_type in ("1", "2") and "Z" in code:
+        return "Z"
+    return "X" if "X" in code else "Z"
+
+
+@functools.lru_cache(maxsize=8192)
+def _code_for(tag: int, vr: str, columns: frozenset[str], retain_modified_dates: bool
+              ) -> tuple[str, profile.Row | None]:
+    """Action for an attribute under the enabled option columns, and its table row (None if unlisted).
+
+    Pure in its arguments, so cached: a walk asks this once per element of every file.
+    """
+    row = profile.by_tag().get(tag)
+    if row is None:
+        if tag in _EXTRA_CODES:
+            return _EXTRA_CODES[tag], None
+        if vr == "PN":
+            return "X", None
+        if vr in ("DA", "DT"):
+            return ("C" if retain_modified_dates else "X"), None
+        return "K", None
+    return _resolve(tag, row.code(columns)), row
+
+
 class _Deidentifier:
     def __init__(self, key: bytes, options: DeidOptions, ds: Dataset):
         self.key = key
@@ -317,30 +352,9 @@ class _Deidentifier:
 
     # --- resolution of action codes
     def code_for(self, tag: int, vr: str) -> tuple[str, profile.Row | None]:
-        row = profile.by_tag().get(tag)
-        if row is None:
-            if tag in _EXTRA_CODES:
-                return _EXTRA_CODES[tag], None
-            if vr == "PN":
-                return "X", None
-            if vr in ("DA", "DT"):
-                return ("C" if self.options.retain_modified_dates else "X"), None
-            return "K", None
-        return self.resolve(tag, row.code(self.columns)), row
+        return _code_for(tag, vr, self.columns, self.options.retain_modified_dates)
 
-    @staticmethod
-    def resolve(tag: int, code: str) -> str:
-        """Reduce a combined code to one action (see module docstring)."""
-        if code in ("X", "Z", "D", "K", "C", "U"):
-            return code
-        if code == "X/Z/U*":
-            return "U*"
-        iod_type = _IOD_TYPE.get(tag, "3")
-        if iod_type == "1" and "D" in code:
-            return "D"
-        if iod_type in ("1", "2") and "Z" in code:
-            return "Z"
-        return "X" if "X" in code else "Z"
+    resolve = staticmethod(_resolve)
 
     # --- walk
     def walk(self, ds: Dataset, depth: int = 0) -> None:
@@ -370,7 +384,7 @@ class _Deidentifier:
                 else:  # nested: the item's own patient (its PatientID is still the original here)
                     v = str(ds.get("PatientID", "") or "").strip()
                     elem.value = pseudo_id(self.key, v, "patient") if v else ""
-            elif profile.pattern_for(tag) is not None or group & 0xFF00 == 0x6000:
+            elif group & 0xFF00 in (0x5000, 0x6000):  # group is even here: profile.pattern_for's rows
                 del ds[tag]  # curve group, overlay group (see module docstring)
             elif not _known_tag(tag):
                 del ds[tag]  # a standard-group tag nobody can say is harmless
@@ -485,6 +499,36 @@ class _Deidentifier:
 
 # ----------------------------------------------------------------------------------------- checks
 
+# VL Whole Slide Microscopy: LABEL and OVERVIEW images are photographs of the slide label (names, MRNs,
+# barcodes); a VOLUME image may include the label too, which Specimen Label in Image says.
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+_WSI_LABEL_TYPES = {"LABEL", "OVERVIEW"}
+
+
+def _check_slide_label(ds: Dataset) -> None:
+    image_type = {str(v).strip().upper() for v in _values(ds["ImageType"])} if "ImageType" in ds else set()
+    label_in_image = str(ds.get("SpecimenLabelInImage", "") or "").strip().upper() == "YES"
+    is_wsi = str(ds.get("SOPClassUID", "") or "").strip() == WSI_SOP_CLASS
+    if is_wsi and image_type & _WSI_LABEL_TYPES:
+        why = f"a whole-slide {'/'.join(sorted(image_type & _WSI_LABEL_TYPES))} image (a photo of the slide label)"
+    elif label_in_image:
+        why = "an image whose header says the specimen label is in the pixels (SpecimenLabelInImage YES)"
+    else:
+        return
+    raise BadInput("slide_label_image", f"{why} is dropped: it carries the label's identifiers in its pixels. "
+                   "The slide's VOLUME instances are de-identified without it.")
+
+
+def _check_pixels_present(ds: Dataset) -> None:
+    """An image object without Pixel Data was cut at an element boundary (or exported without pixels)."""
+    if any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        return
+    sop_class = UID(str(ds.get("SOPClassUID", "") or "").strip())
+    if "Rows" in ds or sop_class.name.endswith("Image Storage"):
+        raise BadInput("missing_pixels", f"an image object ({sop_class.name}) without Pixel Data: the file was "
+                       "cut short or exported without pixels; re-send it")
+
+
 def _check_burned_in(ds: Dataset) -> None:
     flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
     modality = str(ds.get("Modality", "") or "").strip().upper()
@@ -576,6 +620,7 @@ def _clean_pixel_data(ds: Dataset, ts: UID) -> bool:
 # ----------------------------------------------------------------------------------------- public API
 
 def _deidentify_inplace(ds: Dataset, key: bytes, options: DeidOptions, demo: bool) -> dict:
+    _check_slide_label(ds)
     _check_burned_in(ds)
     ts = _transfer_syntax(ds)
     original_study = str(ds.get("StudyInstanceUID", "") or "").strip()
@@ -637,14 +682,18 @@ def deidentify_bytes(data: bytes, key: bytes, options: DeidOptions = DeidOptions
     sop_class_uid and ``header`` (non-PHI fields for a warehouse instances table).  The date shift is
     deliberately not returned: with it, anyone holding a shifted date could recover the real one.
     """
-    read_header(data)  # empty_file / not_dicom / unreadable_dicom / missing_attribute
+    # One parse of the whole file: empty_file / not_dicom / unreadable_dicom / truncated_* from parse,
+    # unreadable_dicom for values that do not decode, missing_attribute, then missing_pixels for an
+    # image object whose Pixel Data is missing (a file cut at an element boundary reads as complete).
+    ds = parse(data)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
         for _ in ds.iterall():  # decode every value now, so garbled input is refused here
             pass
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on garbled input
         raise BadInput("unreadable_dicom", f"DICOM data set could not be decoded ({type(exc).__name__}); "
                        "the file is likely truncated or corrupt, re-send it") from None
+    check_required(ds)
+    _check_pixels_present(ds)
     info = _deidentify_inplace(ds, key, options, demo)
     buf = io.BytesIO()
     try:
