@@ -162,21 +162,21 @@ def deidentify_study(study: dict, lake: Lake, *, key: bytes, demo: bool, options
 
 def _deidentify_dicoms(files: list[dict], dest, lake: Lake, *, key: bytes, demo: bool, options) -> tuple[list, int]:
     from imaging_tasks.deid.dicom import DeidOptions, deidentify_bytes
-    from imaging_tasks.dicom_io import read_full
-    from imaging_tasks.phi_audit import assert_no_leaks, dicom_identifying_values
+    from imaging_tasks.dicom_io import read_header
+    from imaging_tasks.phi_audit import assert_no_leaks, dicom_identifying_values, retained_by
 
     options = options or DeidOptions()
     instances, quarantined = [], 0
     for f in files:
         data = storage.read_bytes(f["uri"])
         try:
-            raw = read_full(data)  # truncated pixels are caught here, before anything is written
-            out, info = deidentify_bytes(data, key, options, demo=demo)
+            out, info = deidentify_bytes(data, key, options, demo=demo)  # refuses truncated/garbled files
+            values = dicom_identifying_values(read_header(data), retained_by(options))
         except BadInput as exc:
             _quarantine(lake, data, exc, stage="deidentify", source_uri=f["uri"], suffix=".dcm")
             quarantined += 1
             continue
-        assert_no_leaks(dicom_identifying_values(raw), out, f"study {info['pseudo_study']}")
+        assert_no_leaks(values, out, f"study {info['pseudo_study']}")
         uri = storage.join(dest, info["series_uid"], f"{info['sop_uid']}.dcm")
         sha = storage.write_bytes(uri, out)
         instances.append({"uri": str(uri), "sha256": sha, "bytes": len(out), "source_sha256": storage.sha256_bytes(data),
