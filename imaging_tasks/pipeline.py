@@ -445,9 +445,14 @@ def load(processed: list[dict], lake: Lake, warehouse, *, run: RunContext = RunC
             mine = {t: [r for r in rs if r.get("study_id") == item["study"]] for t, rs in rows.items()}
             audit_study(item, lake, payloads=[("warehouse rows", mine)], derived=True)
     scoped = {"series", "instances", "results", "findings"}
+    # every processed study's per-study rows are replaced, even where it now has none (e.g. no findings)
+    studies = [(lake.specialty, i["study"]) for i in processed if i and i.get("status") == "ok"]
     counts = {}
     for table, table_rows in rows.items():
-        scope = ("specialty", "study_id") if table in scoped else ()
-        counts[table] = warehouse.upsert(table, table_rows, replace_scope=scope)
+        if table in scoped:
+            counts[table] = warehouse.upsert(table, table_rows, replace_scope=("specialty", "study_id"),
+                                             scopes=studies)
+        else:
+            counts[table] = warehouse.upsert(table, table_rows)
     log.info("loaded warehouse", extra={"specialty": lake.specialty, **counts})
     return counts

@@ -1,11 +1,12 @@
 """DuckDB as the embedded stand-in for BigQuery; same tables, same upsert keys."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Iterable
 
-from imaging_tasks.warehouse.schema import TABLES, Table
+from imaging_tasks.warehouse.schema import TABLES, Table, prepare_rows, replaced_scopes
 
 DUCK_TYPES = {"STRING": "VARCHAR", "INT64": "BIGINT", "FLOAT64": "DOUBLE", "BOOL": "BOOLEAN",
               "TIMESTAMP": "TIMESTAMPTZ", "JSON": "JSON"}
@@ -14,6 +15,21 @@ DUCK_TYPES = {"STRING": "VARCHAR", "INT64": "BIGINT", "FLOAT64": "DOUBLE", "BOOL
 def ddl(table: Table) -> str:
     cols = ", ".join(f"{c.name} {DUCK_TYPES[c.type]}{' NOT NULL' if c.required else ''}" for c in table.columns)
     return f"CREATE TABLE IF NOT EXISTS {table.name} ({cols}, PRIMARY KEY ({', '.join(table.key)}))"
+
+
+def _migrate(con) -> None:
+    """Create missing tables and add columns that a warehouse file made by an older version lacks."""
+    have: dict[str, set[str]] = {}
+    for table, column in con.execute("SELECT table_name, column_name FROM information_schema.columns "
+                                     "WHERE table_schema = current_schema()").fetchall():
+        have.setdefault(table, set()).add(column)
+    for table in TABLES.values():
+        if table.name not in have:
+            con.execute(ddl(table))
+            continue
+        for c in table.columns:
+            if c.name not in have[table.name] and not c.required:
+                con.execute(f"ALTER TABLE {table.name} ADD COLUMN {c.name} {DUCK_TYPES[c.type]}")
 
 
 class DuckDBWarehouse:
@@ -28,31 +44,35 @@ class DuckDBWarehouse:
         import duckdb
 
         con = duckdb.connect(self.path)
-        for table in TABLES.values():
-            con.execute(ddl(table))
+        try:
+            _migrate(con)
+        except Exception:
+            con.close()
+            raise
         return con
 
-    def upsert(self, table_name: str, rows: Iterable[dict], *, replace_scope: tuple[str, ...] = ()) -> int:
+    def upsert(self, table_name: str, rows: Iterable[dict], *, replace_scope: tuple[str, ...] = (),
+               scopes: Iterable[tuple] | None = None) -> int:
         """Insert or replace rows by key; with ``replace_scope`` (e.g. specialty, study_id), rows of the same
-        scope that the new load no longer has are deleted too, so a reprocessed study leaves no stale rows."""
+        scope that the new load no longer has are deleted too, so a reprocessed study leaves no stale rows.
+        ``scopes`` (values of ``replace_scope``) names scopes replaced even if no new row has them (a
+        reprocessed study that now has no findings).  Every row gets ``loaded_at`` (now, unless it has one)."""
         table = TABLES[table_name]
         names = table.column_names
-        values = [[_encode(row.get(n), c.type) for n, c in zip(names, table.columns)] for row in rows]
-        if not values:
+        prepared = prepare_rows(table, rows, loaded_at=dt.datetime.now(dt.timezone.utc))
+        replaced = replaced_scopes(table, prepared, replace_scope, scopes)
+        if not prepared and not replaced:
             return 0
-        missing = [k for k in table.key if any(v[names.index(k)] is None for v in values)]
-        if missing:
-            raise ValueError(f"{table_name}: key column(s) {missing} missing in some rows; every row needs its key")
+        values = [[_encode(row[c.name], c.type) for c in table.columns] for row in prepared]
         sql = f"INSERT OR REPLACE INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
         con = self._connect()
         try:
             con.execute("BEGIN")
-            if replace_scope:
-                scopes = {tuple(v[names.index(k)] for k in replace_scope) for v in values}
-                where = " AND ".join(f"{k} = ?" for k in replace_scope)
-                for scope in sorted(scopes):
-                    con.execute(f"DELETE FROM {table.name} WHERE {where}", list(scope))
-            con.executemany(sql, values)
+            where = " AND ".join(f"{k} = ?" for k in replace_scope)
+            for scope in replaced:
+                con.execute(f"DELETE FROM {table.name} WHERE {where}", list(scope))
+            if values:
+                con.executemany(sql, values)
             con.execute("COMMIT")
         finally:
             con.close()

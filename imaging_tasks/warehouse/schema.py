@@ -2,6 +2,10 @@
 
 Each table has a natural key; loads are upserts on it, so a re-run or retry replaces rows instead of
 adding duplicates.  Types are the portable subset: STRING, INT64, FLOAT64, BOOL, TIMESTAMP, JSON.
+
+Every table also has ``loaded_at`` (TIMESTAMP), stamped by the warehouse at each upsert: the processing date a
+row was (re)written.  BigQuery partitions every table by its day (see :attr:`Table.partition_column`) and
+clusters by :attr:`Table.clustering` (specialty, modality where present, then the study).
 """
 from __future__ import annotations
 
@@ -27,12 +31,32 @@ class Table:
     def column_names(self) -> list[str]:
         return [c.name for c in self.columns]
 
+    @property
+    def partition_column(self) -> str:
+        """TIMESTAMP column whose day partitions the table in BigQuery: when the row was (re)loaded."""
+        return LOADED_AT
+
+    @property
+    def clustering(self) -> tuple[str, ...]:
+        """BigQuery clustering columns: specialty and modality where the table has them, then the study
+        (what MERGE keys and scope replacement filter on); at most four."""
+        names = set(self.column_names)
+        return tuple(c for c in ("specialty", "modality", "study_id") if c in names)[:4]
+
+
+LOADED_AT = "loaded_at"
+
 
 def _c(name, type_, required=False, description=""):
     return Column(name, type_, required, description)
 
 
-TABLES: dict[str, Table] = {t.name: t for t in [
+def _loaded_at() -> Column:
+    # nullable so that it can be added to tables created before it existed; every load sets it
+    return _c(LOADED_AT, "TIMESTAMP", False, "when the load step (re)wrote this row; BigQuery partitions by its day")
+
+
+_TABLES: list[Table] = [
     Table("studies", ("specialty", "study_id"), (
         _c("specialty", "STRING", True), _c("study_id", "STRING", True, "keyed pseudonym of StudyInstanceUID"),
         _c("patient_id", "STRING", True, "keyed pseudonym of PatientID"), _c("study_uid", "STRING", False, "new UID"),
@@ -70,4 +94,47 @@ TABLES: dict[str, Table] = {t.name: t for t in [
         _c("code_version", "STRING"), _c("device", "STRING"), _c("started_at", "TIMESTAMP"),
         _c("ended_at", "TIMESTAMP"), _c("duration_s", "FLOAT64"), _c("status", "STRING"),
     ), "lineage: what each task read and wrote, with checksums, code version, device and timings"),
-]}
+]
+
+TABLES: dict[str, Table] = {t.name: Table(t.name, t.key, (*t.columns, _loaded_at()), t.description) for t in _TABLES}
+
+
+def prepare_rows(table: Table, rows, *, loaded_at) -> list[dict]:
+    """Every column of every row, in schema order, ready for any backend.
+
+    ``loaded_at`` is stamped where a row has none; rows missing a key column are refused; rows repeating a
+    key keep the last one (what an upsert of them one by one would leave), so a MERGE never sees two source
+    rows for one target row.
+    """
+    names = table.column_names
+    out: dict[tuple, dict] = {}
+    for row in rows:
+        full = {n: row.get(n) for n in names}
+        if full.get(LOADED_AT) is None:
+            full[LOADED_AT] = loaded_at
+        key = tuple(full[k] for k in table.key)
+        if any(v is None for v in key):
+            missing = [k for k in table.key if full[k] is None]
+            raise ValueError(f"{table.name}: key column(s) {missing} missing in some rows; every row needs its key")
+        out.pop(key, None)  # a later duplicate goes last, like a second upsert would
+        out[key] = full
+    return list(out.values())
+
+
+def replaced_scopes(table: Table, prepared: list[dict], replace_scope: tuple[str, ...],
+                    scopes=None) -> list[tuple]:
+    """The scopes an upsert replaces: those of its rows plus any named in ``scopes``, sorted."""
+    unknown = [k for k in replace_scope if k not in table.column_names]
+    if unknown:
+        raise ValueError(f"{table.name}: replace_scope column(s) {unknown} not in the table")
+    if not replace_scope:
+        if scopes:
+            raise ValueError(f"{table.name}: scopes given without replace_scope")
+        return []
+    out = {tuple(row[k] for k in replace_scope) for row in prepared}
+    for scope in scopes or ():
+        scope = tuple(scope)
+        if len(scope) != len(replace_scope) or any(v is None for v in scope):
+            raise ValueError(f"{table.name}: scope {scope!r} does not match replace_scope {replace_scope}")
+        out.add(scope)
+    return sorted(out, key=repr)

@@ -1,69 +1,281 @@
 """BigQuery backend: the same schema and upsert keys as DuckDB, through the google provider's hook.
 
-Rows are loaded into a staging table and MERGEd on the table key, so re-runs replace rather than add.
+A load of one table is
+
+1. a **batch load job** (newline-delimited JSON uploaded with the job, ``WRITE_TRUNCATE``) into a staging
+   table of its own; never streaming inserts, so rows are visible to DML at once and loads cost nothing;
+2. **one MERGE** of the staging rows into the target on the table's key: a re-run or retry updates the
+   same rows, never adds any.  With ``replace_scope`` (a reprocessed study) the same statement also deletes
+   the target rows of that scope that the new load no longer has, so replacing a study is atomic and
+   idempotent (one DML statement: no window without the study's rows, no half-applied state).  A scope
+   named in ``scopes`` that has no new rows at all (a study reprocessed into no findings) is emptied by one
+   DELETE of those scopes;
+3. the staging table is dropped (and expires after a day if even that fails).
+
+Tables are created from :data:`imaging_tasks.warehouse.TABLES` (the DuckDB default's definitions):
+partitioned by the day of ``loaded_at`` and clustered by specialty / modality / study where they have them.
 """
 from __future__ import annotations
 
+import datetime as dt
+import io
 import json
+import logging
+import math
+import time
 import uuid
+from typing import Iterable
 
-from imaging_tasks.warehouse.schema import TABLES, Table
+from imaging_tasks.warehouse.schema import TABLES, Table, prepare_rows, replaced_scopes
+
+log = logging.getLogger(__name__)
 
 BQ_MODE = {True: "REQUIRED", False: "NULLABLE"}
+STAGING_PREFIX = "_staging_"
+STAGING_TTL = dt.timedelta(days=1)
+STALE = "_imaging_stale"  # marks target rows of a replaced scope inside the MERGE source
+DML_ATTEMPTS = 4  # concurrent DML on the same partitions may fail to serialize; ours is idempotent
 
 
+# --------------------------------------------------------------------------- definitions (REST JSON)
 def bq_schema(table: Table) -> list[dict]:
+    """The table's schema as BigQuery REST ``TableFieldSchema`` JSON."""
     return [{"name": c.name, "type": c.type, "mode": BQ_MODE[c.required], "description": c.description}
             for c in table.columns]
 
 
-def merge_sql(dataset: str, table: Table, staging: str, replace_scope: tuple[str, ...] = ()) -> str:
+def table_resource(project: str, dataset: str, table: Table) -> dict:
+    """The REST ``Table`` resource the warehouse creates: schema, day partitions on ``loaded_at``, clustering."""
+    resource = {
+        "tableReference": {"projectId": project, "datasetId": dataset, "tableId": table.name},
+        "description": table.description,
+        "schema": {"fields": bq_schema(table)},
+        "timePartitioning": {"type": "DAY", "field": table.partition_column},
+    }
+    if table.clustering:
+        resource["clustering"] = {"fields": list(table.clustering)}
+    return resource
+
+
+def load_job_config(table: Table) -> dict:
+    """REST ``JobConfiguration`` of the staging load: batch NDJSON, explicit schema, replace the staging table."""
+    return {"load": {
+        "sourceFormat": "NEWLINE_DELIMITED_JSON",
+        "writeDisposition": "WRITE_TRUNCATE",
+        "createDisposition": "CREATE_IF_NEEDED",
+        "schema": {"fields": bq_schema(table)},
+        "ignoreUnknownValues": False,
+        "maxBadRecords": 0,
+    }}
+
+
+def _q(name: str) -> str:
+    return f"`{name}`"
+
+
+def merge_sql(target: str, table: Table, staging: str, replace_scope: tuple[str, ...] = ()) -> str:
+    """One MERGE of ``staging`` into ``target`` (both ``project.dataset.table``) on the table key.
+
+    With ``replace_scope``, the source also carries the target rows of every scope present in the staging
+    table whose key the staging table lacks, flagged ``_imaging_stale``: those are deleted by the same
+    statement.  Running it twice leaves the same rows.
+    """
     cols = table.column_names
+    unknown = [k for k in replace_scope if k not in cols]
+    if unknown:
+        raise ValueError(f"{table.name}: replace_scope column(s) {unknown} not in the table")
+    col_list = ", ".join(cols)
     on = " AND ".join(f"T.{k} = S.{k}" for k in table.key)
     update = ", ".join(f"{c} = S.{c}" for c in cols if c not in table.key)
-    delete = ""
+    source = f"SELECT {col_list}, FALSE AS {STALE} FROM {_q(staging)}"
     if replace_scope:
-        scope = " AND ".join(f"T.{k} = S.{k}" for k in replace_scope)
-        delete = (f"DELETE FROM `{dataset}.{table.name}` T WHERE EXISTS "
-                  f"(SELECT 1 FROM `{dataset}.{staging}` S WHERE {scope});\n")
-    return (f"{delete}MERGE `{dataset}.{table.name}` T USING `{dataset}.{staging}` S ON {on} "
-            f"WHEN MATCHED THEN UPDATE SET {update} "
-            f"WHEN NOT MATCHED THEN INSERT ({', '.join(cols)}) VALUES ({', '.join('S.' + c for c in cols)})")
+        in_scope = " AND ".join(f"N.{k} = O.{k}" for k in replace_scope)
+        same_key = " AND ".join(f"N.{k} = O.{k}" for k in table.key)
+        source += (f"\n  UNION ALL\n  SELECT {', '.join('O.' + c for c in cols)}, TRUE AS {STALE} FROM {_q(target)} O"
+                   f"\n  WHERE EXISTS (SELECT 1 FROM {_q(staging)} N WHERE {in_scope})"
+                   f"\n    AND NOT EXISTS (SELECT 1 FROM {_q(staging)} N WHERE {same_key})")
+    return (f"MERGE {_q(target)} T\nUSING (\n  {source}\n) S\nON {on}\n"
+            + (f"WHEN MATCHED AND S.{STALE} THEN DELETE\n" if replace_scope else "")
+            + (f"WHEN MATCHED THEN UPDATE SET {update}\n" if update else "")
+            + f"WHEN NOT MATCHED AND NOT S.{STALE} THEN INSERT ({col_list}) VALUES ({', '.join('S.' + c for c in cols)})")
 
 
+# --------------------------------------------------------------------------- rows
+def _value(value, type_: str):
+    if value is None:
+        return None
+    if type_ == "TIMESTAMP":
+        return value.isoformat() if hasattr(value, "isoformat") else str(value)
+    if type_ == "JSON":  # the JSON value itself (not a string holding it), as BigQuery's NDJSON load expects
+        return json.loads(json.dumps(value, sort_keys=True, default=str))
+    if type_ == "FLOAT64":
+        value = float(value)
+        # JSON has no NaN/Infinity literals: quoted "nan"/"inf"/"-inf", as google-cloud-bigquery sends them
+        return value if math.isfinite(value) else str(value)
+    if type_ == "INT64":
+        return int(value)
+    if type_ == "BOOL":
+        return bool(value)
+    return str(value)
+
+
+def to_ndjson(table: Table, rows: Iterable[dict]) -> bytes:
+    """Newline-delimited JSON of the rows, every column of the schema present."""
+    return b"".join(json.dumps({c.name: _value(row.get(c.name), c.type) for c in table.columns},
+                               separators=(",", ":")).encode() + b"\n" for row in rows)
+
+
+# --------------------------------------------------------------------------- warehouse
 class BigQueryWarehouse:
-    def __init__(self, *, project: str, dataset: str, gcp_conn_id: str = "google_cloud_default"):
+    """``upsert(table, rows, replace_scope=...)`` like :class:`~imaging_tasks.warehouse.DuckDBWarehouse`."""
+
+    def __init__(self, *, project: str, dataset: str, gcp_conn_id: str = "google_cloud_default",
+                 location: str | None = None):
         if not project or not dataset:
             raise ValueError("imaging_warehouse must look like bigquery://PROJECT/DATASET")
-        self.project, self.dataset, self.gcp_conn_id = project, dataset, gcp_conn_id
+        self.project, self.dataset, self.gcp_conn_id, self.location = project, dataset, gcp_conn_id, location
+        self._client_obj = None
+        self._ready: set[str] = set()
+        self.jobs: list[str] = []  # ids of the jobs this warehouse ran (load, merge), for logs and tests
 
-    def _client(self):
-        from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
+    # ---------------------------------------------------------------- client and tables
+    @property
+    def client(self):
+        """The google-cloud-bigquery client of the Airflow connection, from the google provider's BigQueryHook."""
+        if self._client_obj is None:
+            from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
 
-        return BigQueryHook(gcp_conn_id=self.gcp_conn_id).get_client(project_id=self.project)
+            kwargs = {"location": self.location} if self.location else {}
+            hook = BigQueryHook(gcp_conn_id=self.gcp_conn_id, use_legacy_sql=False, **kwargs)
+            self._client_obj = hook.get_client(project_id=self.project, location=self.location or hook.location)
+        return self._client_obj
 
-    def upsert(self, table_name: str, rows, *, replace_scope: tuple[str, ...] = ()) -> int:
+    def table_id(self, name: str) -> str:
+        return f"{self.project}.{self.dataset}.{name}"
+
+    def ensure_dataset(self) -> None:
+        from google.api_core.exceptions import NotFound
         from google.cloud import bigquery
 
-        rows = [{k: (json.dumps(v, default=str) if TABLES[table_name].columns[i].type == "JSON" and v is not None
-                     else (v.isoformat() if hasattr(v, "isoformat") else v))
-                 for i, (k, v) in enumerate((c.name, r.get(c.name)) for c in TABLES[table_name].columns)}
-                for r in rows]
-        if not rows:
-            return 0
-        table = TABLES[table_name]
-        client = self._client()
-        dataset = f"{self.project}.{self.dataset}"
-        client.create_dataset(dataset, exists_ok=True)
-        schema = [bigquery.SchemaField(f["name"], f["type"], mode=f["mode"], description=f["description"])
-                  for f in bq_schema(table)]
-        client.create_table(bigquery.Table(f"{dataset}.{table.name}", schema=schema), exists_ok=True)
-        staging = f"_stage_{table.name}_{uuid.uuid4().hex[:12]}"
-        job = client.load_table_from_json(rows, f"{dataset}.{staging}",
-                                          job_config=bigquery.LoadJobConfig(schema=schema))
-        job.result()
+        if "" in self._ready:
+            return
         try:
-            client.query(merge_sql(dataset, table, staging, replace_scope)).result()
+            self.client.get_dataset(f"{self.project}.{self.dataset}")
+        except NotFound:
+            ds = bigquery.Dataset(f"{self.project}.{self.dataset}")
+            if self.location:
+                ds.location = self.location
+            self.client.create_dataset(ds, exists_ok=True)
+        self._ready.add("")
+
+    def ensure_table(self, table: Table) -> None:
+        """Create the table from the schema definitions; add columns an older table lacks."""
+        from google.api_core.exceptions import NotFound
+        from google.cloud import bigquery
+
+        if table.name in self._ready:
+            return
+        self.ensure_dataset()
+        want = bigquery.Table.from_api_repr(table_resource(self.project, self.dataset, table))
+        try:
+            have = self.client.get_table(self.table_id(table.name))
+        except NotFound:
+            self.client.create_table(want, exists_ok=True)
+        else:
+            names = {f.name for f in have.schema}
+            missing = [c for c in table.columns if c.name not in names]
+            for c in missing:  # added NULLABLE in place (existing rows read NULL); one DDL statement each
+                self.client.query(f"ALTER TABLE {_q(self.table_id(table.name))} "
+                                  f"ADD COLUMN IF NOT EXISTS {c.name} {c.type}").result()
+            if missing:  # a fresh etag for the update below
+                have = self.client.get_table(self.table_id(table.name))
+            part = have.time_partitioning
+            if part is None or part.field != table.partition_column:
+                log.warning("BigQuery table %s is not partitioned by %s: recreate it (CREATE TABLE ... PARTITION BY "
+                            "DATE(%s) AS SELECT ...) to get partition pruning", have.full_table_id,
+                            table.partition_column, table.partition_column)
+            if list(have.clustering_fields or []) != list(table.clustering):
+                have.clustering_fields = list(table.clustering) or None
+                self.client.update_table(have, ["clustering_fields"])
+        self._ready.add(table.name)
+
+    # ---------------------------------------------------------------- load
+    def upsert(self, table_name: str, rows, *, replace_scope: tuple[str, ...] = (),
+               scopes: Iterable[tuple] | None = None) -> int:
+        """Batch-load ``rows`` into a staging table, then MERGE them on the key (see the module docstring).
+
+        ``scopes`` names scopes replaced even though no new row has them (a reprocessed study that now has no
+        findings): their rows are deleted by one DELETE statement.
+        """
+        table = TABLES[table_name]
+        prepared = prepare_rows(table, rows, loaded_at=dt.datetime.now(dt.timezone.utc))
+        replaced = replaced_scopes(table, prepared, replace_scope, scopes)
+        self.ensure_table(table)  # even for no rows: like DuckDB, every table exists after a load
+        if prepared:
+            self._stage_and_merge(table, prepared, tuple(replace_scope))
+        with_rows = {tuple(row[k] for k in replace_scope) for row in prepared}
+        emptied = [scope for scope in replaced if scope not in with_rows]
+        for start in range(0, len(emptied), 500):
+            self._delete_scopes(table, tuple(replace_scope), emptied[start:start + 500])
+        return len(prepared)
+
+    def _delete_scopes(self, table: Table, replace_scope: tuple[str, ...], scopes: list[tuple]) -> None:
+        from google.cloud import bigquery
+
+        one = "(" + " AND ".join(f"{k} = ?" for k in replace_scope) + ")"
+        sql = f"DELETE FROM {_q(self.table_id(table.name))} WHERE " + " OR ".join([one] * len(scopes))
+        config = bigquery.QueryJobConfig(query_parameters=[_param(v) for scope in scopes for v in scope])
+        self._dml(sql, f"imaging_delete_{table.name}_", config)
+
+    def _stage_and_merge(self, table: Table, prepared: list[dict], replace_scope: tuple[str, ...]) -> None:
+        from google.cloud import bigquery
+
+        staging = self.table_id(f"{STAGING_PREFIX}{table.name}_{uuid.uuid4().hex[:16]}")
+        merge = merge_sql(self.table_id(table.name), table, staging, replace_scope)
+        client = self.client
+        try:
+            stage = bigquery.Table(staging, schema=bigquery.Table.from_api_repr(
+                table_resource(self.project, self.dataset, table)).schema)
+            stage.expires = dt.datetime.now(dt.timezone.utc) + STAGING_TTL
+            client.create_table(stage, exists_ok=True)
+            job = client.load_table_from_file(
+                io.BytesIO(to_ndjson(table, prepared)), staging, rewind=True,
+                job_config=bigquery.LoadJobConfig.from_api_repr(load_job_config(table)),
+                job_id_prefix=f"imaging_stage_{table.name}_")
+            self.jobs.append(job.job_id)
+            job.result()
+            self._dml(merge, f"imaging_merge_{table.name}_")
         finally:
-            client.delete_table(f"{dataset}.{staging}", not_found_ok=True)
-        return len(rows)
+            client.delete_table(staging, not_found_ok=True)
+
+    def _dml(self, sql: str, job_id_prefix: str, job_config=None) -> None:
+        """Run one (idempotent) DML statement; re-run it when concurrent DML on the table made it fail."""
+        for attempt in range(1, DML_ATTEMPTS + 1):
+            job = self.client.query(sql, job_config=job_config, job_id_prefix=job_id_prefix)
+            self.jobs.append(job.job_id)
+            try:
+                job.result()
+                return
+            except Exception as exc:  # google.api_core BadRequest/Conflict with the serialization message
+                if "could not serialize access" not in str(exc).lower() or attempt == DML_ATTEMPTS:
+                    raise
+                log.warning("%s hit a concurrent update of the table; retrying (%d/%d)", job_id_prefix.rstrip("_"),
+                            attempt, DML_ATTEMPTS)
+                time.sleep(2 ** attempt)
+
+    def query(self, sql: str, params: list | None = None) -> list[tuple]:
+        """Run a GoogleSQL query; ``?`` placeholders take ``params`` (as in the DuckDB warehouse)."""
+        from google.cloud import bigquery
+
+        config = bigquery.QueryJobConfig(query_parameters=[_param(v) for v in params or []])
+        return [tuple(r.values()) for r in self.client.query(sql, job_config=config).result()]
+
+    def count(self, table_name: str, where: str = "", params: list | None = None) -> int:
+        return self.query(f"SELECT count(*) FROM {_q(self.table_id(TABLES[table_name].name))} {where}", params)[0][0]
+
+
+def _param(value):
+    from google.cloud import bigquery
+
+    type_ = {bool: "BOOL", int: "INT64", float: "FLOAT64"}.get(type(value), "STRING")
+    return bigquery.ScalarQueryParameter(None, type_, value)

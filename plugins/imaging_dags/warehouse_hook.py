@@ -1,11 +1,17 @@
 """The warehouse behind the load step: DuckDB file (embedded default) or BigQuery via the google provider."""
 from __future__ import annotations
 
+from urllib.parse import parse_qs
+
 from airflow.sdk import BaseHook
 
 
 class WarehouseHook(BaseHook):
-    """Chooses the backend from the ``imaging_warehouse`` URI; both expose ``upsert(table, rows, replace_scope)``."""
+    """Chooses the backend from the ``imaging_warehouse`` URI; both expose ``upsert(table, rows, replace_scope)``.
+
+    ``duckdb:///path/file.duckdb`` or ``bigquery://PROJECT/DATASET`` (optionally ``?location=EU``); BigQuery
+    goes through the Airflow connection ``gcp_conn_id`` (the google provider's BigQueryHook).
+    """
 
     def __init__(self, uri: str, gcp_conn_id: str = "google_cloud_default"):
         super().__init__()
@@ -20,6 +26,9 @@ class WarehouseHook(BaseHook):
         if scheme == "bigquery":
             from imaging_dags.bigquery import BigQueryWarehouse
 
-            project, _, dataset = rest.partition("/")
-            return BigQueryWarehouse(project=project, dataset=dataset, gcp_conn_id=self.gcp_conn_id)
+            path, _, query = rest.partition("?")
+            project, _, dataset = path.strip("/").partition("/")
+            location = (parse_qs(query).get("location") or [None])[0]
+            return BigQueryWarehouse(project=project, dataset=dataset, gcp_conn_id=self.gcp_conn_id,
+                                     location=location)
         raise ValueError(f"imaging_warehouse={self.uri!r}: use duckdb:///path/file.duckdb or bigquery://project/dataset")
