@@ -15,7 +15,10 @@ What it does, in one run:
    same discipline: read the file from disk, de-identify, write it to the tool's output folder.  Tools:
 
    * ``bare_pydicom``: ``dcmread`` + ``save_as``, nothing else (the practical ceiling);
-   * ``ours``: ``imaging_tasks.deid.dicom.deidentify_bytes`` (basic profile + default options, fixed key);
+   * ``ours``: ``imaging_tasks.deid.dicom.deidentify_bytes`` (basic profile + default options, fixed key):
+     the byte-level fast path (``imaging_tasks.deid.stream``), the reference path where it declines; each
+     file's path (fast, or fallback and its cause) is recorded;
+   * ``ours_reference``: the same call with ``fast=False`` (the pydicom-object reference walker only);
    * ``dicognito``: ``Anonymizer(seed=...).anonymize(ds)`` + ``save_as`` (its CLI's core);
    * ``deid``: ``replace_identifiers(..., deid=DeidRecipe())``: the default ``deid.dicom`` recipe, saved to
      the output folder (``remove_private`` left at its default, False, as in deid's examples).
@@ -49,7 +52,7 @@ REPO = BENCH.parent
 PEERS_VENV = BENCH / ".venv-peers"
 PEERS_REQ = BENCH / "requirements-peers.txt"
 RESULTS = BENCH / "results"
-TOOLS = ("bare_pydicom", "ours", "dicognito", "deid")
+TOOLS = ("bare_pydicom", "ours", "ours_reference", "dicognito", "deid")
 PEER_TOOLS = frozenset({"dicognito", "deid"})
 BENCH_KEY = b"bench-deid-peers-fixed-key-v1"
 DICOGNITO_SEED = "bench-deid-peers"
@@ -191,6 +194,7 @@ def build_corpus(root: Path, min_files: int) -> dict:
 # ----------------------------------------------------------------------------------------- worker side
 
 _HANDLER = None
+_PATH = [""]
 
 
 def _init_worker(tool: str) -> None:
@@ -203,16 +207,26 @@ def _init_worker(tool: str) -> None:
         def handler(src: str, dst: str) -> None:
             ds = pydicom.dcmread(src)
             ds.save_as(dst)
-    elif tool == "ours":
+    elif tool in ("ours", "ours_reference"):
         sys.path.insert(0, str(REPO))
+        from imaging_tasks.deid import stream
         from imaging_tasks.deid.dicom import deidentify_bytes
+        fast = tool == "ours"
 
-        def handler(src: str, dst: str) -> None:
+        def handler(src: str, dst: str) -> str:
             with open(src, "rb") as fh:
                 data = fh.read()
-            out, _info = deidentify_bytes(data, BENCH_KEY)
+            before = sum(stream.FALLBACKS.values())
+            try:
+                out, _info = deidentify_bytes(data, BENCH_KEY, fast=fast)
+            finally:
+                # which path did the work: the byte-level fast path, or the reference after a fallback (cause)
+                declined = sum(stream.FALLBACKS.values()) != before
+                path = (f"fallback:{stream.LAST_FALLBACK}" if declined else "fast") if fast else "reference"
+                _PATH[0] = path
             with open(dst, "wb") as fh:
                 fh.write(out)
+            return path
     elif tool == "dicognito":
         import pydicom
         from dicognito.anonymizer import Anonymizer
@@ -241,8 +255,9 @@ def _ready(_: int) -> int:
     return os.getpid()
 
 
-def _process(job: tuple[str, str]) -> tuple[str, str, str, float, float]:
+def _process(job: tuple[str, str]) -> tuple[str, str, str, float, float, str]:
     src, dst = job
+    _PATH[0] = ""
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         _HANDLER(src, dst)
@@ -253,7 +268,8 @@ def _process(job: tuple[str, str]) -> tuple[str, str, str, float, float]:
             status, detail = "refused", str(reason)
         else:
             status, detail = "error", type(exc).__name__
-    return os.path.basename(src), status, detail, time.perf_counter() - t0, time.process_time() - c0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return os.path.basename(src), status, detail, wall, cpu, _PATH[0]
 
 
 def worker_main(tool: str, files_json: Path, out_dir: Path, result_json: Path, processes: int) -> None:
@@ -341,6 +357,19 @@ def markdown(results: dict) -> str:
             f"{r['full_files_per_s']:.1f} | {r['ok']} | "
             f"{r['refused']} | {r['errors']} | {r['survivors']} / {r['planted_checked']} | {r['unreadable_outputs']} |")
     t = results["targets"]
+    ours = results["tools"]["ours"]
+    paths, written = ours.get("paths", {}), ours.get("written_paths", {})
+    total, total_w = sum(paths.values()), sum(written.values())
+    fallbacks = {k.split(":", 1)[1]: v for k, v in sorted(paths.items(), key=lambda kv: -kv[1])
+                 if k.startswith("fallback:")}
+    if total:
+        lines += [
+            "",
+            f"Fast path coverage (ours, whole corpus): {paths.get('fast', 0)} of {total} files "
+            f"({paths.get('fast', 0) / total:.0%}) done by the byte-level path, {written.get('fast', 0)} of the "
+            f"{total_w} written ({written.get('fast', 0) / max(total_w, 1):.0%}); fallbacks to the reference "
+            f"path by cause: " + (", ".join(f"{k} {v}" for k, v in fallbacks.items()) or "none") + ".",
+        ]
     lines += [
         "",
         f"Common subset: {results['common_files']} files that every tool wrote. "
@@ -402,7 +431,15 @@ def main() -> int:
                 refused_reasons[d] = refused_reasons.get(d, 0) + 1
             elif s == "error":
                 error_types[d] = error_types.get(d, 0) + 1
+        paths: dict[str, int] = {}
+        written_paths: dict[str, int] = {}
+        for r in res["rows"]:
+            if len(r) > 5 and r[5]:
+                paths[r[5]] = paths.get(r[5], 0) + 1
+                if r[1] == "ok":
+                    written_paths[r[5]] = written_paths.get(r[5], 0) + 1
         per_tool[tool] = {
+            "paths": paths, "written_paths": written_paths,
             "label": tool, "full_wall_s": res["wall_s"], "full_files_per_s": len(names) / res["wall_s"],
             "ok": len(ok), "refused": sum(refused_reasons.values()), "refused_reasons": refused_reasons,
             "errors": sum(error_types.values()), "error_types": error_types,
@@ -435,7 +472,8 @@ def main() -> int:
 
     versions = peer_versions() if PEER_TOOLS & set(tools) else {}
     labels = {"bare_pydicom": f"bare pydicom {pydicom.__version__} read+write",
-              "ours": "ours (imaging_tasks.deid)",
+              "ours": "ours (imaging_tasks.deid, byte-level fast path)",
+              "ours_reference": "ours, reference path only (fast=False)",
               "dicognito": f"dicognito {versions.get('dicognito', '?')}",
               "deid": f"deid {versions.get('deid', '?')} (default recipe)"}
     for tool in tools:

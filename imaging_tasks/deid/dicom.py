@@ -675,13 +675,23 @@ def deidentify_dataset(ds: Dataset, key: bytes, options: DeidOptions = DeidOptio
 
 
 def deidentify_bytes(data: bytes, key: bytes, options: DeidOptions = DeidOptions(), *,
-                     demo: bool = False) -> tuple[bytes, dict]:
+                     demo: bool = False, fast: bool = True) -> tuple[bytes, dict]:
     """Parse a DICOM file, de-identify it and serialize it; returns ``(bytes, info)``.
 
     ``info``: pseudo_patient, pseudo_study (folder names), study_uid/series_uid/sop_uid (new), modality,
     sop_class_uid and ``header`` (non-PHI fields for a warehouse instances table).  The date shift is
     deliberately not returned: with it, anyone holding a shifted date could recover the real one.
+
+    ``fast``: first try the byte-level path of ``stream.py`` (same decisions and result, see
+    tests/test_deid_stream.py); on anything it does not handle it raises Unsupported and this reference
+    path runs.  ``fast=False``: the reference path only.
     """
+    if fast:
+        from .stream import Unsupported, deidentify_stream  # here: stream.py imports this module
+        try:
+            return deidentify_stream(data, key, options, demo=demo)
+        except Unsupported:
+            pass
     # One parse of the whole file: empty_file / not_dicom / unreadable_dicom / truncated_* from parse,
     # unreadable_dicom for values that do not decode, missing_attribute, then missing_pixels for an
     # image object whose Pixel Data is missing (a file cut at an element boundary reads as complete).
