@@ -1,7 +1,14 @@
 """Buckets and the lake layout, through one code path for ``file://``, ``s3://`` and ``gs://``.
 
 Locations are ``upath.UPath`` objects (fsspec underneath).  Airflow's ``ObjectStoragePath`` is a UPath,
-so the glue can pass one carrying connection credentials and the domain code stays the same.
+so the glue can pass one carrying connection credentials and the domain code stays the same.  URIs travel
+between steps as text (XCom, manifests); a remote one may name the connection it is read with, the
+ObjectStoragePath way (``s3://aws_default@bucket/key``).  Outside Airflow such a URI has no meaning: the
+glue installs a resolver (:func:`set_uri_resolver`) that turns URI text back into an authenticated path,
+and without one a URI naming a connection is refused with a clear error.
+
+"Upload finished" is decided by :class:`QuietPeriod` over :func:`arrivals` (counts, newest time and a
+fingerprint of a listing): something arrived and nothing changed for a quiet period.
 
 Layout under a lake root::
 
@@ -19,16 +26,34 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from upath import UPath
 
 MANIFEST = "_MANIFEST.json"
 CHUNK = 8 * 1024 * 1024
+LOCAL_PROTOCOLS = ("", "file", "local")
+_uri_resolver: Callable[[str], UPath] | None = None
+
+
+def set_uri_resolver(resolver: Callable[[str], UPath] | None) -> None:
+    """Turn remote URI text (``s3://``, ``gs://``, ...) into paths with ``resolver`` (None: plain UPath).
+
+    The Airflow glue installs ``ObjectStoragePath`` here so a URI read back from XCom or a manifest is opened
+    with the connection it names.  Local paths never go through the resolver.
+    """
+    global _uri_resolver
+    _uri_resolver = resolver
+
+
+def _scheme(text: str) -> str:
+    return text.split("://", 1)[0].lower() if "://" in text else ""
 
 
 def as_path(location: Any) -> UPath:
@@ -36,11 +61,19 @@ def as_path(location: Any) -> UPath:
     if isinstance(location, UPath):
         return location
     text = os.fspath(location) if isinstance(location, os.PathLike) else str(location)
+    if _scheme(text) not in LOCAL_PROTOCOLS:
+        if _uri_resolver is not None:
+            return _uri_resolver(text)
+        if "@" in urlsplit(text).netloc:
+            conn = urlsplit(text).netloc.rpartition("@")[0]
+            raise ValueError(f"{_scheme(text)}:// URI names the Airflow connection {conn!r}: it can only be opened "
+                             "inside Airflow (or after storage.set_uri_resolver); outside Airflow use "
+                             f"{_scheme(text)}://<bucket>/... with the ambient cloud credentials")
     return UPath(text)
 
 
 def is_local(path: UPath) -> bool:
-    return getattr(path, "protocol", "") in ("", "file", "local")
+    return getattr(path, "protocol", "") in LOCAL_PROTOCOLS
 
 
 def join(root: Any, *parts: str) -> UPath:
@@ -63,13 +96,21 @@ def _is_hidden(relpath: str) -> bool:
 
 
 def list_objects(root: Any, *, since: dt.datetime | None = None, until: dt.datetime | None = None) -> list[ObjectInfo]:
-    """Every file under ``root`` (recursively) modified in [since, until); names starting '.' or '_' are skipped."""
+    """Every file under ``root`` (recursively) modified in [since, until); names starting '.' or '_' are skipped.
+
+    Object stores are listed afresh every call (no cached listing), so repeated calls see new arrivals.  A
+    missing local folder or bucket prefix lists as empty; a missing bucket is an error.
+    """
     root = as_path(root)
-    if not root.exists():
-        return []
     fs, base = root.fs, root.path.rstrip("/")
+    if is_local(root):
+        if not root.exists():
+            return []
+        found = fs.find(base, detail=True)
+    else:
+        found = _find_remote(root, fs, base)
     out = []
-    for name, info in sorted(fs.find(base, detail=True).items()):
+    for name, info in sorted(found.items()):
         if info.get("type") == "directory":
             continue
         rel = name[len(base):].lstrip("/")
@@ -84,6 +125,31 @@ def list_objects(root: Any, *, since: dt.datetime | None = None, until: dt.datet
     return out
 
 
+def _forget_listings(fs, base: str) -> None:
+    """Drop cached directory listings of ``base``, its parents and everything under it (fsspec's
+    ``invalidate_cache`` spares the children: a stale sub-folder listing would hide objects uploaded since)."""
+    fs.invalidate_cache(base)
+    cache = getattr(fs, "dircache", None)
+    if cache is not None:
+        for key in [k for k in list(cache) if k.startswith(base + "/")]:
+            cache.pop(key, None)
+
+
+def _find_remote(root: UPath, fs, base: str) -> dict:
+    _forget_listings(fs, base)
+    try:
+        found = fs.find(base, detail=True)
+    except FileNotFoundError:
+        found = {}
+    if not found:
+        bucket = base.split("/", 1)[0]
+        fs.invalidate_cache(bucket)
+        if not fs.exists(bucket):
+            raise FileNotFoundError(f"bucket {root.protocol}://{bucket} does not exist or the connection cannot see "
+                                    "it: check the landing/lake URI Variables and the connection")
+    return found
+
+
 def _modified(info: dict) -> dt.datetime | None:
     for key in ("mtime", "LastModified", "updated", "last_modified"):
         value = info.get(key)
@@ -94,8 +160,64 @@ def _modified(info: dict) -> dt.datetime | None:
         if isinstance(value, str):
             return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
         if isinstance(value, dt.datetime):
-            return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+            return value.astimezone(dt.timezone.utc) if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
     return None
+
+
+@dataclass(frozen=True)
+class Arrivals:
+    """What a prefix holds, as counts (safe for logs and XCom: object names can carry patient names)."""
+
+    objects: int
+    bytes: int
+    newest: dt.datetime | None  # latest modification time among the objects, as the store reports it
+    fingerprint: str  # changes when an object is added, removed, resized or rewritten; reveals no names
+
+    def counts(self) -> dict[str, int]:
+        return {"objects": self.objects, "bytes": self.bytes}
+
+
+def arrivals(objects: list[ObjectInfo]) -> Arrivals:
+    """Summarise a listing (see :func:`list_objects`) for :class:`QuietPeriod`."""
+    digest = hashlib.sha256()
+    for o in sorted(objects, key=lambda o: o.relpath):
+        digest.update(f"{o.relpath}\0{o.size}\0{o.modified.isoformat() if o.modified else ''}\n".encode())
+    times = [o.modified for o in objects if o.modified]
+    return Arrivals(objects=len(objects), bytes=sum(o.size for o in objects), newest=max(times, default=None),
+                    fingerprint=digest.hexdigest())
+
+
+class QuietPeriod:
+    """Decides that an upload has finished: something arrived and nothing changed for ``quiet_s`` seconds.
+
+    The last change is the later of two clocks: the newest object's modification time (which a fresh
+    watcher, e.g. a rescheduled poke, can read back) and the moment this watcher saw the listing change
+    (which catches objects stamped early by the store, e.g. S3 multipart uploads, stamped at their start).
+    Whole-second stamps (S3 listings) count from the end of their second.  An object added during the quiet
+    period restarts it.
+    """
+
+    def __init__(self, quiet_s: float):
+        if quiet_s < 0:
+            raise ValueError(f"quiet period must be >= 0 seconds, got {quiet_s}")
+        self.quiet_s = float(quiet_s)
+        self._fingerprint: str | None = None
+        self._seen_change: dt.datetime | None = None
+
+    def observe(self, found: Arrivals, now: dt.datetime) -> float:
+        """Seconds still to wait after this listing: 0 when the upload is finished, ``inf`` when nothing arrived."""
+        if self._fingerprint is not None and found.fingerprint != self._fingerprint:
+            self._seen_change = now
+        elif self._fingerprint is None and found.newest is None:
+            self._seen_change = now  # the store gives no times: start the clock at the first sight
+        self._fingerprint = found.fingerprint
+        if not found.objects:
+            return math.inf
+        newest = found.newest
+        if newest is not None and newest.microsecond == 0:
+            newest += dt.timedelta(seconds=1)  # whole-second stamps (S3 listings): the write may be up to 1 s later
+        last = max(t for t in (newest, self._seen_change) if t is not None)
+        return max(0.0, self.quiet_s - (now - last).total_seconds())
 
 
 def read_bytes(location: Any) -> bytes:

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from cloud_servers import *  # noqa: F401,F403  S3 (moto) and GCS (fake-gcs-server) fixtures for tests/test_cloud_storage.py
 
 REPO = Path(__file__).resolve().parents[1]
 _HOME = Path(tempfile.mkdtemp(prefix="imaging-airflow-home-"))

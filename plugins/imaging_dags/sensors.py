@@ -1,8 +1,16 @@
-"""Wait for inputs on a landing bucket: poke/reschedule for local folders, deferrable for S3/GCS."""
+"""Wait for an upload to finish on a landing bucket: deferrable for S3/GCS, poke/reschedule for local folders.
+
+Both paths apply one rule (``imaging_tasks.storage.QuietPeriod``): inputs are in the run's window and
+nothing new arrived for the quiet period (``[imaging] landing_quiet_seconds``, default 120 s; a run's
+Param ``landing_quiet_seconds`` wins), so a study still being uploaded is not picked up half-way.
+
+File names in landing buckets can carry patient names: logs, trigger events and the XCom hold counts only.
+"""
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 from typing import Any, AsyncIterator
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
@@ -10,39 +18,73 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from imaging_dags.window import run_window
 
+REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs")
+MIN_RECHECK_S = 1.0  # while waiting for quiet, re-list at most this often (unless the poke interval is shorter)
 
-def _summarise(uri: str, since: str | None, until: str | None) -> dict:
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _summarise(uri: str, since: str | None, until: str | None):
+    """The window's arrivals under ``uri`` (an ``imaging_tasks.storage.Arrivals``: counts, newest time, fingerprint)."""
     from airflow.sdk import ObjectStoragePath
 
-    from imaging_tasks.storage import list_objects
+    from imaging_dags.settings import use_object_storage
+    from imaging_tasks.storage import arrivals, list_objects
 
+    use_object_storage()
     parse = lambda s: dt.datetime.fromisoformat(s) if s else None  # noqa: E731
-    objects = list_objects(ObjectStoragePath(uri), since=parse(since), until=parse(until))
-    return {"objects": len(objects), "bytes": sum(o.size for o in objects)}
+    return arrivals(list_objects(ObjectStoragePath(uri), since=parse(since), until=parse(until)))
+
+
+def is_remote(uri: str) -> bool:
+    return uri.split("://", 1)[0].lower() in REMOTE_SCHEMES if "://" in uri else False
 
 
 class LandingTrigger(BaseTrigger):
-    """Polls a bucket prefix from the triggerer, so waiting on S3/GCS holds no worker slot."""
+    """Lists a bucket prefix from the triggerer until an upload has finished, holding no worker slot meanwhile.
 
-    def __init__(self, uri: str, since: str | None, until: str | None, poke_interval: float):
+    Fires once something arrived in the window and the listing stayed unchanged for ``quiet_seconds``; an
+    object added during the quiet period restarts it.  Lists every ``poke_interval`` seconds, or sooner when
+    the quiet period would end sooner.  The event carries counts only.
+    """
+
+    def __init__(self, uri: str, since: str | None, until: str | None, poke_interval: float,
+                 quiet_seconds: float = 0.0):
         super().__init__()
-        self.uri, self.since, self.until, self.poke_interval = uri, since, until, poke_interval
+        self.uri, self.since, self.until = uri, since, until
+        self.poke_interval, self.quiet_seconds = float(poke_interval), float(quiet_seconds)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return ("imaging_dags.sensors.LandingTrigger",
-                {"uri": self.uri, "since": self.since, "until": self.until, "poke_interval": self.poke_interval})
+                {"uri": self.uri, "since": self.since, "until": self.until, "poke_interval": self.poke_interval,
+                 "quiet_seconds": self.quiet_seconds})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        from imaging_tasks.storage import QuietPeriod
+
+        quiet = QuietPeriod(self.quiet_seconds)
         while True:
+            # listing is blocking I/O (and may look the connection up): keep it off the triggerer's event loop
             found = await asyncio.to_thread(_summarise, self.uri, self.since, self.until)
-            if found["objects"]:
-                yield TriggerEvent({"status": "found", **found})
+            wait = quiet.observe(found, _utcnow())
+            if wait <= 0:
+                yield TriggerEvent({"status": "found", **found.counts()})
                 return
-            await asyncio.sleep(self.poke_interval)
+            if found.objects:
+                self.log.info("landing: %d object(s), %d bytes; upload not quiet yet, %.0f s to go",
+                              found.objects, found.bytes, wait)
+            await asyncio.sleep(_next_check(self.poke_interval, wait))
+
+
+def _next_check(poke_interval: float, wait: float) -> float:
+    return poke_interval if math.isinf(wait) else max(min(poke_interval, wait), min(MIN_RECHECK_S, poke_interval))
 
 
 class LandingSensor(BaseSensorOperator):
-    """Succeeds when the specialty's landing prefix holds inputs in the run's window; returns counts only.
+    """Succeeds when the specialty's landing prefix holds inputs in the run's window and the upload has finished
+    (nothing new for the quiet period); returns counts only.
 
     File names in landing buckets can carry patient names, so the XCom is a count, not a listing; the
     index step lists the prefix itself.
@@ -53,6 +95,8 @@ class LandingSensor(BaseSensorOperator):
         super().__init__(**kwargs)
         self.specialty = specialty
         self.deferrable = deferrable
+        self._quiet = None  # QuietPeriod of this execution (kept across pokes in poke mode)
+        self._recheck_s: float | None = None
 
     def _target(self, context) -> tuple[str, str | None, str | None]:
         from imaging_dags.settings import for_specialty
@@ -64,22 +108,46 @@ class LandingSensor(BaseSensorOperator):
         since, until = run_window(context)
         return uri, since and since.isoformat(), until and until.isoformat()
 
+    def _check(self, context, target: tuple[str, str | None, str | None]) -> tuple[Any, float, float]:
+        """List the target once: (arrivals, seconds still to wait, the quiet period in seconds)."""
+        from imaging_dags.settings import landing_quiet_seconds
+        from imaging_tasks.storage import QuietPeriod
+
+        quiet_s = landing_quiet_seconds(context["params"])
+        if self._quiet is None or self._quiet.quiet_s != quiet_s:
+            self._quiet = QuietPeriod(quiet_s)
+        found = _summarise(*target)
+        wait = self._quiet.observe(found, _utcnow())
+        if found.objects and wait > 0:
+            self.log.info("landing %s: %d object(s), %d bytes in window; waiting for %.0f s without new uploads "
+                          "(%.0f s to go)", self.specialty, found.objects, found.bytes, quiet_s, wait)
+        else:
+            self.log.info("landing %s: %d object(s), %d bytes in window", self.specialty, found.objects, found.bytes)
+        return found, wait, quiet_s
+
     def execute(self, context):
-        uri, since, until = self._target(context)
-        remote = uri.split("://", 1)[0] in ("s3", "gs", "gcs")
-        if self.deferrable and remote:
-            found = _summarise(uri, since, until)
-            if found["objects"]:
-                return found
-            self.defer(trigger=LandingTrigger(uri, since, until, float(self.poke_interval)),
+        target = self._target(context)
+        if self.deferrable and is_remote(target[0]):
+            found, wait, quiet_s = self._check(context, target)
+            if wait <= 0:
+                return found.counts()
+            self.defer(trigger=LandingTrigger(*target, poke_interval=float(self.poke_interval), quiet_seconds=quiet_s),
                        method_name="execute_complete", timeout=dt.timedelta(seconds=self.timeout))
         return super().execute(context)
 
     def poke(self, context) -> PokeReturnValue:
-        uri, since, until = self._target(context)
-        found = _summarise(uri, since, until)
-        self.log.info("landing %s: %d object(s), %d bytes in window", self.specialty, found["objects"], found["bytes"])
-        return PokeReturnValue(is_done=found["objects"] > 0, xcom_value=found)
+        found, wait, _quiet_s = self._check(context, self._target(context))
+        self._recheck_s = None if math.isinf(wait) else wait
+        return PokeReturnValue(is_done=wait <= 0, xcom_value=found.counts())
+
+    def _get_next_poke_interval(self, started_at, run_duration, poke_count) -> float:
+        """Poke again when the quiet period would end, if that is sooner than the usual interval."""
+        interval = super()._get_next_poke_interval(started_at, run_duration, poke_count)
+        if self._recheck_s is None:
+            return interval
+        return _next_check(interval, self._recheck_s)
 
     def execute_complete(self, context, event: dict):
+        if event.get("status") != "found":
+            raise RuntimeError(f"landing trigger for {self.specialty} ended without inputs: {event.get('status')!r}")
         return {"objects": event["objects"], "bytes": event["bytes"]}

@@ -16,8 +16,21 @@ Variables (so ``AIRFLOW_VAR_IMAGING_LAKE_URI`` etc.) and Connections, read insid
 | torch device | env ``IMAGING_DEVICE`` | ``auto`` (CUDA if present) |
 | nightly schedule | config ``[imaging] schedule`` | ``0 2 * * *`` |
 | sensor timeout (s) | config ``[imaging] sensor_timeout`` | ``3600`` |
+| landing quiet period (s): an upload is finished when nothing new arrived for this long | config ``[imaging] landing_quiet_seconds`` (read at run time); a Param / run conf ``landing_quiet_seconds`` wins | ``120`` |
+| connection for ``s3://`` URIs that name none | Variable ``imaging_aws_conn_id`` | none: the provider's ambient credentials (instance role, env) |
+| connection for ``gs://`` URIs that name none | Variable ``imaging_gcs_conn_id`` | none: Application Default Credentials |
 
-URIs may name an Airflow connection the ObjectStoragePath way: ``s3://aws_default@bucket/prefix``.
+Bucket URIs (``file://``, ``s3://``, ``gs://``) all go through Airflow's ``ObjectStoragePath`` and the same
+``imaging_tasks.storage`` code (``s3://`` needs the amazon provider with ``s3fs``; ``gs://`` the google provider
+with ``gcsfs``).  A URI may name its Airflow connection the ObjectStoragePath way,
+``s3://aws_default@bucket/prefix``; that wins over the Variables above, and the lake URIs the tasks pass on
+(XCom, manifests, warehouse rows) keep naming it.  Connections as usual, e.g.
+``AIRFLOW_CONN_IMAGING_S3='{"conn_type": "aws", "extra": {"endpoint_url": "http://minio:9000"}}'`` for an
+S3-compatible store, or for a GCS emulator ``{"conn_type": "google_cloud_platform", "extra": {"is_anonymous":
+true, "project": "p", "gcs.endpoint": "http://host:4443"}}`` (with env ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``
+set before gcsfs is imported: emulators lack the gRPC storage-control API that gcsfs's default probes).
+Sensors on ``s3://``/``gs://`` defer to the triggerer while they wait; on local folders they poke in
+reschedule mode; both fire only after the quiet period.
 """
 from __future__ import annotations
 
@@ -34,6 +47,23 @@ GPU_QUEUE = conf.get("imaging", "gpu_queue", fallback="gpu")
 GPU_POOL = conf.get("imaging", "gpu_pool", fallback="gpu")
 SCHEDULE_CRON = conf.get("imaging", "schedule", fallback="0 2 * * *")
 SENSOR_TIMEOUT_S = conf.getint("imaging", "sensor_timeout", fallback=3600)
+LANDING_QUIET_DEFAULT_S = 120
+REMOTE_CONN_VARIABLES = {"s3": "imaging_aws_conn_id", "s3a": "imaging_aws_conn_id",
+                         "gs": "imaging_gcs_conn_id", "gcs": "imaging_gcs_conn_id"}
+
+
+def landing_quiet_seconds(params=None) -> float:
+    """Run time: the run's Param ``landing_quiet_seconds`` if given, else ``[imaging] landing_quiet_seconds``."""
+    value = (params or {}).get("landing_quiet_seconds")
+    if value is None or value == "":
+        value = conf.get("imaging", "landing_quiet_seconds", fallback=str(LANDING_QUIET_DEFAULT_S))
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"landing_quiet_seconds must be a number of seconds, got {value!r}") from None
+    if seconds < 0:
+        raise ValueError(f"landing_quiet_seconds must be >= 0, got {seconds}")
+    return seconds
 
 
 def schedule():
@@ -72,13 +102,46 @@ class SpecialtySettings:
         return Lake(ObjectStoragePath(self.lake_uri), self.specialty)
 
 
+def _object_storage_path(uri: str):
+    from airflow.sdk import ObjectStoragePath
+
+    return ObjectStoragePath(uri)
+
+
+def use_object_storage() -> None:
+    """Make ``imaging_tasks.storage`` open remote URI text (from XCom, manifests) as ``ObjectStoragePath``,
+    so the connection a URI names is used.  Idempotent; called at run time by every task via :func:`for_specialty`."""
+    from imaging_tasks import storage
+
+    storage.set_uri_resolver(_object_storage_path)
+
+
+def with_connection(uri: str) -> str:
+    """``s3://bucket/x`` -> ``s3://<conn>@bucket/x`` when Variable ``imaging_aws_conn_id`` (for ``gs://``:
+    ``imaging_gcs_conn_id``) is set and the URI names no connection; other URIs are returned unchanged."""
+    scheme, sep, rest = uri.partition("://")
+    variable = REMOTE_CONN_VARIABLES.get(scheme.lower()) if sep else None
+    if variable is None:
+        return uri
+    bucket = rest.split("/", 1)[0]
+    if not bucket or bucket.startswith("@") or bucket.endswith("@"):
+        raise ValueError(f"{scheme}:// URI without a bucket: expected {scheme}://[conn_id@]bucket/prefix")
+    if "@" in bucket:
+        return uri
+    conn_id = _var(variable, "")
+    return f"{scheme}://{conn_id}@{rest}" if conn_id else uri
+
+
 def for_specialty(specialty: str) -> SpecialtySettings:
     """Resolve at run time (inside a task), never at parse time."""
+    use_object_storage()
     landing_root = _var("imaging_landing_uri", (DATA / "landing").as_uri())
+    landing = _var(f"imaging_landing_uri_{specialty}", landing_root.rstrip("/") + f"/{specialty}")
+    lake = _var(f"imaging_lake_uri_{specialty}", _var("imaging_lake_uri", (DATA / "lake").as_uri()))
     return SpecialtySettings(
         specialty=specialty,
-        landing_uri=_var(f"imaging_landing_uri_{specialty}", landing_root.rstrip("/") + f"/{specialty}"),
-        lake_uri=_var(f"imaging_lake_uri_{specialty}", _var("imaging_lake_uri", (DATA / "lake").as_uri())),
+        landing_uri=with_connection(landing),
+        lake_uri=with_connection(lake),
         warehouse_uri=_var("imaging_warehouse", "duckdb://" + str(DATA / "warehouse.duckdb")),
     )
 
