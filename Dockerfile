@@ -1,8 +1,7 @@
 # syntax=docker/dockerfile:1
 # The image of the production stack (docker-compose.yaml) and of the official Helm chart (README, "Running in
-# production"): Airflow 3.3.2 slim (core only) + this project's lock file (constraints.txt) + the production
-# extras (deploy/requirements-production.txt: CeleryExecutor, PostgreSQL drivers) + imaging_tasks, the DAGs and
-# the plugins baked in (docker-compose.yaml mounts the working copy over them for development).
+# production"): Airflow 3.3.2 slim (core only) + requirements.txt under this project's lock file (constraints.txt;
+# includes the CeleryExecutor and PostgreSQL extras) + imaging_tasks, the DAGs and the plugins baked in (docker-compose.yaml mounts the working copy over them for development).
 #
 # torch comes from TORCH_INDEX_URL, at the locked version:
 #   https://pypi.org/simple                  (default) PyPI's Linux x86_64 wheel: the CUDA build, NVIDIA runtime as wheels
@@ -23,10 +22,9 @@ RUN mkdir -p /data && chown airflow:0 /data && chmod 2775 /data
 USER airflow
 
 COPY --chown=airflow:0 requirements.txt constraints.txt pyproject.toml /opt/imaging/
-COPY --chown=airflow:0 deploy/requirements-production.txt /opt/imaging/deploy/
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple \
         "torch==${TORCH_VERSION}" -c /opt/imaging/constraints.txt \
- && pip install --no-cache-dir -r /opt/imaging/requirements.txt -r /opt/imaging/deploy/requirements-production.txt \
+ && pip install --no-cache-dir -r /opt/imaging/requirements.txt \
         -c /opt/imaging/constraints.txt
 
 COPY --chown=airflow:0 imaging_tasks /opt/imaging/imaging_tasks

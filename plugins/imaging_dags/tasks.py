@@ -28,6 +28,9 @@ def pipeline_params(**extra: Param) -> dict[str, Param]:
         "reprocess": Param(False, type="boolean", description="redo studies whose outputs are already published"),
         "window": Param("auto", enum=["auto", "interval", "all"],
                         description="auto: the data interval for scheduled/backfill runs, everything for manual runs"),
+        "landing_quiet_seconds": Param(None, type=["null", "number"], minimum=0,
+                                       description="upload finished after this many seconds with no new object "
+                                                   "(empty: [imaging] landing_quiet_seconds, default 120)"),
         **extra,
     }
 
