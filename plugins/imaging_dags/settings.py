@@ -11,7 +11,7 @@ Variables (so ``AIRFLOW_VAR_IMAGING_LAKE_URI`` etc.) and Connections, read insid
 | lake (anonymized/derived/quarantine) | Variable ``imaging_lake_uri`` / ``imaging_lake_uri_<specialty>`` | ``file://<repo>/data/lake`` |
 | warehouse | Variable ``imaging_warehouse`` | ``duckdb://<repo>/data/warehouse.duckdb``; ``bigquery://project/dataset`` |
 | BigQuery connection | Variable ``imaging_gcp_conn_id`` | ``google_cloud_default`` |
-| de-identification key | Connection ``imaging_deid`` (password), else env ``IMAGING_DEID_KEY`` | demo key, outputs marked DEMO |
+| de-identification key | Connection ``imaging_deid`` (password), else env ``IMAGING_DEID_KEY`` | none: refuses to run; env ``IMAGING_DEID_DEMO=1`` selects the public demo key (outputs marked DEMO) |
 | GPU queue / pool | config ``[imaging] gpu_queue`` / ``gpu_pool`` | ``gpu`` / ``gpu`` |
 | torch device | env ``IMAGING_DEVICE`` | ``auto`` (CUDA if present) |
 | nightly schedule | config ``[imaging] schedule`` | ``0 2 * * *`` |
