@@ -62,6 +62,8 @@ def main() -> int:
     if not os.environ.get("IMAGING_DEID_KEY"):
         os.environ["IMAGING_DEID_DEMO"] = "1"  # synthetic data: the public demo key, outputs marked DEMO
         print("demo: IMAGING_DEID_KEY is not set; de-identifying the synthetic data with the public DEMO key")
+    # the synthetic uploads are complete when written: no need to wait out the production quiet period
+    os.environ.setdefault("AIRFLOW__IMAGING__LANDING_QUIET_SECONDS", "0")
     data = Path(os.environ.get("IMAGING_DATA_DIR", REPO / "data"))
     synthesize(data / "landing", studies=int(os.environ.get("DEMO_STUDIES", "2")), seed=0)
     bag = DagBag(dag_folder=str(REPO / "dags"))
