@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from imaging_tasks import storage
 from imaging_tasks.deid.pseudonym import pseudo_id
-from imaging_tasks.deid.slide import slide_pseudonyms
+from imaging_tasks.deid.slide import read_description, slide_pseudonyms
 from imaging_tasks.dicom_io import read_header
 from imaging_tasks.errors import BadInput
 
@@ -116,7 +116,7 @@ def _index_slides(objects: list[storage.ObjectInfo], *, key: bytes, quarantine: 
             if not obj.relpath.lower().endswith(SLIDE_SUFFIXES):
                 raise BadInput("not_a_slide", f"file type is not a supported whole-slide format "
                                f"({', '.join(SLIDE_SUFFIXES)}); only slides belong in this prefix")
-            description = _slide_description(obj.uri)
+            description = read_description(obj.uri)
         except BadInput as exc:
             quarantined.append(quarantine(obj, exc))
             continue
@@ -127,18 +127,6 @@ def _index_slides(objects: list[storage.ObjectInfo], *, key: bytes, quarantine: 
                            modalities={"SM": 1}, newest=obj.modified.isoformat() if obj.modified else None)
         studies.append(entry)
     return IndexResult(studies=sorted(studies, key=lambda e: e.study), quarantined=quarantined, waiting=[])
-
-
-def _slide_description(uri: str) -> str:
-    """The first page's description, read from the TIFF header only (a few KB, even on a bucket)."""
-    import tifffile
-
-    try:
-        with storage.as_path(uri).open("rb") as fh, tifffile.TiffFile(fh) as tif:
-            return tif.pages[0].description or ""
-    except Exception as exc:  # noqa: BLE001 - tifffile raises many types on non-TIFF input
-        raise BadInput("unreadable_slide", f"not a readable TIFF/SVS slide ({type(exc).__name__}); "
-                       "check the file is a complete whole-slide image") from None
 
 
 def _file_row(obj: storage.ObjectInfo) -> dict[str, Any]:

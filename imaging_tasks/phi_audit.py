@@ -128,39 +128,35 @@ def values_of_input(uri: str) -> dict[str, set[str]]:
     import gzip
 
     from imaging_tasks import storage
-    from imaging_tasks.errors import BadInput
     from imaging_tasks.index import SLIDE_SUFFIXES
 
     name = str(uri).lower()
     path = storage.as_path(uri)
     try:
         if name.endswith(SLIDE_SUFFIXES):
-            import tifffile
-
-            from imaging_tasks.deid.slide import TECHNICAL_FIELDS
-            with path.open("rb") as fh, tifffile.TiffFile(fh) as tif:
-                return slide_identifying_values(tif.pages[0].description or "", set(TECHNICAL_FIELDS))
+            from imaging_tasks.deid.slide import TECHNICAL_FIELDS, read_description
+            return slide_identifying_values(read_description(path), set(TECHNICAL_FIELDS))
         if name.endswith((".nii", ".nii.gz")):
             data = path.read_bytes()
             return nifti_identifying_values(gzip.decompress(data) if name.endswith(".gz") else data)
         from imaging_tasks.dicom_io import read_header
         with path.open("rb") as fh:
             return dicom_identifying_values(read_header(fh))
-    except (BadInput, OSError, ValueError):
-        return {}
-    except Exception:  # noqa: BLE001 - tifffile/nibabel raise many types on garbled input
+    except Exception:  # noqa: BLE001 - BadInput, OSError, or what tifffile/nibabel raise on garbled input
         return {}
 
 
 def nifti_identifying_values(data: bytes) -> dict[str, set[str]]:
     """Text fields of a NIfTI-1/2 header and the printable runs of its extensions."""
+    import io
+
     import nibabel as nib
 
     found: dict[str, set[str]] = {}
     try:
         klass = nib.Nifti2Header if int.from_bytes(data[:4], "little") == 540 or \
             int.from_bytes(data[:4], "big") == 540 else nib.Nifti1Header
-        header = klass.from_fileobj(__import__("io").BytesIO(data))
+        header = klass.from_fileobj(io.BytesIO(data))
     except Exception:  # noqa: BLE001
         return found
     for field in ("descrip", "aux_file", "intent_name", "db_name"):
@@ -169,8 +165,7 @@ def nifti_identifying_values(data: bytes) -> dict[str, set[str]]:
             if len(text) >= MIN_LEN:
                 found.setdefault(field, set()).add(text)
     for ext in header.extensions:
-        runs = re.findall(rb"[\x20-\x7e]{%d,}" % MIN_LEN, bytes(ext.get_content() if hasattr(ext, "get_content")
-                                                                 else ext._content))
+        runs = re.findall(rb"[\x20-\x7e]{%d,}" % MIN_LEN, bytes(ext.content))  # raw bytes, whatever the code
         found.setdefault("extension", set()).update(r.decode("ascii").strip() for r in runs[:200])
     return {k: v for k, v in found.items() if v}
 

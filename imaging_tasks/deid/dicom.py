@@ -651,9 +651,15 @@ def _deidentify_inplace(ds: Dataset, key: bytes, options: DeidOptions, demo: boo
         ds.preamble = b"\0" * 128  # the preamble may hold a TIFF header or anything else
         ds.filename = None
 
+    return deid_info(ds, pseudo_patient=walker.patient_pseudo, pseudo_study=pseudo_id(key, original_study, "study"))
+
+
+def deid_info(ds, *, pseudo_patient: str, pseudo_study: str) -> dict:
+    """What ``deidentify_bytes`` returns besides the bytes, from the de-identified values (a Dataset, or any
+    mapping with ``get`` and ``file_meta`` such as the fast path's)."""
     return {
-        "pseudo_patient": walker.patient_pseudo,
-        "pseudo_study": pseudo_id(key, original_study, "study"),
+        "pseudo_patient": pseudo_patient,
+        "pseudo_study": pseudo_study,
         "study_uid": str(ds.get("StudyInstanceUID", "") or ""),
         "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
         "sop_uid": str(ds.get("SOPInstanceUID", "") or ""),

@@ -24,7 +24,7 @@ from pathlib import Path
 import tifffile
 
 from imaging_tasks.errors import BadInput
-from imaging_tasks.storage import sha256_of
+from imaging_tasks.storage import as_path, sha256_of
 
 from .pseudonym import pseudo_id
 
@@ -125,19 +125,22 @@ def scrub_description(desc: str | None, removed: list[str]) -> str | None:
     return "\r\n".join(kept_lines) + "".join("|" + p for p in kept_parts)
 
 
-def _check_file(src: Path) -> None:
+def _check_file(src) -> None:
     if not src.is_file():
         raise BadInput("unreadable_slide", "the slide file is missing; re-send it")
     if src.stat().st_size == 0:
         raise BadInput("empty_file", "the slide file is empty (0 bytes); re-scan or re-export it")
 
 
-def read_description(src: Path) -> str:
-    """The first page's ImageDescription of a slide ('' if none); BadInput if it is not readable TIFF."""
-    src = Path(src)
-    _check_file(src)
+def read_description(src) -> str:
+    """The first page's ImageDescription of a slide ('' if none); BadInput if it is not readable TIFF.
+
+    ``src``: a local path or a bucket URI; only the TIFF header is read (a few KB, even on a bucket).
+    """
+    path = as_path(src)
+    _check_file(path)
     try:
-        with tifffile.TiffFile(src) as tif:
+        with path.open("rb") as fh, tifffile.TiffFile(fh) as tif:
             return tif.pages[0].description or ""
     except Exception as exc:  # noqa: BLE001 - tifffile raises many types on non-TIFF input
         raise BadInput("unreadable_slide", f"not a readable TIFF/SVS slide ({type(exc).__name__}); "

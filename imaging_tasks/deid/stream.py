@@ -894,16 +894,7 @@ def _deidentify(data: bytes, key: bytes, options, demo: bool, checks) -> tuple[b
 
     original_study = str(pre.get("StudyInstanceUID", "") or "").strip()
     info_ds.file_meta = _Values({"TransferSyntaxUID": ts})
-    info = {
-        "pseudo_patient": pseudo,
-        "pseudo_study": pseudo_id(key, original_study, "study"),
-        "study_uid": str(info_ds.get("StudyInstanceUID", "") or ""),
-        "series_uid": str(info_ds.get("SeriesInstanceUID", "") or ""),
-        "sop_uid": str(info_ds.get("SOPInstanceUID", "") or ""),
-        "modality": str(info_ds.get("Modality", "") or "") or None,
-        "sop_class_uid": str(info_ds.get("SOPClassUID", "") or "") or None,
-        "header": ref.header_summary(info_ds),
-    }
+    info = ref.deid_info(info_ds, pseudo_patient=pseudo, pseudo_study=pseudo_id(key, original_study, "study"))
     return result, info
 
 

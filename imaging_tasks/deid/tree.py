@@ -85,7 +85,10 @@ def deidentify_tree(src, dst, *, key: bytes, demo: bool, options: DeidOptions = 
                     local.write_bytes(data)
                     result = Path(tmp) / f"out-{n}{_suffix(obj.relpath, kind)}"
                     values = values_of_input(str(local))
-                    (deidentify_nifti if kind == "nifti" else lambda s, d: deidentify_svs(s, d, key))(local, result)
+                    if kind == "nifti":
+                        deidentify_nifti(local, result)
+                    else:
+                        deidentify_svs(local, result, key)
                     out = result.read_bytes()
                     stem = pseudo_id(key, storage.sha256_bytes(data), "file")
                     target = storage.join(folder, stem + _suffix(obj.relpath, kind))
