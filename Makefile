@@ -15,8 +15,12 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install demo test up bench lock clean
 
+# The browser test (tests/test_ui_browser.py) drives Debian's chromium with Playwright: never a downloaded browser.
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x /usr/bin/chromium || (export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends chromium fonts-liberation || \
+	  (apt-get update -q && apt-get install -y -q --no-install-recommends chromium fonts-liberation))
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
@@ -34,7 +38,11 @@ demo: $(AIRFLOW_HOME)/airflow.db
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The UI on the embedded default. The landing folders hold synthetic studies, so the public demo key is selected
+# explicitly (outputs marked DEMO KEY), as `make demo` does; set IMAGING_DEID_KEY for real data.
+up: export IMAGING_DEID_DEMO := $(if $(IMAGING_DEID_KEY),0,1)
 up: $(AIRFLOW_HOME)/airflow.db
+	$(BIN)/python -m imaging_dags.demo --prepare-ui
 	$(BIN)/airflow standalone
 
 bench: $(STAMP)

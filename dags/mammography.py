@@ -1,26 +1,32 @@
-"""Mammography: Micro-calcification detection and clustering on MG for-presentation images.
+"""## Mammography: micro-calcifications
+Micro-calcification detection and clustering on MG for-presentation images.
 
-landing bucket -> index (headers only) -> de-identify (PS3.15) -> PHI audit
--> mammography processing (GPU queue) -> warehouse.
+**Chain**: landing bucket → index (headers only) → de-identify (DICOM PS3.15) → PHI audit (fail closed)
+→ only audited studies → calcification detection (GPU queue) → warehouse.
 """
 import pendulum
 from airflow.sdk import dag
 
-from imaging_dags import (SPECIALTY_DEFAULTS, audit_phi, deidentify, index_studies, landing_sensor, load_metadata,
-                          pipeline_params, process_study, schedule)
+from imaging_dags import (SPECIALTY_DEFAULTS, audit_phi, dag_doc, deidentify, index_studies, landing_sensor,
+                          load_metadata, pipeline_params, process_study, ready_for_processing, schedule)
 
 SPECIALTY = "mammography"
+RESULTS = ("`results` holds `n_calcifications`, `n_clusters` (per side too) per study and `findings` one row per "
+           "calcification cluster (position, size, member count).")
+PARAMS = pipeline_params()
 
 
 @dag(dag_id=SPECIALTY, schedule=schedule(), start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
-     params=pipeline_params(), default_args=SPECIALTY_DEFAULTS, max_active_runs=1, tags=["imaging", SPECIALTY],
-     doc_md=__doc__)
+     params=PARAMS, default_args=SPECIALTY_DEFAULTS, max_active_runs=1, tags=["imaging", SPECIALTY],
+     description="Mammography micro-calcification detection and clustering; de-identified, to the warehouse",
+     doc_md=dag_doc(SPECIALTY, __doc__, PARAMS, RESULTS))
 def mammography():
     arrived = landing_sensor(SPECIALTY)
     studies = index_studies(SPECIALTY, arrived.output)
     clean = deidentify.partial(specialty=SPECIALTY).expand(study=studies)
     audited = audit_phi.partial(specialty=SPECIALTY).expand(study=clean)   # fail closed
-    processed = process_study.partial(specialty=SPECIALTY).expand(study=audited)
+    ready = ready_for_processing(SPECIALTY, audited)                       # quarantined studies stop here
+    processed = process_study.partial(specialty=SPECIALTY).expand(study=ready)
     load_metadata(SPECIALTY, processed)
 
 

@@ -1,27 +1,32 @@
-"""Neuroimaging: T1 MRI (and PET) sessions — N4 bias correction, brain extraction, brain/intracranial volume.
+"""## Neuroimaging: T1 MRI (+ PET) sessions
+N4 bias correction, brain extraction, brain and intracranial volume per MRI/PET session.
 
-landing bucket -> index (a session is ready with MR+PET, or MR alone after a wait) -> de-identify (PS3.15) -> PHI audit
--> N4 + brain extraction (GPU queue) -> warehouse.
+**Chain**: landing bucket → index (a session is ready with MR + PET, or MR alone after a wait) → de-identify
+(DICOM PS3.15) → PHI audit (fail closed) → only audited sessions → N4 + brain extraction (GPU queue) → warehouse.
 """
 import pendulum
-from airflow.sdk import Param, dag
+from airflow.sdk import dag
 
-from imaging_dags import (SPECIALTY_DEFAULTS, audit_phi, deidentify, index_studies, landing_sensor, load_metadata,
-                          pipeline_params, process_study, schedule)
+from imaging_dags import (SPECIALTY_DEFAULTS, audit_phi, dag_doc, deidentify, index_studies, landing_sensor,
+                          load_metadata, neuroimaging_params, process_study, ready_for_processing, schedule)
 
 SPECIALTY = "neuroimaging"
+RESULTS = ("`results` holds `brain_volume_ml`, `intracranial_volume_ml`, `brain_fraction` and bias-field figures "
+           "per session.")
+PARAMS = neuroimaging_params()
 
 
 @dag(dag_id=SPECIALTY, schedule=schedule(), start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
-     params=pipeline_params(mr_only_wait_hours=Param(6.0, type="number", minimum=0,
-                                                     description="process an MR-only session after this wait")),
-     default_args=SPECIALTY_DEFAULTS, max_active_runs=1, tags=["imaging", SPECIALTY], doc_md=__doc__)
+     params=PARAMS, default_args=SPECIALTY_DEFAULTS, max_active_runs=1, tags=["imaging", SPECIALTY],
+     description="MRI/PET sessions: N4, brain extraction, brain and intracranial volume; de-identified, to warehouse",
+     doc_md=dag_doc(SPECIALTY, __doc__, PARAMS, RESULTS))
 def neuroimaging():
     arrived = landing_sensor(SPECIALTY)
     sessions = index_studies(SPECIALTY, arrived.output)
     clean = deidentify.partial(specialty=SPECIALTY).expand(study=sessions)
     audited = audit_phi.partial(specialty=SPECIALTY).expand(study=clean)   # fail closed
-    processed = process_study.partial(specialty=SPECIALTY).expand(study=audited)
+    ready = ready_for_processing(SPECIALTY, audited)                       # quarantined sessions stop here
+    processed = process_study.partial(specialty=SPECIALTY).expand(study=ready)
     load_metadata(SPECIALTY, processed)
 
 

@@ -1,27 +1,34 @@
-"""Pathology: whole-slide images — tissue detection, tiling at a target µm/px, torch features per tile batch.
+"""## Pathology: whole-slide images
+Tissue detection, tiling at a target µm/px and torch stain features per tile batch, summarised per slide.
 
-landing bucket -> index -> de-identify (label/macro removed, description scrubbed) -> PHI audit -> plan tiles
--> features fanned out over tile batches (GPU queue, <= 1,000 mapped tasks) -> per-slide summary -> warehouse.
+**Chain**: landing bucket → index → de-identify (label/macro removed, description scrubbed) → PHI audit
+→ only audited slides → plan tiles → features fanned out over tile batches (GPU queue, ≤ 1,000 mapped tasks)
+→ per-slide summary → warehouse.
 """
 import pendulum
-from airflow.sdk import Param, dag
+from airflow.sdk import dag
 
-from imaging_dags import (SPECIALTY_DEFAULTS, audit_phi, deidentify, finish_slide, index_studies, landing_sensor,
-                          load_metadata, pipeline_params, plan_tiles, schedule, tile_batches, tile_features)
+from imaging_dags import (SPECIALTY_DEFAULTS, audit_phi, dag_doc, deidentify, finish_slide, index_studies,
+                          landing_sensor, load_metadata, pathology_params, plan_tiles, ready_for_processing, schedule,
+                          tile_batches, tile_features)
 
 SPECIALTY = "pathology"
+RESULTS = ("`results` holds `tissue_area_mm2`, tile counts and stain optical densities per slide and `findings` "
+           "the stain hotspots.")
+PARAMS = pathology_params()
 
 
 @dag(dag_id=SPECIALTY, schedule=schedule(), start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
-     params=pipeline_params(target_mpp=Param(1.0, type="number", exclusiveMinimum=0, description="µm per pixel"),
-                            tile_px=Param(256, type="integer", minimum=32, maximum=2048)),
-     default_args=SPECIALTY_DEFAULTS, max_active_runs=1, tags=["imaging", SPECIALTY], doc_md=__doc__)
+     params=PARAMS, default_args=SPECIALTY_DEFAULTS, max_active_runs=1, tags=["imaging", SPECIALTY],
+     description="Whole-slide images: tissue, tiles, GPU stain features per tile batch; de-identified, to warehouse",
+     doc_md=dag_doc(SPECIALTY, __doc__, PARAMS, RESULTS))
 def pathology():
     arrived = landing_sensor(SPECIALTY)
     slides = index_studies(SPECIALTY, arrived.output)
     clean = deidentify.partial(specialty=SPECIALTY).expand(study=slides)
     audited = audit_phi.partial(specialty=SPECIALTY).expand(study=clean)   # fail closed
-    plans = plan_tiles.expand(study=audited)
+    ready = ready_for_processing(SPECIALTY, audited)                       # quarantined slides stop here
+    plans = plan_tiles.expand(study=ready)
     features = tile_features.expand(batch=tile_batches(plans))
     summaries = finish_slide.partial(features=features).expand(plan=plans)
     load_metadata(SPECIALTY, summaries)

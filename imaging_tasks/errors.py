@@ -1,4 +1,9 @@
-"""Errors that send an input to quarantine rather than failing the run."""
+"""The two kinds of failure the pipeline tells apart.
+
+``BadInput``: one input cannot be processed; it is quarantined with a reason and the others go on.
+``ConfigError``: the deployment is misconfigured (no key, unknown bucket, bad warehouse URI); retrying cannot
+help, so tasks fail once, at once, with what to do.
+"""
 from __future__ import annotations
 
 
@@ -13,3 +18,7 @@ class BadInput(Exception):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message names the setting and how to fix it (never a secret)."""

@@ -258,8 +258,11 @@ def _read_batch(slide, tiles: list, tile_px: int, device):
 
 
 def tile_features(slide_path: Path, tiles: list, *, target_mpp: float = 1.0, tile_px: int = 256,
-                  device=None, batch_size: int = 64) -> list[dict]:
-    """One row per tile (same order): level-0 position in px and mm, and its stain statistics."""
+                  device=None, batch_size: int = 64, progress=None) -> list[dict]:
+    """One row per tile (same order): level-0 position in px and mm, and its stain statistics.
+
+    ``progress(n)`` is called after every batch of ``n`` tiles (progress lines in long task logs).
+    """
     from imaging_tasks.device import pick_device
 
     dev = pick_device(str(device) if device is not None else None)
@@ -280,6 +283,8 @@ def tile_features(slide_path: Path, tiles: list, *, target_mpp: float = 1.0, til
                 for p in PERCENTILES:
                     row[f"{stain}_od_p{p}"] = float(f[f"p{p}"][i, j])
             rows.append(row)
+        if progress is not None:
+            progress(len(chunk))
     return rows
 
 

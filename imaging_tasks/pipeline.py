@@ -18,6 +18,7 @@ import imaging_tasks
 from imaging_tasks import storage
 from imaging_tasks.errors import BadInput
 from imaging_tasks.index import entry_to_manifest, index_objects
+from imaging_tasks.progress import Progress
 
 log = logging.getLogger(__name__)
 CODE_VERSION = imaging_tasks.__version__
@@ -76,9 +77,12 @@ def record_lineage(lake: Lake, run: RunContext, *, study: str, inputs: list[dict
 
 
 def _quarantine(lake: Lake, data: bytes, exc: BadInput, *, stage: str, source_uri: str, suffix: str = "") -> dict:
-    log.warning("quarantined input", extra={"specialty": lake.specialty, "stage": stage, "reason": exc.reason})
-    return storage.quarantine(data, lake.root, specialty=lake.specialty, reason=exc.reason, message=exc.message,
-                              stage=stage, source_uri=source_uri, suffix=suffix)
+    row = storage.quarantine(data, lake.root, specialty=lake.specialty, reason=exc.reason, message=exc.message,
+                             stage=stage, source_uri=source_uri, suffix=suffix)
+    log.warning("%s: quarantined an input at %s: %s (%s)%s; quarantine/%s/%s", lake.specialty, stage, exc.reason,
+                exc.message, "" if row["first_seen"] else " [already in quarantine from an earlier run]",
+                lake.specialty, row["input_sha256"][:16])
+    return row
 
 
 # --------------------------------------------------------------------------- index
@@ -105,10 +109,10 @@ def index_landing(landing: Any, lake: Lake, *, key: bytes, prefix: str = "", sin
         storage.write_json(manifest_uri, entry_to_manifest(entry))
         studies.append(entry.summary(str(manifest_uri)))
     summary = {"objects": len(objects), "studies": studies, "skipped_done": skipped, "waiting": result.waiting,
-               "quarantined": len(result.quarantined)}
-    log.info("indexed landing", extra={"specialty": lake.specialty, "objects": len(objects),
-                                       "studies": len(studies), "skipped_done": len(skipped),
-                                       "waiting": len(result.waiting), "quarantined": len(result.quarantined)})
+               "quarantined": len(result.quarantined),
+               "quarantined_new": sum(1 for row in result.quarantined if row.get("first_seen", True))}
+    log.info("index %s: %d object(s) -> %d stud(ies) to process, %d already done, %d waiting, %d quarantined",
+             lake.specialty, len(objects), len(studies), len(skipped), len(result.waiting), len(result.quarantined))
     return summary
 
 
@@ -141,7 +145,8 @@ def deidentify_study(study: dict, lake: Lake, *, key: bytes, demo: bool, options
         instances, quarantined = _deidentify_slides(manifest["files"], dest, lake, key=key)
     else:
         instances, quarantined = _deidentify_dicoms(manifest["files"], dest, lake, key=key, demo=demo,
-                                                    options=options)
+                                                    options=options, what=f"de-identify {lake.specialty} study "
+                                                                          f"{study['study']}")
     status = "ok" if instances else "quarantined"
     record = {"specialty": lake.specialty, "study": study["study"], "patient": study["patient"],
               "fingerprint": study["fingerprint"], "demo_key": demo, "instances": instances}
@@ -153,21 +158,24 @@ def deidentify_study(study: dict, lake: Lake, *, key: bytes, demo: bool, options
                    inputs=[{"uri": "landing:" + study["study"], "sha256": i["source_sha256"]} for i in instances],
                    outputs=[{"uri": i["uri"], "sha256": i["sha256"]} for i in instances], device=None,
                    started=started, status=status)
-    log.info("de-identified study", extra={"specialty": lake.specialty, "study": study["study"],
-                                           "instances": len(instances), "quarantined": quarantined})
+    log.info("de-identify %s study %s: %d instance(s) written, %d quarantined, status %s, %.1f s",
+             lake.specialty, study["study"], len(instances), quarantined, status, time.time() - started)
     return {"specialty": lake.specialty, "study": study["study"], "patient": study["patient"],
             "anonymized": str(dest), "n_instances": len(instances), "n_quarantined": quarantined,
             "fingerprint": study["fingerprint"], "status": status}
 
 
-def _deidentify_dicoms(files: list[dict], dest, lake: Lake, *, key: bytes, demo: bool, options) -> tuple[list, int]:
+def _deidentify_dicoms(files: list[dict], dest, lake: Lake, *, key: bytes, demo: bool, options,
+                       what: str = "de-identify") -> tuple[list, int]:
     from imaging_tasks.deid.dicom import DeidOptions, deidentify_bytes
     from imaging_tasks.dicom_io import read_header
     from imaging_tasks.phi_audit import assert_no_leaks, dicom_identifying_values, retained_by
 
     options = options or DeidOptions()
     instances, quarantined = [], 0
+    progress = Progress(log, what, total=len(files), unit="file")
     for f in files:
+        progress.advance()
         data = storage.read_bytes(f["uri"])
         try:
             out, info = deidentify_bytes(data, key, options, demo=demo)  # refuses truncated/garbled files
@@ -183,6 +191,7 @@ def _deidentify_dicoms(files: list[dict], dest, lake: Lake, *, key: bytes, demo:
                           "study_uid": info["study_uid"], "series_uid": info["series_uid"], "sop_uid": info["sop_uid"],
                           "modality": info["modality"], "sop_class_uid": info["sop_class_uid"],
                           "header": info.get("header", {})})
+    progress.close()
     return instances, quarantined
 
 
@@ -243,7 +252,9 @@ def audit_study(study: dict, lake: Lake, *, payloads: list[tuple[str, Any]] = ()
     if derived:
         files += _files_under(lake.derived(study["patient"], study["study"]))
     report = audit(values, files=files, payloads=[("XCom", study), *payloads])
-    log.info("PHI audit passed", extra={"specialty": lake.specialty, "study": study["study"], **report})
+    log.info("PHI audit %s study %s passed: %d identifying value(s) absent from %d file(s), %d bytes, "
+             "%d payload(s)", lake.specialty, study["study"], report["values"], report["files"], report["bytes"],
+             report["payloads"])
     return {"study": study["study"], **report}
 
 
@@ -289,8 +300,10 @@ def _publish(study: dict, deid: dict, lake: Lake, result: dict, out_dir: Path, *
     record_lineage(lake, run, study=study["study"], inputs=manifest["inputs"],
                    outputs=[{"uri": str(storage.join(dest, o["path"])), "sha256": o["sha256"]} for o in outputs],
                    device=device, started=started)
-    log.info("processed study", extra={"specialty": lake.specialty, "study": study["study"], "device": device,
-                                       "seconds": round(time.time() - started, 2)})
+    log.info("processed %s study %s on %s in %.1f s: %s; %d finding(s)", lake.specialty, study["study"], device,
+             time.time() - started, ", ".join(f"{m['name']}={m['value']:.4g}" if isinstance(m["value"], (int, float))
+                                              else f"{m['name']}={m['value']}" for m in results["metrics"][:6]) or
+             "no metrics", len(results["findings"]))
     return {"specialty": lake.specialty, "study": study["study"], "patient": study["patient"],
             "anonymized": study["anonymized"], "derived": str(dest), "status": "ok",
             "metrics": {m["name"]: m["value"] for m in results["metrics"]}}
@@ -362,8 +375,11 @@ def tile_features_batch(batch: dict, lake: Lake, *, device: str | None = None, r
     dev = str(pick_device(device))
     with tempfile.TemporaryDirectory(prefix="tiles-") as tmp:
         slide = storage.download(batch["slide"], Path(tmp) / "slide.svs")
-        rows = tile_features(slide, plan["tiles"][batch["start"]:batch["stop"]], target_mpp=plan["target_mpp"],
-                             tile_px=plan["tile_px"], device=dev)
+        tiles = plan["tiles"][batch["start"]:batch["stop"]]
+        with Progress(log, f"tile features pathology study {batch['study']} tiles {batch['start']}-{batch['stop']} "
+                           f"on {dev}", total=len(tiles), unit="tile", every_n=512) as progress:
+            rows = tile_features(slide, tiles, target_mpp=plan["target_mpp"], tile_px=plan["tile_px"], device=dev,
+                                 progress=progress.advance)
     uri = lake.work("features", batch["study"], f"{batch['start']:08d}.json")
     sha = storage.write_json(uri, rows)
     record_lineage(lake, run, study=batch["study"],
@@ -454,5 +470,5 @@ def load(processed: list[dict], lake: Lake, warehouse, *, run: RunContext = RunC
                                              scopes=studies)
         else:
             counts[table] = warehouse.upsert(table, table_rows)
-    log.info("loaded warehouse", extra={"specialty": lake.specialty, **counts})
+    log.info("loaded %s into the warehouse: %s", lake.specialty, ", ".join(f"{k}={v}" for k, v in counts.items()))
     return counts

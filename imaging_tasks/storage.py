@@ -36,6 +36,8 @@ from urllib.parse import urlsplit
 
 from upath import UPath
 
+from imaging_tasks.errors import ConfigError
+
 MANIFEST = "_MANIFEST.json"
 CHUNK = 8 * 1024 * 1024
 LOCAL_PROTOCOLS = ("", "file", "local")
@@ -135,6 +137,10 @@ def _forget_listings(fs, base: str) -> None:
             cache.pop(key, None)
 
 
+class MissingBucket(ConfigError, FileNotFoundError):
+    """The bucket a URI names does not exist (or is invisible to the connection): a configuration error."""
+
+
 def _find_remote(root: UPath, fs, base: str) -> dict:
     _forget_listings(fs, base)
     try:
@@ -145,8 +151,8 @@ def _find_remote(root: UPath, fs, base: str) -> dict:
         bucket = base.split("/", 1)[0]
         fs.invalidate_cache(bucket)
         if not fs.exists(bucket):
-            raise FileNotFoundError(f"bucket {root.protocol}://{bucket} does not exist or the connection cannot see "
-                                    "it: check the landing/lake URI Variables and the connection")
+            raise MissingBucket(f"bucket {root.protocol}://{bucket} does not exist or the connection cannot see "
+                                "it: check the landing/lake URI Variables and the connection")
     return found
 
 
@@ -294,18 +300,20 @@ def quarantine(data: bytes, quarantine_root: Any, *, specialty: str, reason: str
     """Copy an offending input into quarantine with reason.json; idempotent on the input's checksum.
 
     Returns the warehouse row: it carries the checksum and quarantine URI, never the raw source path
-    (file names in landing buckets can hold patient names).
+    (file names in landing buckets can hold patient names); ``first_seen`` (not stored) tells whether this
+    call put it there or it was quarantined before.
     """
     checksum = sha256_bytes(data)
     folder = join(quarantine_root, "quarantine", specialty, checksum[:16])
     reason_path = join(folder, "reason.json")
     row = {"input_sha256": checksum, "specialty": specialty, "stage": stage, "reason": reason,
            "message": message, "quarantine_uri": str(folder), "input_bytes": len(data)}
-    if not reason_path.exists():
+    first_seen = not reason_path.exists()
+    if first_seen:
         write_bytes(join(folder, "input" + suffix), data)
         write_json(reason_path, {**row, "source_uri": source_uri,
                                  "quarantined_at": dt.datetime.now(dt.timezone.utc).isoformat()})
-    return row
+    return {**row, "first_seen": first_seen}
 
 
 def quarantine_rows(quarantine_root: Any, specialty: str) -> list[dict]:

@@ -42,6 +42,7 @@ def test_quarantine_is_idempotent_and_its_rows_drop_the_raw_path(tmp_path):
                   source_uri="file:///landing/Doe^Jane/report.pdf", suffix=".pdf")
     row1 = storage.quarantine(b"%PDF", tmp_path, **kwargs)
     row2 = storage.quarantine(b"%PDF", tmp_path, **kwargs)
+    assert row1.pop("first_seen") is True and row2.pop("first_seen") is False  # the second call finds it there
     assert row1 == row2
     rows = storage.quarantine_rows(tmp_path, "cardiovascular")
     assert len(rows) == 1 and "source_uri" not in rows[0] and "Doe" not in json.dumps(rows[0])

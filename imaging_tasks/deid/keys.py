@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from imaging_tasks.errors import ConfigError
+
 DEMO_KEY: bytes = b"imaging-tasks-demo-deid-key:PUBLIC-NOT-SECRET:v1"
 
 DEFAULT_ENV_VAR = "IMAGING_DEID_KEY"
@@ -16,7 +18,7 @@ DEMO_ENV_VAR = "IMAGING_DEID_DEMO"
 MIN_KEY_BYTES = 16  # an HMAC key shorter than this is guessable, and a guessed key reverses every pseudonym
 
 
-class MissingKey(RuntimeError):
+class MissingKey(ConfigError):
     """No usable key: de-identification refuses to run rather than fall back to a public key."""
 
 

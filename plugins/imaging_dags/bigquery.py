@@ -26,6 +26,7 @@ import time
 import uuid
 from typing import Iterable
 
+from imaging_tasks.errors import ConfigError
 from imaging_tasks.warehouse.schema import TABLES, Table, prepare_rows, replaced_scopes
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class BigQueryWarehouse:
     def __init__(self, *, project: str, dataset: str, gcp_conn_id: str = "google_cloud_default",
                  location: str | None = None):
         if not project or not dataset:
-            raise ValueError("imaging_warehouse must look like bigquery://PROJECT/DATASET")
+            raise ConfigError("imaging_warehouse must look like bigquery://PROJECT/DATASET")
         self.project, self.dataset, self.gcp_conn_id, self.location = project, dataset, gcp_conn_id, location
         self._client_obj = None
         self._ready: set[str] = set()

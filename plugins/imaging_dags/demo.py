@@ -1,5 +1,7 @@
 """``make demo``: synthesize studies (once), run the four DAGs with ``dag.test()``, print what happened.
 
+``--prepare-ui`` (``make up``) only synthesizes the uploads, for runs triggered from the UI.
+
 Runs on the embedded default: local folders as buckets, SQLite Airflow, DuckDB warehouse, CPU.
 Running it again re-uses the same inputs; studies already done are skipped and no row is duplicated.
 """
@@ -56,9 +58,22 @@ def summarize(dag_id: str, run, seconds: float, warehouse: Path) -> dict:
             "rows": sum(loaded.values()), "seconds": seconds}
 
 
+def prepare_ui() -> int:
+    """``make up``: the same synthetic uploads as ``make demo`` in the landing folders, for runs from the UI."""
+    data = Path(os.environ.get("IMAGING_DATA_DIR", REPO / "data"))
+    synthesize(data / "landing", studies=int(os.environ.get("DEMO_STUDIES", "2")), seed=0)
+    key = "your IMAGING_DEID_KEY" if os.environ.get("IMAGING_DEID_KEY") else "the public DEMO key (IMAGING_DEID_DEMO=1)"
+    print(f"make up: synthetic studies under {data / 'landing'}; de-identified with {key}.\n"
+          "  Open http://localhost:8080, log in as admin (password above, also in .airflow/), open a DAG and press\n"
+          "  Trigger: the defaults process everything not yet done. Results: Browse > Imaging QC.")
+    return 0
+
+
 def main() -> int:
     from airflow.dag_processing.dagbag import DagBag
 
+    if "--prepare-ui" in sys.argv[1:]:
+        return prepare_ui()
     if not os.environ.get("IMAGING_DEID_KEY"):
         os.environ["IMAGING_DEID_DEMO"] = "1"  # synthetic data: the public demo key, outputs marked DEMO
         print("demo: IMAGING_DEID_KEY is not set; de-identifying the synthetic data with the public DEMO key")

@@ -4,6 +4,10 @@ Both paths apply one rule (``imaging_tasks.storage.QuietPeriod``): inputs are in
 nothing new arrived for the quiet period (``[imaging] landing_quiet_seconds``, default 120 s; a run's
 Param ``landing_quiet_seconds`` wins), so a study still being uploaded is not picked up half-way.
 
+A scheduled or backfill run whose data interval has closed with nothing in it is skipped at once (it cannot
+fill up any more), so it never holds the DAG's one active run slot against a manual run.  A timeout without
+a finished upload skips the run; a configuration error (unknown bucket, bad setting) fails it once.
+
 File names in landing buckets can carry patient names: logs, trigger events and the XCom hold counts only.
 """
 from __future__ import annotations
@@ -14,6 +18,7 @@ import math
 from typing import Any, AsyncIterator
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.sdk.exceptions import AirflowSensorTimeout, AirflowSkipException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from imaging_dags.window import run_window
@@ -36,6 +41,19 @@ def _summarise(uri: str, since: str | None, until: str | None):
     use_object_storage()
     parse = lambda s: dt.datetime.fromisoformat(s) if s else None  # noqa: E731
     return arrivals(list_objects(ObjectStoragePath(uri), since=parse(since), until=parse(until)))
+
+
+def _check_local_root(uri: str) -> None:
+    """A local landing URI whose parent folder does not exist is a typo in the settings, not an empty night."""
+    from imaging_tasks import storage
+    from imaging_tasks.errors import ConfigError
+
+    if is_remote(uri):
+        return  # a missing bucket is reported by the listing itself (storage.MissingBucket)
+    path = storage.as_path(uri)
+    if not path.exists() and not path.parent.exists():
+        raise ConfigError(f"landing folder {uri} does not exist, nor its parent: check the Variable "
+                          "imaging_landing_uri (or imaging_landing_uri_<specialty>) and the run's prefix")
 
 
 def is_remote(uri: str) -> bool:
@@ -110,13 +128,24 @@ class LandingSensor(BaseSensorOperator):
 
     def _check(self, context, target: tuple[str, str | None, str | None]) -> tuple[Any, float, float]:
         """List the target once: (arrivals, seconds still to wait, the quiet period in seconds)."""
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
         from imaging_dags.settings import landing_quiet_seconds
+        from imaging_tasks.errors import ConfigError
         from imaging_tasks.storage import QuietPeriod
 
-        quiet_s = landing_quiet_seconds(context["params"])
+        try:
+            quiet_s = landing_quiet_seconds(context["params"])
+            _check_local_root(target[0])
+            found = _summarise(*target)
+        except ConfigError as exc:
+            raise AirflowFailException(f"landing {self.specialty}: configuration error, not retried: {exc}") from None
         if self._quiet is None or self._quiet.quiet_s != quiet_s:
             self._quiet = QuietPeriod(quiet_s)
-        found = _summarise(*target)
+        until = target[2]
+        if not found.objects and until and dt.datetime.fromisoformat(until) <= _utcnow():
+            raise AirflowSkipException(f"landing {self.specialty}: nothing arrived in this run's data interval "
+                                       f"({target[1]} .. {until}), which has closed: nothing to do")
         wait = self._quiet.observe(found, _utcnow())
         if found.objects and wait > 0:
             self.log.info("landing %s: %d object(s), %d bytes in window; waiting for %.0f s without new uploads "
@@ -126,6 +155,20 @@ class LandingSensor(BaseSensorOperator):
         return found, wait, quiet_s
 
     def execute(self, context):
+        try:
+            return self._execute(context)
+        except AirflowSensorTimeout as exc:
+            raise AirflowSkipException(f"landing {self.specialty}: no finished upload within {self.timeout:.0f} s "
+                                       f"({exc}); the next run looks again") from None
+
+    def resume_execution(self, next_method: str, next_kwargs, context):
+        try:
+            return super().resume_execution(next_method, next_kwargs, context)
+        except AirflowSensorTimeout as exc:
+            raise AirflowSkipException(f"landing {self.specialty}: no finished upload within {self.timeout:.0f} s "
+                                       f"({exc}); the next run looks again") from None
+
+    def _execute(self, context):
         target = self._target(context)
         if self.deferrable and is_remote(target[0]):
             found, wait, quiet_s = self._check(context, target)

@@ -40,6 +40,8 @@ from pathlib import Path
 
 from airflow.sdk import conf
 
+from imaging_tasks.errors import ConfigError
+
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("IMAGING_DATA_DIR", REPO / "data"))
 
@@ -60,9 +62,9 @@ def landing_quiet_seconds(params=None) -> float:
     try:
         seconds = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"landing_quiet_seconds must be a number of seconds, got {value!r}") from None
+        raise ConfigError(f"landing_quiet_seconds must be a number of seconds, got {value!r}") from None
     if seconds < 0:
-        raise ValueError(f"landing_quiet_seconds must be >= 0, got {seconds}")
+        raise ConfigError(f"landing_quiet_seconds must be >= 0, got {seconds}")
     return seconds
 
 
@@ -78,6 +80,19 @@ def _var(name: str, default: str) -> str:
     from airflow.sdk import Variable
 
     return Variable.get(name, default=default)
+
+
+def server_variable(name: str, default: str) -> str:
+    """A Variable read outside a task (the QC plugin in the api-server): env ``AIRFLOW_VAR_*``, secrets backends,
+    then the metadata DB, as Airflow's own server components read them.
+
+    ``airflow.sdk.Variable`` is meant for task context: outside one it reads the metadata DB only when the process
+    is marked as a server (``airflow api-server`` does that, an app built some other way does not), else it
+    silently falls back to the defaults.  Pass as ``for_specialty(specialty, get=server_variable)``.
+    """
+    from airflow.models.variable import Variable
+
+    return Variable.get(name, default_var=default)
 
 
 @dataclass(frozen=True)
@@ -116,33 +131,39 @@ def use_object_storage() -> None:
     storage.set_uri_resolver(_object_storage_path)
 
 
-def with_connection(uri: str) -> str:
+def with_connection(uri: str, *, get=None) -> str:
     """``s3://bucket/x`` -> ``s3://<conn>@bucket/x`` when Variable ``imaging_aws_conn_id`` (for ``gs://``:
-    ``imaging_gcs_conn_id``) is set and the URI names no connection; other URIs are returned unchanged."""
+    ``imaging_gcs_conn_id``) is set and the URI names no connection; other URIs are returned unchanged.
+    ``get(name, default)`` reads the Variable (default: the task-context reader)."""
     scheme, sep, rest = uri.partition("://")
     variable = REMOTE_CONN_VARIABLES.get(scheme.lower()) if sep else None
     if variable is None:
         return uri
     bucket = rest.split("/", 1)[0]
     if not bucket or bucket.startswith("@") or bucket.endswith("@"):
-        raise ValueError(f"{scheme}:// URI without a bucket: expected {scheme}://[conn_id@]bucket/prefix")
+        raise ConfigError(f"{scheme}:// URI without a bucket: expected {scheme}://[conn_id@]bucket/prefix")
     if "@" in bucket:
         return uri
-    conn_id = _var(variable, "")
+    conn_id = (get or _var)(variable, "")
     return f"{scheme}://{conn_id}@{rest}" if conn_id else uri
 
 
-def for_specialty(specialty: str) -> SpecialtySettings:
-    """Resolve at run time (inside a task), never at parse time."""
+def for_specialty(specialty: str, *, get=None) -> SpecialtySettings:
+    """Resolve at run time (inside a task), never at parse time.
+
+    ``get(name, default)`` reads Variables: by default the task-context reader; server-side code (the QC
+    plugin in the api-server) passes :func:`server_variable`.
+    """
+    var = get or _var
     use_object_storage()
-    landing_root = _var("imaging_landing_uri", (DATA / "landing").as_uri())
-    landing = _var(f"imaging_landing_uri_{specialty}", landing_root.rstrip("/") + f"/{specialty}")
-    lake = _var(f"imaging_lake_uri_{specialty}", _var("imaging_lake_uri", (DATA / "lake").as_uri()))
+    landing_root = var("imaging_landing_uri", (DATA / "landing").as_uri())
+    landing = var(f"imaging_landing_uri_{specialty}", landing_root.rstrip("/") + f"/{specialty}")
+    lake = var(f"imaging_lake_uri_{specialty}", var("imaging_lake_uri", (DATA / "lake").as_uri()))
     return SpecialtySettings(
         specialty=specialty,
-        landing_uri=with_connection(landing),
-        lake_uri=with_connection(lake),
-        warehouse_uri=_var("imaging_warehouse", "duckdb://" + str(DATA / "warehouse.duckdb")),
+        landing_uri=with_connection(landing, get=var),
+        lake_uri=with_connection(lake, get=var),
+        warehouse_uri=var("imaging_warehouse", "duckdb://" + str(DATA / "warehouse.duckdb")),
     )
 
 

@@ -5,11 +5,16 @@ XComs carry pseudonyms, lake URIs and counts only: never image data, raw paths o
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from contextlib import contextmanager
 
-from airflow.sdk import Asset, Param, TriggerRule, get_current_context, task
+from airflow.sdk import Asset, TriggerRule, get_current_context, task
 
+from imaging_dags.params import pipeline_params, run_option
 from imaging_dags.settings import GPU_POOL, GPU_QUEUE, SENSOR_TIMEOUT_S
+
+log = logging.getLogger("imaging_dags")
+STUDY_LABEL = "{{ study_label }}"  # map_index_template: each mapped instance named by the study it holds
 
 SPECIALTY_DEFAULTS = {
     "owner": "imaging-data-eng",
@@ -19,20 +24,6 @@ SPECIALTY_DEFAULTS = {
     "max_retry_delay": dt.timedelta(minutes=10),
     "execution_timeout": dt.timedelta(hours=2),
 }
-
-
-def pipeline_params(**extra: Param) -> dict[str, Param]:
-    """Trigger-form Params; the defaults are what the nightly schedule uses."""
-    return {
-        "prefix": Param("", type="string", description="only inputs under this sub-prefix of the landing bucket"),
-        "reprocess": Param(False, type="boolean", description="redo studies whose outputs are already published"),
-        "window": Param("auto", enum=["auto", "interval", "all"],
-                        description="auto: the data interval for scheduled/backfill runs, everything for manual runs"),
-        "landing_quiet_seconds": Param(None, type=["null", "number"], minimum=0,
-                                       description="upload finished after this many seconds with no new object "
-                                                   "(empty: [imaging] landing_quiet_seconds, default 120)"),
-        **extra,
-    }
 
 
 def warehouse_asset(specialty: str) -> Asset:
@@ -53,13 +44,41 @@ class StudyFailed(RuntimeError):
 
 
 @contextmanager
+def failing_fast(what: str):
+    """A configuration error (no key, unknown bucket, bad warehouse URI) fails the task once, without retries:
+    retrying cannot fix it, and the message says what to set."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from imaging_tasks.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as exc:
+        raise AirflowFailException(f"{what}: configuration error, not retried: {exc}") from None
+
+
+def label_study(study: dict, extra: str = "") -> None:
+    """Name this mapped task instance after its study (the ``map_index_template`` reads ``study_label``)."""
+    label = str(study.get("study") or "?") + (f" {extra}" if extra else "")
+    get_current_context()["study_label"] = label  # type: ignore[index]
+
+
+@contextmanager
 def naming_study(specialty: str, study: dict, step: str, *, detail: bool = True):
     """Re-raise any failure with the study it happened to, so the UI and alerts say which one.
 
     ``detail=False`` keeps the original message out (steps reading raw inputs, whose errors may quote them).
+    A configuration error fails once, without retries (as in ``failing_fast``).
     """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from imaging_tasks.errors import ConfigError
+
     try:
         yield
+    except ConfigError as exc:
+        raise AirflowFailException(f"{specialty} study {study.get('study', '?')}: {step}: configuration error, "
+                                   f"not retried: {exc}") from None
     except Exception as exc:
         what = f"{type(exc).__name__}: {exc}" if detail else type(exc).__name__
         raise StudyFailed(f"{specialty} study {study.get('study', '?')}: {step} failed ({what}); the task retries "
@@ -76,7 +95,7 @@ def landing_sensor(specialty: str):
     from imaging_dags.sensors import LandingSensor
 
     return LandingSensor(task_id="wait_for_landing", specialty=specialty, poke_interval=60,
-                         timeout=SENSOR_TIMEOUT_S, soft_fail=True)
+                         timeout=SENSOR_TIMEOUT_S)
 
 
 @task
@@ -88,33 +107,41 @@ def index_studies(specialty: str, arrived: dict | None = None) -> list[dict]:
 
     ctx = get_current_context()
     params = ctx["params"]
-    settings = for_specialty(specialty)
-    since, until = run_window(ctx)
-    key, _demo = deid_key()
-    summary = index_landing(settings.landing, settings.lake, key=key, prefix=params.get("prefix") or "",
-                            since=since, until=until, reprocess=bool(params.get("reprocess")),
-                            mr_only_wait_hours=float(params.get("mr_only_wait_hours", 6.0)))
+    with failing_fast(f"index {specialty}"):
+        settings = for_specialty(specialty)
+        key, demo = deid_key()
+        since, until = run_window(ctx)
+        log.info("index %s: window %s .. %s, prefix %r, reprocess=%s, de-identification key: %s", specialty,
+                 since or "-", until or "-", params.get("prefix") or "", bool(params.get("reprocess")),
+                 "public DEMO key" if demo else "configured key")
+        summary = index_landing(settings.landing, settings.lake, key=key, prefix=params.get("prefix") or "",
+                                since=since, until=until, reprocess=bool(params.get("reprocess")),
+                                mr_only_wait_hours=float(run_option(params, "mr_only_wait_hours", 6.0)))
     counts = {"objects": summary["objects"], "to_process": len(summary["studies"]),
               "already_done": len(summary["skipped_done"]), "waiting": len(summary["waiting"]),
-              "quarantined": summary["quarantined"]}
+              "quarantined": summary["quarantined"], "quarantined_new": summary["quarantined_new"]}
     ctx["ti"].xcom_push(key="summary", value=counts)
-    print(f"index {specialty}: {counts['objects']} object(s) -> {counts['to_process']} stud(ies) to process, "
-          f"{counts['already_done']} already done, {counts['waiting']} waiting, {counts['quarantined']} quarantined")
+    if summary["studies"]:
+        log.info("index %s: studies to process: %s", specialty, ", ".join(s["study"] for s in summary["studies"][:50])
+                 + (" ..." if len(summary["studies"]) > 50 else ""))
     return summary["studies"]
 
 
-@task(max_active_tis_per_dagrun=4)
+@task(max_active_tis_per_dagrun=4, map_index_template=STUDY_LABEL)
 def deidentify(specialty: str, study: dict) -> dict:
     """PS3.15 basic profile with keyed pseudonyms; outputs audited for PHI before they are written."""
     from imaging_dags.settings import deid_key
     from imaging_tasks.pipeline import deidentify_study
 
-    key, demo = deid_key()
+    label_study(study)
+    with failing_fast(f"de-identify {specialty} study {study.get('study')}"):
+        key, demo = deid_key()
+        lake = _lake(specialty)
     with naming_study(specialty, study, "de-identification", detail=False):
-        return deidentify_study(study, _lake(specialty), key=key, demo=demo, run=_run())
+        return deidentify_study(study, lake, key=key, demo=demo, run=_run())
 
 
-@task(max_active_tis_per_dagrun=4)
+@task(max_active_tis_per_dagrun=4, map_index_template=STUDY_LABEL)
 def audit_phi(specialty: str, study: dict) -> dict:
     """Independent, fail-closed PHI audit of a de-identified study: the raw inputs' identifying values are
     re-read and searched for in every byte written to the lake and in the XCom; returns the study unchanged.
@@ -126,15 +153,27 @@ def audit_phi(specialty: str, study: dict) -> dict:
     from imaging_tasks.phi_audit import PHILeak
     from imaging_tasks.pipeline import audit_study
 
+    label_study(study)
     if study.get("status") != "ok":
+        log.info("PHI audit %s study %s: nothing to audit (status %s)", specialty, study.get("study"),
+                 study.get("status"))
         return study
     try:
-        report = audit_study(study, _lake(specialty))
+        audit_study(study, _lake(specialty))  # logs what it searched
     except PHILeak as exc:  # names attributes, never values
         raise AirflowFailException(f"{specialty} study {study['study']}: {exc}") from None
-    print(f"PHI audit {specialty} {study['study']}: {report['values']} identifying value(s) absent from "
-          f"{report['files']} file(s), {report['bytes']} bytes, {report['payloads']} payload(s)")
     return study
+
+
+@task
+def ready_for_processing(specialty: str, audited: list[dict]) -> list[dict]:
+    """Only de-identified, audited studies go on: a quarantined study never takes a GPU slot."""
+    ready = [s for s in audited if s and s.get("status") == "ok"]
+    held = [s for s in audited if s and s.get("status") != "ok"]
+    log.info("%s: %d stud(ies) ready for processing%s", specialty, len(ready),
+             "" if not held else f"; {len(held)} held back (quarantined at de-identification): "
+             + ", ".join(str(s.get("study")) for s in held[:50]))
+    return ready
 
 
 def gpu_task(**kwargs):
@@ -142,23 +181,28 @@ def gpu_task(**kwargs):
     return task(queue=GPU_QUEUE, pool=GPU_POOL, **kwargs)
 
 
-@gpu_task()
+@gpu_task(map_index_template=STUDY_LABEL)
 def process_study(specialty: str, study: dict) -> dict:
     from imaging_tasks.pipeline import process_study as run_step
 
+    label_study(study)
     with naming_study(specialty, study, "processing"):
         return run_step(study, _lake(specialty), run=_run())
 
 
-@task
+@task(map_index_template=STUDY_LABEL)
 def plan_tiles(study: dict) -> dict:
     """Tissue detection and tile list at the run's ``target_mpp`` / ``tile_px`` Params."""
     from imaging_tasks.pipeline import plan_slide
 
+    label_study(study)
     params = get_current_context()["params"]
+    target_mpp, tile_px = float(run_option(params, "target_mpp", 1.0)), int(run_option(params, "tile_px", 256))
     with naming_study("pathology", study, "tile planning"):
-        return plan_slide(study, _lake("pathology"), target_mpp=float(params.get("target_mpp", 1.0)),
-                          tile_px=int(params.get("tile_px", 256)), run=_run())
+        plan = plan_slide(study, _lake("pathology"), target_mpp=target_mpp, tile_px=tile_px, run=_run())
+    log.info("plan pathology study %s at %.3g µm/px, %d px tiles: %d tile(s) on tissue, status %s", study["study"],
+             target_mpp, tile_px, plan.get("n_tiles", 0), plan.get("status"))
+    return plan
 
 
 @task
@@ -167,22 +211,25 @@ def tile_batches(plans: list[dict], max_batches: int = 1000) -> list[dict]:
     from imaging_tasks.pipeline import tile_batches as split
 
     batches = split(list(plans), max_batches=max_batches)
-    print(f"{sum(b['stop'] - b['start'] for b in batches)} tiles in {len(batches)} batch(es)")
+    log.info("pathology: %d tile(s) of %d slide(s) in %d batch(es)", sum(b["stop"] - b["start"] for b in batches),
+             len({b["study"] for b in batches}), len(batches))
     return batches
 
 
-@gpu_task()
+@gpu_task(map_index_template=STUDY_LABEL)
 def tile_features(batch: dict) -> dict:
     from imaging_tasks.pipeline import tile_features_batch
 
+    label_study(batch, f"tiles {batch['start']}-{batch['stop']}")
     with naming_study("pathology", batch, f"tile features {batch['start']}-{batch['stop']}"):
         return tile_features_batch(batch, _lake("pathology"), run=_run())
 
 
-@task(trigger_rule=TriggerRule.NONE_FAILED)
+@task(trigger_rule=TriggerRule.NONE_FAILED, map_index_template=STUDY_LABEL)
 def finish_slide(plan: dict, features: list[dict] | None = None) -> dict:
     from imaging_tasks.pipeline import finish_slide as finish
 
+    label_study(plan)
     with naming_study("pathology", plan, "slide summary"):
         return finish(plan, list(features or []), _lake("pathology"), run=_run())
 
@@ -193,22 +240,32 @@ def load_metadata(specialty: str, processed):
     @task(task_id="load_metadata", trigger_rule=TriggerRule.NONE_FAILED, outlets=[warehouse_asset(specialty)])
     def _load(processed: list[dict] | None = None) -> dict:
         from airflow.sdk import Variable
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from imaging_dags.settings import for_specialty
         from imaging_dags.warehouse_hook import WarehouseHook
+        from imaging_tasks.phi_audit import PHILeak
         from imaging_tasks.pipeline import load
 
-        settings = for_specialty(specialty)
-        hook = WarehouseHook(settings.warehouse_uri, Variable.get("imaging_gcp_conn_id", default="google_cloud_default"))
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from imaging_tasks.phi_audit import PHILeak
-
+        ctx = get_current_context()
+        processed = [p for p in (processed or []) if p]
+        indexed = ctx["ti"].xcom_pull(task_ids="index_studies", key="summary") or {}
+        if not indexed.get("to_process") and not indexed.get("quarantined_new"):
+            raise AirflowSkipException(f"{specialty}: nothing new in this run (no study processed, no input "
+                                       "quarantined): no warehouse write, no asset event")
+        with failing_fast(f"load {specialty}"):
+            settings = for_specialty(specialty)
+            warehouse = WarehouseHook(settings.warehouse_uri,
+                                      Variable.get("imaging_gcp_conn_id", default="google_cloud_default")).get_conn()
         try:  # load audits every study's derived files, rows and XCom before writing anything
-            counts = load(list(processed or []), settings.lake, hook.get_conn(), run=_run())
+            counts = load(processed, settings.lake, warehouse, run=_run())
         except PHILeak as exc:
             raise AirflowFailException(f"{specialty}: {exc}") from None
-        print(f"loaded {specialty}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        ok = [p for p in processed if p.get("status") == "ok"]
+        ctx["outlet_events"][warehouse_asset(specialty)].extra = {
+            "specialty": specialty, "run_id": ctx["ti"].run_id, "rows": counts, "studies": len(ok),
+            "study_ids": [p["study"] for p in ok][:200], "derived_uris": [p["derived"] for p in ok][:200],
+            "warehouse": settings.warehouse_uri.split("?", 1)[0]}
         return counts
 
     return _load(processed)

@@ -5,6 +5,8 @@ from urllib.parse import parse_qs
 
 from airflow.sdk import BaseHook
 
+from imaging_tasks.errors import ConfigError
+
 
 class WarehouseHook(BaseHook):
     """Chooses the backend from the ``imaging_warehouse`` URI; both expose ``upsert(table, rows, replace_scope)``.
@@ -31,4 +33,5 @@ class WarehouseHook(BaseHook):
             location = (parse_qs(query).get("location") or [None])[0]
             return BigQueryWarehouse(project=project, dataset=dataset, gcp_conn_id=self.gcp_conn_id,
                                      location=location)
-        raise ValueError(f"imaging_warehouse={self.uri!r}: use duckdb:///path/file.duckdb or bigquery://project/dataset")
+        raise ConfigError(f"Variable imaging_warehouse={self.uri!r} is not a warehouse URI: use "
+                          "duckdb:///path/file.duckdb or bigquery://PROJECT/DATASET")
