@@ -47,27 +47,47 @@ def _key(args):
 
 
 def _run(args) -> int:
-    """The whole chain for one specialty, in process: what the DAG does, without Airflow."""
+    """The whole chain for one specialty, in process: what the DAG does, without Airflow.
+
+    One failing study never stops the others: it is recorded as failed in the ledger (the next run takes it
+    again) and the exit status is 1; everything pending (this run's and any killed run's) is loaded.
+    """
     from imaging_tasks import pipeline
+    from imaging_tasks.phi_audit import PHILeak
     from imaging_tasks.warehouse import DuckDBWarehouse
 
     key, demo = _key(args)
     lake = pipeline.Lake(args.lake, args.specialty)
     run = pipeline.RunContext(run_id=args.run_id)
-    summary = pipeline.index_landing(args.landing, lake, key=key, reprocess=args.reprocess)
-    processed = []
+    summary = pipeline.index_landing(args.landing, lake, key=key, reprocess=args.reprocess, run=run)
+    processed, failed = [], []
     for study in summary["studies"]:
-        clean = pipeline.deidentify_study(study, lake, key=key, demo=demo, run=run)
-        if args.specialty == "pathology":
-            plan = pipeline.plan_slide(clean, lake, run=run)
-            feats = [pipeline.tile_features_batch(b, lake, run=run) for b in pipeline.tile_batches([plan])]
-            processed.append(pipeline.finish_slide(plan, feats, lake, run=run))
-        else:
-            processed.append(pipeline.process_study(clean, lake, run=run))
+        step = "deidentify"
+        try:
+            clean = pipeline.deidentify_study(study, lake, key=key, demo=demo, run=run)
+            if clean["status"] != "ok":
+                continue
+            step = "audit_phi"
+            pipeline.audit_deidentified(clean, lake, run=run)
+            step = "process"
+            if args.specialty == "pathology":
+                plan = pipeline.plan_slide(clean, lake, run=run)
+                feats = [pipeline.tile_features_batch(b, lake, run=run) for b in pipeline.tile_batches([plan])]
+                processed.append(pipeline.finish_slide(plan, feats, lake, run=run))
+            else:
+                processed.append(pipeline.process_study(clean, lake, run=run))
+        except PHILeak as exc:  # recorded by the audit itself
+            failed.append({"study": study["study"], "step": step, "reason": type(exc).__name__})
+        except Exception as exc:  # noqa: BLE001 - one study's failure must not stop the others
+            pipeline.record_failure(study, lake, step=step, exc=exc, run=run, detail=step != "deidentify")
+            failed.append({"study": study["study"], "step": step, "reason": type(exc).__name__})
     counts = pipeline.load(processed, lake, DuckDBWarehouse(args.warehouse), run=run)
+    loaded = counts.pop("loaded")
+    counts.pop("failed")
     print(json.dumps({"studies": len(summary["studies"]), "skipped_done": len(summary["skipped_done"]),
-                      "quarantined": summary["quarantined"], "rows": counts}, sort_keys=True))
-    return 0
+                      "quarantined": summary["quarantined"], "loaded": len(loaded), "failed": failed,
+                      "rows": counts}, sort_keys=True))
+    return 1 if failed else 0
 
 
 # CLI spelling -> DeidOptions field; "no-modified-dates" turns the default date option off.

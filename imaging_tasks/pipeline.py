@@ -18,6 +18,7 @@ import imaging_tasks
 from imaging_tasks import storage
 from imaging_tasks.errors import BadInput
 from imaging_tasks.index import entry_to_manifest, index_objects
+from imaging_tasks.ledger import Ledger, options_hash, warehouse_row
 from imaging_tasks.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,10 @@ class Lake:
     def runs(self, run_id: str):
         return storage.join(self.root, "runs", self.specialty, _safe(run_id))
 
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger(self.root, self.specialty)
+
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
@@ -88,9 +93,18 @@ def _quarantine(lake: Lake, data: bytes, exc: BadInput, *, stage: str, source_ur
 # --------------------------------------------------------------------------- index
 def index_landing(landing: Any, lake: Lake, *, key: bytes, prefix: str = "", since: dt.datetime | None = None,
                   until: dt.datetime | None = None, reprocess: bool = False, now: dt.datetime | None = None,
-                  mr_only_wait_hours: float = 6.0) -> dict:
-    """List what arrived (in [since, until) when given), group it into studies, skip studies already done."""
+                  mr_only_wait_hours: float = 6.0, options: dict | None = None,
+                  run: RunContext = RunContext()) -> dict:
+    """List what arrived (in [since, until) when given), group it into studies, skip studies already done.
+
+    Done means *loaded* (or quarantined) with the same inputs, per the ledger; a study published but not yet
+    loaded is left to the load step (which loads every pending study) rather than processed again.  Processing
+    ``options`` that differ from those a loaded study was made with make it due again.
+    """
     root = storage.join(landing, prefix) if prefix else storage.as_path(landing)
+    swept = storage.sweep_temporary(lake.root)  # half-written files of a killed run
+    if swept:
+        log.info("lake: removed %d temporary file(s) left by a killed writer", swept)
     objects = storage.list_objects(root, since=since, until=until)
 
     def quarantine(obj: storage.ObjectInfo, exc: BadInput) -> dict:
@@ -99,15 +113,24 @@ def index_landing(landing: Any, lake: Lake, *, key: bytes, prefix: str = "", sin
 
     result = index_objects(objects, specialty=lake.specialty, key=key, quarantine=quarantine, now=now,
                            mr_only_wait=dt.timedelta(hours=mr_only_wait_hours))
+    ledger = lake.ledger
+    opts = options_hash(options)
     studies, skipped = [], []
     for entry in result.studies:
-        done = storage.read_manifest(lake.derived(entry.patient, entry.study)) or _read_outcome(lake, entry.study)
-        if done and done.get("fingerprint") == entry.fingerprint and not reprocess:
+        record = ledger.get(entry.study)
+        if not reprocess and ledger.is_done(record, entry.fingerprint, opts):
             skipped.append(entry.study)
+            continue
+        if not reprocess and record and record.get("state") == "published" and \
+                record.get("fingerprint") == entry.fingerprint:
+            ledger.mark(record, "published", step=record.get("step") or "publish", run_id=record["run_id"])
+            skipped.append(entry.study)  # its outputs exist: the load step loads it (marker re-made above)
             continue
         manifest_uri = lake.work("studies", f"{entry.study}.json")
         storage.write_json(manifest_uri, entry_to_manifest(entry))
-        studies.append(entry.summary(str(manifest_uri)))
+        summary = entry.summary(str(manifest_uri))
+        ledger.mark(summary, "arrived", step="index", run_id=run.run_id, options_hash=opts)
+        studies.append(summary)
     summary = {"objects": len(objects), "studies": studies, "skipped_done": skipped, "waiting": result.waiting,
                "quarantined": len(result.quarantined),
                "quarantined_new": sum(1 for row in result.quarantined if row.get("first_seen", True))}
@@ -116,19 +139,18 @@ def index_landing(landing: Any, lake: Lake, *, key: bytes, prefix: str = "", sin
     return summary
 
 
-def _outcome_uri(lake: Lake, study: str):
-    return lake.work("outcomes", f"{study}.json")
+def record_failure(study: dict, lake: Lake, *, step: str, exc: BaseException, run: RunContext,
+                   attempt: int | None = None, detail: bool = True) -> dict:
+    """A step failed for this study (a bug, an outage): the ledger says which step, why and which attempt.
 
-
-def _read_outcome(lake: Lake, study: str) -> dict | None:
-    uri = _outcome_uri(lake, study)
-    return storage.read_json(uri) if uri.exists() else None
-
-
-def _record_quarantined_study(lake: Lake, study: dict, stage: str) -> None:
-    """Remember that these exact inputs ended in quarantine, so the next run does not redo them."""
-    storage.write_json(_outcome_uri(lake, study["study"]),
-                       {"fingerprint": study["fingerprint"], "status": "quarantined", "stage": stage})
+    The study stays due (not done): the next attempt or run takes it again.  ``detail=False`` keeps the
+    exception's message out (steps reading raw inputs, whose errors may quote them).
+    """
+    message = str(exc)[:500] if detail else None
+    log.error("%s study %s: %s failed (attempt %s): %s%s", lake.specialty, study.get("study"), step, attempt or 1,
+              type(exc).__name__, f": {message}" if message else "")
+    return lake.ledger.mark(study, "failed", step=step, run_id=run.run_id, reason=type(exc).__name__,
+                            message=message, attempt=attempt)
 
 
 # --------------------------------------------------------------------------- de-identification
@@ -152,8 +174,11 @@ def deidentify_study(study: dict, lake: Lake, *, key: bytes, demo: bool, options
               "fingerprint": study["fingerprint"], "demo_key": demo, "instances": instances}
     if instances:
         storage.write_json(storage.join(dest, DEID_MANIFEST), record)
+        lake.ledger.mark(study, "deidentified", step="deidentify", run_id=run.run_id, anonymized_uri=str(dest))
     else:
-        _record_quarantined_study(lake, study, "deidentify")
+        lake.ledger.mark(study, "quarantined", step="deidentify", run_id=run.run_id, reason="no_usable_input",
+                         message=f"all {quarantined} input file(s) of the study were quarantined; see the "
+                                 "quarantine table for each file's reason")
     record_lineage(lake, run, study=study["study"],
                    inputs=[{"uri": "landing:" + study["study"], "sha256": i["source_sha256"]} for i in instances],
                    outputs=[{"uri": i["uri"], "sha256": i["sha256"]} for i in instances], device=None,
@@ -238,6 +263,21 @@ def _files_under(root) -> list[str]:
         [str(storage.join(root, n)) for n in (DEID_MANIFEST, storage.MANIFEST) if storage.join(root, n).exists()]
 
 
+def audit_deidentified(study: dict, lake: Lake, *, run: RunContext = RunContext()) -> dict:
+    """The standalone audit after de-identification: passes (ledger: audited) or raises ``PHILeak`` (ledger:
+    failed at the audit, reason ``phi_audit_failed``; the study goes no further and is not retried blindly)."""
+    from imaging_tasks.phi_audit import PHILeak
+
+    try:
+        report = audit_study(study, lake)
+    except PHILeak as exc:
+        lake.ledger.mark(study, "failed", step="audit_phi", run_id=run.run_id, reason="phi_audit_failed",
+                         message=str(exc))  # names attributes, never values
+        raise
+    lake.ledger.mark(study, "audited", step="audit_phi", run_id=run.run_id)
+    return report
+
+
 def audit_study(study: dict, lake: Lake, *, payloads: list[tuple[str, Any]] = (), derived: bool = False) -> dict:
     """Prove that no identifying value of the study's raw inputs survives in what was made from them.
 
@@ -297,6 +337,8 @@ def _publish(study: dict, deid: dict, lake: Lake, result: dict, out_dir: Path, *
                 "inputs": [{"uri": i["uri"], "sha256": i["sha256"]} for i in deid["instances"]],
                 "outputs": outputs, "metrics": results["metrics"], "n_findings": len(results["findings"])}
     storage.publish_manifest(dest, manifest)
+    lake.ledger.mark(study, "published", step=run.task_id if run.task_id != "cli" else "process", run_id=run.run_id,
+                     anonymized_uri=study["anonymized"], derived_uri=str(dest))
     record_lineage(lake, run, study=study["study"], inputs=manifest["inputs"],
                    outputs=[{"uri": str(storage.join(dest, o["path"])), "sha256": o["sha256"]} for o in outputs],
                    device=device, started=started)
@@ -315,7 +357,7 @@ def _quarantine_study(study: dict, deid: dict, lake: Lake, exc: BadInput, *, run
 
     listing = json.dumps({"study": study["study"], "instances": deid["instances"]}, sort_keys=True).encode()
     _quarantine(lake, listing, exc, stage="process", source_uri=study["anonymized"], suffix=".json")
-    _record_quarantined_study(lake, study, "process")
+    lake.ledger.mark(study, "quarantined", step="process", run_id=run.run_id, reason=exc.reason, message=exc.message)
     record_lineage(lake, run, study=study["study"], inputs=[], outputs=[], device=None, started=started,
                    status="quarantined")
     return {**{k: study[k] for k in ("specialty", "study", "patient", "anonymized")}, "status": "quarantined",
@@ -410,8 +452,10 @@ def finish_slide(plan: dict, features: list[dict], lake: Lake, *, run: RunContex
 
 
 # --------------------------------------------------------------------------- load
-def warehouse_rows(processed: list[dict], lake: Lake, *, run: RunContext) -> dict[str, list[dict]]:
-    """Rows for every table from the published manifests, the quarantine folder and this run's lineage."""
+def warehouse_rows(processed: list[dict], lake: Lake, *, run: RunContext,
+                   lineage_runs: Any = ()) -> dict[str, list[dict]]:
+    """Rows for every table from the published manifests, the quarantine folder and the lineage of this run
+    (and of ``lineage_runs``: earlier runs whose studies are loaded now)."""
     rows: dict[str, list[dict]] = {t: [] for t in ("studies", "series", "instances", "results", "findings")}
     for item in processed:
         if not item or item.get("status") != "ok":
@@ -449,26 +493,88 @@ def warehouse_rows(processed: list[dict], lake: Lake, *, run: RunContext) -> dic
             rows["findings"].append({"specialty": spec, "study_id": study, "kind": f.get("kind", "finding"),
                                      "finding_index": f.get("index", n), "properties": f})
     rows["quarantine"] = storage.quarantine_rows(lake.root, lake.specialty)
-    rows["processing_runs"] = [storage.read_json(o.uri) for o in storage.list_objects(lake.runs(run.run_id))]
+    rows["processing_runs"] = [storage.read_json(o.uri) for rid in sorted({run.run_id, *lineage_runs})
+                               for o in storage.list_objects(lake.runs(rid))]
     return rows
 
 
-def load(processed: list[dict], lake: Lake, warehouse, *, run: RunContext = RunContext()) -> dict[str, int]:
-    """Upsert everything this run produced; per-study tables are replaced whole so no stale rows remain."""
-    rows = warehouse_rows(processed, lake, run=run)
-    for item in processed:  # fail closed: nothing is loaded if any study's rows or outputs carry PHI
-        if item and item.get("status") == "ok":
-            mine = {t: [r for r in rs if r.get("study_id") == item["study"]] for t, rs in rows.items()}
+def pending_loads(lake: Lake) -> list[dict]:
+    """Every study whose latest state (published, quarantined, failed) has not reached the warehouse yet."""
+    return lake.ledger.pending()
+
+
+def _as_item(record: dict) -> dict:
+    return {"specialty": record["specialty"], "study": record["study"], "patient": record["patient"],
+            "fingerprint": record.get("fingerprint"), "anonymized": record.get("anonymized_uri"),
+            "derived": record.get("derived_uri"), "status": "ok"}
+
+
+def load(processed: list[dict], lake: Lake, warehouse, *, run: RunContext = RunContext()) -> dict[str, Any]:
+    """Load every pending study of the specialty (any run's: a killed or failed run is repaired by the next), plus
+    the ``processed`` studies given (reloaded even if loaded before), in one transaction where the store has them.
+
+    Per-study tables are replaced whole, so no stale rows remain and a rerun converges.  Each study's rows and
+    outputs are audited for PHI first; a study that fails the audit is not loaded (ledger: failed,
+    ``phi_audit_failed``) and the others are.  Returns the row counts per table and ``failed``: the studies of
+    this load that ended failed (the caller makes the run fail after loading the rest).
+    """
+    from imaging_tasks.phi_audit import PHILeak
+
+    ledger = lake.ledger
+    pending = pending_loads(lake)
+    items = {r["study"]: _as_item(r) for r in pending if r["state"] == "published"}
+    for item in processed:
+        if item and item.get("status") == "ok" and item.get("derived"):
+            items.setdefault(item["study"], item)
+    earlier = {h["run_id"] for r in pending for h in r.get("history", []) if h.get("run_id")}
+    rows = warehouse_rows(list(items.values()), lake, run=run, lineage_runs=earlier)
+    leaked = {}
+    for study, item in items.items():  # fail closed, per study
+        mine = {t: [r for r in rs if r.get("study_id") == study] for t, rs in rows.items()}
+        try:
             audit_study(item, lake, payloads=[("warehouse rows", mine)], derived=True)
+        except PHILeak as exc:
+            leaked[study] = ledger.mark(item, "failed", step="load_audit", run_id=run.run_id,
+                                        reason="phi_audit_failed", message=str(exc))
+    if leaked:
+        rows = {t: [r for r in rs if r.get("study_id") not in leaked] for t, rs in rows.items()}
+        items = {k: v for k, v in items.items() if k not in leaked}
+    loaded_states = {**{r["study"]: r for r in pending}, **leaked}
+    rows["ledger"] = [warehouse_row({**r, "state": "loaded" if r["study"] in items else r["state"]})
+                      for r in loaded_states.values()]
+    for study, item in items.items():
+        if study not in loaded_states:  # reloaded on request (reprocess/retry): its row says loaded too
+            rec = ledger.get(study)
+            if rec:
+                rows["ledger"].append(warehouse_row({**rec, "state": "loaded"}))
     scoped = {"series", "instances", "results", "findings"}
-    # every processed study's per-study rows are replaced, even where it now has none (e.g. no findings)
-    studies = [(lake.specialty, i["study"]) for i in processed if i and i.get("status") == "ok"]
-    counts = {}
-    for table, table_rows in rows.items():
-        if table in scoped:
-            counts[table] = warehouse.upsert(table, table_rows, replace_scope=("specialty", "study_id"),
-                                             scopes=studies)
-        else:
-            counts[table] = warehouse.upsert(table, table_rows)
-    log.info("loaded %s into the warehouse: %s", lake.specialty, ", ".join(f"{k}={v}" for k, v in counts.items()))
+    # every loaded study's per-study rows are replaced, even where it now has none (e.g. no findings)
+    studies = [(lake.specialty, s) for s in items]
+    counts: dict[str, Any] = {}
+    with _transaction(warehouse) as tx:
+        for table, table_rows in rows.items():
+            if table in scoped:
+                counts[table] = tx.upsert(table, table_rows, replace_scope=("specialty", "study_id"), scopes=studies)
+            else:
+                counts[table] = tx.upsert(table, table_rows)
+    reloaded = [ledger.get(s) for s in items if s not in loaded_states]
+    ledger.mark_loaded([*pending, *(r for r in reloaded if r)], run_id=run.run_id)
+    failed = sorted({r["study"] for r in loaded_states.values() if r["state"] == "failed"})
+    log.info("loaded %s into the warehouse: %d stud(ies) (%d from earlier runs), %d quarantined, %d failed; rows: %s",
+             lake.specialty, len(items), sum(1 for r in pending if r["state"] == "published"
+                                             and r.get("run_id") != run.run_id),
+             sum(1 for r in loaded_states.values() if r["state"] == "quarantined"), len(failed),
+             ", ".join(f"{k}={v}" for k, v in counts.items()))
+    counts["failed"] = [{"study": s, "step": loaded_states[s].get("step"), "reason": loaded_states[s].get("reason"),
+                         "attempt": loaded_states[s].get("attempt")} for s in failed]
+    counts["loaded"] = [{"study": s, "derived": item.get("derived")} for s, item in items.items()]
     return counts
+
+
+def _transaction(warehouse):
+    """The store's transaction (DuckDB: all tables or none); stores without one (BigQuery) run each table's
+    MERGE on its own, which converges when rerun."""
+    from contextlib import nullcontext
+
+    begin = getattr(warehouse, "transaction", None)
+    return begin() if begin is not None else nullcontext(warehouse)

@@ -20,6 +20,11 @@ Layout under a lake root::
 
 A study's outputs become visible only when ``_MANIFEST.json`` is written, last: readers that wait for
 the manifest never see a half-written study.  Local writes go through a temporary name and a rename.
+
+Remote operations (``s3://``, ``gs://``) are retried on transient faults (5xx, throttling, connection resets,
+bodies cut short) with backoff, by :mod:`imaging_tasks.retry`, on top of the SDKs' own per-request retries;
+every one of them is idempotent (a PUT of the same bytes to the same key, reads, listings).  A missing bucket,
+a 403 or any other 4xx fails at once.  Local paths are not retried.
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ import hashlib
 import json
 import math
 import os
+import re
+import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +44,7 @@ from urllib.parse import urlsplit
 
 from upath import UPath
 
+from imaging_tasks import retry
 from imaging_tasks.errors import ConfigError
 
 MANIFEST = "_MANIFEST.json"
@@ -71,11 +80,33 @@ def as_path(location: Any) -> UPath:
             raise ValueError(f"{_scheme(text)}:// URI names the Airflow connection {conn!r}: it can only be opened "
                              "inside Airflow (or after storage.set_uri_resolver); outside Airflow use "
                              f"{_scheme(text)}://<bucket>/... with the ambient cloud credentials")
+    if not _scheme(text):  # a relative local path (the CLI's arguments): anchor it, listings are absolute
+        text = os.path.abspath(text)
     return UPath(text)
 
 
 def is_local(path: UPath) -> bool:
     return getattr(path, "protocol", "") in LOCAL_PROTOCOLS
+
+
+def where(location: Any) -> str:
+    """``scheme://bucket`` of a location, for log lines: never the object name (it can carry a patient name)."""
+    path = as_path(location)
+    if is_local(path):
+        return "file://"
+    return f"{path.protocol}://{urlsplit(str(path)).netloc.rpartition('@')[2]}"
+
+
+def _remote(operation: str, path: UPath, fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` for a remote ``path``, retried on transient faults (see :mod:`imaging_tasks.retry`).
+    A refusal (403) is not retried; it fails at once saying where and what to check."""
+    target = where(path)
+    try:
+        return retry.call(fn, *args, operation=operation, target=target, **kwargs)
+    except PermissionError as exc:
+        exc.add_note(f"{operation} on {target} was refused (access denied): the connection's credentials or the "
+                     "bucket policy do not allow it; not a transient fault, not retried")
+        raise
 
 
 def join(root: Any, *parts: str) -> UPath:
@@ -110,7 +141,7 @@ def list_objects(root: Any, *, since: dt.datetime | None = None, until: dt.datet
             return []
         found = fs.find(base, detail=True)
     else:
-        found = _find_remote(root, fs, base)
+        found = _remote("list", root, _find_remote, root, fs, base)
     out = []
     for name, info in sorted(found.items()):
         if info.get("type") == "directory":
@@ -150,9 +181,14 @@ def _find_remote(root: UPath, fs, base: str) -> dict:
     if not found:
         bucket = base.split("/", 1)[0]
         fs.invalidate_cache(bucket)
+        # s3fs's exists() on a bucket answers False for any error, transient ones included: a False is checked
+        # by listing the bucket, which tells "no such bucket" / "access denied" from a fault worth retrying
         if not fs.exists(bucket):
-            raise MissingBucket(f"bucket {root.protocol}://{bucket} does not exist or the connection cannot see "
-                                "it: check the landing/lake URI Variables and the connection")
+            try:
+                fs.ls(bucket, detail=False)
+            except (FileNotFoundError, PermissionError) as exc:
+                raise MissingBucket(f"bucket {root.protocol}://{bucket} does not exist or the connection cannot "
+                                    "see it: check the landing/lake URI Variables and the connection") from exc
     return found
 
 
@@ -227,7 +263,18 @@ class QuietPeriod:
 
 
 def read_bytes(location: Any) -> bytes:
-    return as_path(location).read_bytes()
+    path = as_path(location)
+    if is_local(path):
+        return path.read_bytes()
+    return _remote("read", path, path.fs.cat_file, path.path)
+
+
+def exists(location: Any) -> bool:
+    """Whether the object (or folder) exists; remote checks are retried on transient faults."""
+    path = as_path(location)
+    if is_local(path):
+        return path.exists()
+    return _remote("exists", path, path.exists)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -235,25 +282,78 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_of(location: Any) -> str:
-    digest = hashlib.sha256()
-    with as_path(location).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    path = as_path(location)
+
+    def digest_stream() -> str:  # a retry starts over: a stream broken mid-way is read again from the start
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(CHUNK), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    return digest_stream() if is_local(path) else _remote("hash", path, digest_stream)
 
 
 def write_bytes(location: Any, data: bytes) -> str:
-    """Write atomically (tmp + rename locally; object PUTs are atomic already); return the sha256."""
+    """Write atomically (tmp + rename locally; object PUTs are atomic already); return the sha256.
+
+    A remote write is one PUT of the whole object (a multipart upload above 100 MB, aborted if it fails, so no
+    parts linger); a PUT retried after a lost response writes the same bytes to the same key again.
+    """
     path = as_path(location)
     if is_local(path):
         target = Path(path.path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        tmp = target.with_name(f".{target.name}.{_WRITER}-{os.getpid()}-{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     else:
-        path.write_bytes(data)
+        _remote("write", path, path.fs.pipe_file, path.path, data)
     return sha256_bytes(data)
+
+
+TMP_SUFFIX = ".imaging-tmp"
+_WRITER = re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:32] or "host"
+STALE_TMP_S = 6 * 3600  # a temporary file this old is abandoned whoever wrote it
+
+
+def sweep_temporary(root: Any, *, now: float | None = None) -> int:
+    """Remove the temporary files a killed writer left under a local ``root``: those of this host whose process
+    is gone, and any older than ``STALE_TMP_S``.  Object stores need nothing (their PUTs are atomic)."""
+    path = as_path(root)
+    if not is_local(path) or not path.exists():
+        return 0
+    now = time.time() if now is None else now
+    removed = 0
+    for folder, _dirs, files in os.walk(path.path):
+        for name in files:
+            if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
+                continue
+            full = os.path.join(folder, name)
+            writer = name[:-len(TMP_SUFFIX)].rsplit(".", 1)[-1].split("-")
+            mine_and_dead = len(writer) == 3 and writer[0] == _WRITER and writer[1].isdigit() \
+                and not _alive(int(writer[1]))
+            try:
+                if mine_and_dead or now - os.path.getmtime(full) > STALE_TMP_S:
+                    os.remove(full)
+                    removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json(location: Any, obj: Any) -> str:
@@ -261,7 +361,7 @@ def write_json(location: Any, obj: Any) -> str:
 
 
 def read_json(location: Any) -> Any:
-    return json.loads(as_path(location).read_bytes())
+    return json.loads(read_bytes(location))
 
 
 def download(src: Any, local: Path) -> Path:
@@ -271,7 +371,11 @@ def download(src: Any, local: Path) -> Path:
     if is_local(src):
         local.write_bytes(Path(src.path).read_bytes())
     else:
-        src.fs.get(src.path, str(local))
+        try:
+            _remote("download", src, src.fs.get_file, src.path, str(local))
+        except BaseException:
+            local.unlink(missing_ok=True)  # no partial copy left for a later reader
+            raise
     return local
 
 
@@ -291,8 +395,10 @@ def publish_manifest(dest: Any, manifest: dict) -> str:
 
 
 def read_manifest(dest: Any) -> dict | None:
-    path = join(dest, MANIFEST)
-    return read_json(path) if path.exists() else None
+    try:
+        return read_json(join(dest, MANIFEST))
+    except FileNotFoundError:
+        return None
 
 
 def quarantine(data: bytes, quarantine_root: Any, *, specialty: str, reason: str, message: str, stage: str,
@@ -308,7 +414,7 @@ def quarantine(data: bytes, quarantine_root: Any, *, specialty: str, reason: str
     reason_path = join(folder, "reason.json")
     row = {"input_sha256": checksum, "specialty": specialty, "stage": stage, "reason": reason,
            "message": message, "quarantine_uri": str(folder), "input_bytes": len(data)}
-    first_seen = not reason_path.exists()
+    first_seen = not exists(reason_path)
     if first_seen:
         write_bytes(join(folder, "input" + suffix), data)
         write_json(reason_path, {**row, "source_uri": source_uri,

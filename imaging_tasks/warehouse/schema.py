@@ -94,6 +94,16 @@ _TABLES: list[Table] = [
         _c("code_version", "STRING"), _c("device", "STRING"), _c("started_at", "TIMESTAMP"),
         _c("ended_at", "TIMESTAMP"), _c("duration_s", "FLOAT64"), _c("status", "STRING"),
     ), "lineage: what each task read and wrote, with checksums, code version, device and timings"),
+    Table("ledger", ("specialty", "study_id"), (
+        _c("specialty", "STRING", True), _c("study_id", "STRING", True), _c("patient_id", "STRING"),
+        _c("state", "STRING", True, "loaded | quarantined | failed (the states that reach the warehouse)"),
+        _c("step", "STRING", False, "the step that set the state"), _c("reason", "STRING", False, "reason code"),
+        _c("message", "STRING", False, "what was wrong and what to do"), _c("attempt", "INT64"),
+        _c("fingerprint", "STRING", False, "of the raw inputs: new inputs make the study due again"),
+        _c("code_version", "STRING"), _c("options_hash", "STRING", False, "of the processing options"),
+        _c("run_id", "STRING", False, "the run that set the state"), _c("derived_uri", "STRING"),
+        _c("updated_at", "TIMESTAMP"),
+    ), "each study's state: loaded, quarantined (with the reason) or failed (step, reason, attempt)"),
 ]
 
 TABLES: dict[str, Table] = {t.name: Table(t.name, t.key, (*t.columns, _loaded_at()), t.description) for t in _TABLES}

@@ -71,3 +71,14 @@ def run_option(params, name: str, default):
     """A Param's value at run time; a missing or empty (None) value falls back to the nightly default."""
     value = (params or {}).get(name)
     return default if value is None or value == "" else value
+
+
+# Params that change a study's results, with their nightly defaults: a study loaded with other values is due again.
+PROCESSING_DEFAULTS = {"target_mpp": 1.0, "tile_px": 256}
+
+
+def processing_options(params) -> dict:
+    """The run's result-changing options that differ from the defaults (so a default run, from the DAG or the
+    CLI, hashes the same)."""
+    return {k: params[k] for k, default in PROCESSING_DEFAULTS.items()
+            if (params or {}).get(k) is not None and params[k] != default}

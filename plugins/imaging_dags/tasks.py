@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 from airflow.sdk import Asset, TriggerRule, get_current_context, task
 
-from imaging_dags.params import pipeline_params, run_option
+from imaging_dags.params import processing_options, run_option
 from imaging_dags.settings import GPU_POOL, GPU_QUEUE, SENSOR_TIMEOUT_S
 
 log = logging.getLogger("imaging_dags")
@@ -65,7 +65,8 @@ def label_study(study: dict, extra: str = "") -> None:
 
 @contextmanager
 def naming_study(specialty: str, study: dict, step: str, *, detail: bool = True):
-    """Re-raise any failure with the study it happened to, so the UI and alerts say which one.
+    """Re-raise any failure with the study it happened to, so the UI and alerts say which one, and record it in
+    the ledger (failed: step, reason, attempt), so the load step reports it and the next run takes it again.
 
     ``detail=False`` keeps the original message out (steps reading raw inputs, whose errors may quote them).
     A configuration error fails once, without retries (as in ``failing_fast``).
@@ -80,9 +81,21 @@ def naming_study(specialty: str, study: dict, step: str, *, detail: bool = True)
         raise AirflowFailException(f"{specialty} study {study.get('study', '?')}: {step}: configuration error, "
                                    f"not retried: {exc}") from None
     except Exception as exc:
+        _record_failure(specialty, study, step, exc, detail=detail)
         what = f"{type(exc).__name__}: {exc}" if detail else type(exc).__name__
         raise StudyFailed(f"{specialty} study {study.get('study', '?')}: {step} failed ({what}); the task retries "
                           "with backoff; if it keeps failing, look at this study's inputs and the task log") from exc
+
+
+def _record_failure(specialty: str, study: dict, step: str, exc: Exception, *, detail: bool) -> None:
+    from imaging_tasks.pipeline import record_failure
+
+    try:
+        ti = get_current_context()["ti"]
+        record_failure(study, _lake(specialty), step=step, exc=exc, run=_run(), attempt=ti.try_number, detail=detail)
+    except Exception as ledger_exc:  # the original failure matters more than its bookkeeping
+        log.error("%s study %s: could not record the failure in the ledger: %s", specialty, study.get("study"),
+                  type(ledger_exc).__name__)
 
 
 def _lake(specialty: str):
@@ -116,7 +129,8 @@ def index_studies(specialty: str, arrived: dict | None = None) -> list[dict]:
                  "public DEMO key" if demo else "configured key")
         summary = index_landing(settings.landing, settings.lake, key=key, prefix=params.get("prefix") or "",
                                 since=since, until=until, reprocess=bool(params.get("reprocess")),
-                                mr_only_wait_hours=float(run_option(params, "mr_only_wait_hours", 6.0)))
+                                mr_only_wait_hours=float(run_option(params, "mr_only_wait_hours", 6.0)),
+                                options=processing_options(params), run=_run())
     counts = {"objects": summary["objects"], "to_process": len(summary["studies"]),
               "already_done": len(summary["skipped_done"]), "waiting": len(summary["waiting"]),
               "quarantined": summary["quarantined"], "quarantined_new": summary["quarantined_new"]}
@@ -151,7 +165,7 @@ def audit_phi(specialty: str, study: dict) -> dict:
     from airflow.sdk.exceptions import AirflowFailException
 
     from imaging_tasks.phi_audit import PHILeak
-    from imaging_tasks.pipeline import audit_study
+    from imaging_tasks.pipeline import audit_deidentified
 
     label_study(study)
     if study.get("status") != "ok":
@@ -159,7 +173,7 @@ def audit_phi(specialty: str, study: dict) -> dict:
                  study.get("status"))
         return study
     try:
-        audit_study(study, _lake(specialty))  # logs what it searched
+        audit_deidentified(study, _lake(specialty), run=_run())  # logs what it searched; ledger: audited
     except PHILeak as exc:  # names attributes, never values
         raise AirflowFailException(f"{specialty} study {study['study']}: {exc}") from None
     return study
@@ -234,38 +248,60 @@ def finish_slide(plan: dict, features: list[dict] | None = None) -> dict:
         return finish(plan, list(features or []), _lake("pathology"), run=_run())
 
 
+@task(task_id="load_metadata", trigger_rule=TriggerRule.ALL_DONE)
+def _load_metadata(specialty: str, processed: list[dict] | None = None) -> dict:
+    """Load every pending study (this run's and any earlier run's that never reached the warehouse), then fail the
+    run if one of its studies or tasks failed: the others are loaded first, the failure stays visible."""
+    from airflow.sdk import Variable
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+    from imaging_dags.settings import for_specialty
+    from imaging_dags.warehouse_hook import WarehouseHook
+    from imaging_tasks.pipeline import load, pending_loads
+
+    ctx = get_current_context()
+    ti = ctx["ti"]
+    processed = [p for p in (processed or []) if p]
+    indexed = ti.xcom_pull(task_ids="index_studies", key="summary") or {}
+    with failing_fast(f"load {specialty}"):
+        settings = for_specialty(specialty)
+        pending = pending_loads(settings.lake)
+        if not pending and not processed and not indexed.get("quarantined_new"):
+            _fail_if_upstream_failed(specialty, ti, loaded=0)
+            raise AirflowSkipException(f"{specialty}: nothing new to load (no study published, quarantined or failed "
+                                       "since the last load, no input quarantined): no warehouse write, no asset event")
+        warehouse = WarehouseHook(settings.warehouse_uri,
+                                  Variable.get("imaging_gcp_conn_id", default="google_cloud_default")).get_conn()
+    counts = load(processed, settings.lake, warehouse, run=_run())  # audits each study's rows and files first
+    failed, loaded = counts.pop("failed"), counts.pop("loaded")
+    ctx["outlet_events"][warehouse_asset(specialty)].extra = {
+        "specialty": specialty, "run_id": ti.run_id, "rows": counts, "studies": len(loaded),
+        "study_ids": [x["study"] for x in loaded][:200], "derived_uris": [x["derived"] for x in loaded][:200],
+        "warehouse": settings.warehouse_uri.split("?", 1)[0]}
+    for f in failed:
+        log.error("%s study %s: failed at %s (%s, attempt %s); its ledger row says so and the next run retries it",
+                  specialty, f["study"], f["step"], f["reason"], f["attempt"] or 1)
+    if any(f["reason"] == "phi_audit_failed" for f in failed):
+        raise AirflowFailException(f"{specialty}: {len(loaded)} stud(ies) loaded; PHI audit failed for "
+                                   + ", ".join(f["study"] for f in failed if f["reason"] == "phi_audit_failed")
+                                   + " (not loaded; the ledger names the attribute)")
+    _fail_if_upstream_failed(specialty, ti, loaded=len(loaded), failed=failed)
+    return counts
+
+
+def _fail_if_upstream_failed(specialty: str, ti, *, loaded: int, failed: list[dict] = ()) -> None:
+    """The load runs whatever failed upstream (so the good studies land); then the run must still end failed."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    broken = ti.get_ti_count(dag_id=ti.dag_id, run_ids=[ti.run_id], states=["failed", "upstream_failed"])
+    if broken:
+        studies = ", ".join(f"{f['study']} ({f['step']}: {f['reason']})" for f in failed) or "see the failed tasks"
+        raise AirflowFailException(f"{specialty}: {loaded} stud(ies) loaded, but {broken} task instance(s) of this "
+                                   f"run failed: {studies}; the ledger table names each failed study and the next "
+                                   "run retries them")
+
+
 def load_metadata(specialty: str, processed):
-    """Upsert studies, series, instances, results, findings, quarantine and lineage rows."""
-
-    @task(task_id="load_metadata", trigger_rule=TriggerRule.NONE_FAILED, outlets=[warehouse_asset(specialty)])
-    def _load(processed: list[dict] | None = None) -> dict:
-        from airflow.sdk import Variable
-        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
-
-        from imaging_dags.settings import for_specialty
-        from imaging_dags.warehouse_hook import WarehouseHook
-        from imaging_tasks.phi_audit import PHILeak
-        from imaging_tasks.pipeline import load
-
-        ctx = get_current_context()
-        processed = [p for p in (processed or []) if p]
-        indexed = ctx["ti"].xcom_pull(task_ids="index_studies", key="summary") or {}
-        if not indexed.get("to_process") and not indexed.get("quarantined_new"):
-            raise AirflowSkipException(f"{specialty}: nothing new in this run (no study processed, no input "
-                                       "quarantined): no warehouse write, no asset event")
-        with failing_fast(f"load {specialty}"):
-            settings = for_specialty(specialty)
-            warehouse = WarehouseHook(settings.warehouse_uri,
-                                      Variable.get("imaging_gcp_conn_id", default="google_cloud_default")).get_conn()
-        try:  # load audits every study's derived files, rows and XCom before writing anything
-            counts = load(processed, settings.lake, warehouse, run=_run())
-        except PHILeak as exc:
-            raise AirflowFailException(f"{specialty}: {exc}") from None
-        ok = [p for p in processed if p.get("status") == "ok"]
-        ctx["outlet_events"][warehouse_asset(specialty)].extra = {
-            "specialty": specialty, "run_id": ctx["ti"].run_id, "rows": counts, "studies": len(ok),
-            "study_ids": [p["study"] for p in ok][:200], "derived_uris": [p["derived"] for p in ok][:200],
-            "warehouse": settings.warehouse_uri.split("?", 1)[0]}
-        return counts
-
-    return _load(processed)
+    """Upsert studies, series, instances, results, findings, quarantine, lineage and ledger rows; emits the
+    specialty's warehouse asset (with counts and URIs) when rows were loaded."""
+    return _load_metadata.override(outlets=[warehouse_asset(specialty)])(specialty, processed)

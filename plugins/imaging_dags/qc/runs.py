@@ -1,0 +1,241 @@
+"""What the metadata DB says about a run's studies (task instances, XComs), joined with the lake's lineage rows.
+
+XComs of the imaging DAGs carry pseudonyms, lake URIs, statuses and metrics only; of them, only those fields
+are used here.  Mapped study task instances are tied to their study by their XCom, else by the name their
+``map_index_template`` rendered (the study pseudonym), so failed instances are found too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from imaging_dags.qc import STUDY_TASKS
+from imaging_dags.qc.lake import PATIENT, STUDY, LakeView
+
+FINAL_TASKS = ("process_study", "finish_slide")
+STEP_ORDER = {t: n for n, t in enumerate(("index_studies", "deidentify", "audit_phi", "ready_for_processing",
+                                          "plan_tiles", "tile_batches", "tile_features", "process_study",
+                                          "finish_slide", "load_metadata"))}
+FAILED = ("failed", "upstream_failed")
+UNFINISHED = ("scheduled", "queued", "running", "up_for_retry", "up_for_reschedule", "deferred", "restarting")
+MISSING = object()
+
+
+# ---------------------------------------------------------------------------------------------- metadata DB
+def recent_runs(session, dag_id: str, limit: int = 10) -> list[dict]:
+    from airflow.models.dagrun import DagRun
+
+    runs = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id)
+                           .order_by(DagRun.run_after.desc(), DagRun.id.desc()).limit(limit))
+    return [_run_dict(r) for r in runs]
+
+
+def dag_run(session, dag_id: str, run_id: str) -> dict | None:
+    from airflow.models.dagrun import DagRun
+
+    run = session.scalar(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id))
+    return _run_dict(run) if run is not None else None
+
+
+def _run_dict(run) -> dict:
+    return {"run_id": run.run_id, "state": str(run.state) if run.state else None, "run_type": str(run.run_type),
+            "run_after": run.run_after, "logical_date": run.logical_date, "start_date": run.start_date,
+            "end_date": run.end_date}
+
+
+def return_values(session, dag_id: str, run_id: str, task_ids) -> list[tuple[str, int, Any]]:
+    """(task_id, map_index, value) of the run's ``return_value`` XComs of ``task_ids``."""
+    from airflow.models.xcom import XComModel
+
+    rows = session.execute(select(XComModel.task_id, XComModel.map_index, XComModel.value).where(
+        XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.key == "return_value",
+        XComModel.task_id.in_(list(task_ids))))
+    return [(task_id, map_index, _value(value)) for task_id, map_index, value in rows]
+
+
+def return_value(session, dag_id: str, run_id: str, task_id: str, map_index: int):
+    """One task instance's ``return_value`` XCom, or ``MISSING``."""
+    from airflow.models.xcom import XComModel
+
+    row = session.execute(select(XComModel.value).where(
+        XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.task_id == task_id,
+        XComModel.map_index == map_index, XComModel.key == "return_value")).first()
+    return MISSING if row is None else _value(row[0])
+
+
+def _value(raw):
+    from types import SimpleNamespace
+
+    from airflow.models.xcom import XComModel
+
+    try:
+        return XComModel.deserialize_value(SimpleNamespace(value=raw))
+    except (ValueError, TypeError):
+        return None
+
+
+def task_instances(session, dag_id: str, run_id: str, task_ids=None) -> list[dict]:
+    from airflow.models.taskinstance import TaskInstance as TI
+
+    query = select(TI.task_id, TI.map_index, TI.state, TI._rendered_map_index, TI.duration, TI.start_date,
+                   TI.end_date, TI.try_number).where(TI.dag_id == dag_id, TI.run_id == run_id)
+    if task_ids is not None:
+        query = query.where(TI.task_id.in_(list(task_ids)))
+    return [{"task_id": t, "map_index": m, "state": str(s) if s else None, "label": label, "duration": d,
+             "start_date": sd, "end_date": ed, "try_number": tn}
+            for t, m, s, label, d, sd, ed, tn in session.execute(query)]
+
+
+def task_instance(session, dag_id: str, run_id: str, task_id: str, map_index: int) -> dict | None:
+    found = [t for t in task_instances(session, dag_id, run_id, [task_id]) if t["map_index"] == map_index]
+    return found[0] if found else None
+
+
+def study_of_label(label) -> str | None:
+    """The study pseudonym a rendered map index names (``S…`` or ``S… tiles 0-64``)."""
+    first = str(label or "").split(" ", 1)[0]
+    return first if STUDY.match(first) else None
+
+
+# ---------------------------------------------------------------------------------------------- a run's studies
+@dataclass
+class StudyRow:
+    study: str
+    patient: str | None = None
+    status: str = "pending"
+    detail: str = ""
+    steps: dict[str, dict] = field(default_factory=dict)  # task_id -> {state, status, map_index, ...}
+    metrics: list[dict] = field(default_factory=list)
+    picture: str | None = None
+    device: str | None = None
+    duration_s: float | None = None
+    published: bool = False
+    order: int = 1 << 30
+
+
+def run_studies(session, dag_id: str, run_id: str, lake: LakeView) -> list[StudyRow]:
+    """Every study the run touched: from index_studies' list, the study tasks' XComs and instances and the
+    lineage rows the run wrote to the lake; with status, key metrics, first QC picture, device and duration."""
+    studies: dict[str, StudyRow] = {}
+
+    def row(study: str) -> StudyRow:
+        return studies.setdefault(study, StudyRow(study=study))
+
+    values = return_values(session, dag_id, run_id, ("index_studies", *STUDY_TASKS))
+    for task_id, map_index, value in values:
+        if task_id == "index_studies" and isinstance(value, list):
+            for n, item in enumerate(value):
+                if isinstance(item, dict) and STUDY.match(str(item.get("study") or "")):
+                    r = row(item["study"])
+                    r.order = min(r.order, n)
+                    r.patient = r.patient or _patient(item)
+    by_key: dict[tuple[str, int], Any] = {(t, m): v for t, m, v in values if t != "index_studies"}
+    for ti in task_instances(session, dag_id, run_id, STUDY_TASKS):
+        value = by_key.pop((ti["task_id"], ti["map_index"]), None)
+        study = (value.get("study") if isinstance(value, dict) else None) or study_of_label(ti["label"])
+        if not study or not STUDY.match(str(study)):
+            continue
+        r = row(study)
+        if isinstance(value, dict):
+            r.patient = r.patient or _patient(value)
+        step = {"state": ti["state"], "map_index": ti["map_index"], "duration": ti["duration"],
+                "status": value.get("status") if isinstance(value, dict) else None,
+                "reason": value.get("reason") if isinstance(value, dict) else None}
+        previous = r.steps.get(ti["task_id"])
+        if previous is None or ti["task_id"] != "tile_features":
+            r.steps[ti["task_id"]] = step
+        else:  # several tile batches per slide: the worst state wins
+            previous["batches"] = previous.get("batches", 1) + 1
+            if step["state"] in FAILED or (step["state"] in UNFINISHED and previous["state"] not in FAILED):
+                previous["state"] = step["state"]
+    for (task_id, map_index), value in by_key.items():  # XComs without an instance row (should not happen)
+        if isinstance(value, dict) and STUDY.match(str(value.get("study") or "")):
+            r = row(value["study"])
+            r.patient = r.patient or _patient(value)
+            r.steps.setdefault(task_id, {"state": None, "map_index": map_index, "status": value.get("status")})
+    lineage = lake.run_lineage(run_id)
+    for rec in lineage:
+        study = str(rec.get("study_id") or "")
+        if STUDY.match(study):
+            r = row(study)
+            if rec.get("task_id") in STUDY_TASKS and rec["task_id"] not in r.steps:  # e.g. XComs cleared
+                status = "ok" if rec.get("status") == "success" else rec.get("status")
+                r.steps[rec["task_id"]] = {"state": None, "map_index": rec.get("map_index"), "status": status}
+            if rec.get("task_id") in FINAL_TASKS or (r.device is None and rec.get("device")):
+                r.device = rec.get("device") or r.device
+                r.duration_s = rec.get("duration_s") if rec.get("task_id") in FINAL_TASKS else r.duration_s
+    for r in studies.values():
+        _settle(r)
+        if r.patient is None and r.status == "published":
+            r.patient = lake.find_patient(r.study)
+        if r.patient and r.status in ("published", "ok"):
+            manifest = lake.manifest(r.patient, r.study)
+            if manifest is not None:
+                r.published = True
+                r.metrics = [m for m in manifest.get("metrics") or [] if isinstance(m, dict)]
+                files = lake.study_files(manifest)
+                r.picture = files.pictures[0]["path"] if files.pictures else None
+    return sorted(studies.values(), key=lambda r: (r.order, r.study))
+
+
+def _patient(value: dict) -> str | None:
+    patient = str(value.get("patient") or "")
+    return patient if PATIENT.match(patient) else None
+
+
+def _settle(r: StudyRow) -> None:
+    """One status per study, from its steps: published > quarantined > failed > running > skipped > pending."""
+    steps = sorted(r.steps.items(), key=lambda kv: STEP_ORDER.get(kv[0], 99))
+    final = [s for t, s in steps if t in FINAL_TASKS]
+    quarantined = [(t, s) for t, s in steps if s.get("status") == "quarantined"]
+    failed = [(t, s) for t, s in steps if s.get("state") in FAILED]
+    running = [(t, s) for t, s in steps if s.get("state") in UNFINISHED]
+    if final and final[-1].get("status") == "ok":
+        r.status, r.detail = "published", ""
+    elif quarantined:
+        task_id, s = quarantined[0]  # where it was quarantined; later steps pass the status on
+        r.status, r.detail = "quarantined", f"at {task_id}" + (f": {s['reason']}" if s.get("reason") else "")
+    elif failed:
+        task_id, s = failed[0]
+        r.status, r.detail = "failed", f"{task_id} {s['state']}"
+    elif running:
+        task_id, s = running[-1]
+        r.status, r.detail = "running", f"{task_id} {s['state']}"
+    elif any(s.get("status") == "skipped" or s.get("state") == "skipped" for _, s in steps):
+        r.status, r.detail = "skipped", ""
+    elif steps:
+        task_id, s = steps[-1]
+        r.status, r.detail = (s.get("status") or s.get("state") or "pending"), f"last step {task_id}"
+    else:
+        r.status = "pending"
+
+
+def resolve_study(session, dag_id: str, run_id: str, task_id: str, map_index: int, lake: LakeView) -> dict:
+    """What a study task instance holds: ``{"study", "patient", "status", "reason", "state", "ran"}``.
+
+    The instance's own ``return_value`` first; else the study its rendered map index names (failed instances),
+    with the patient from another XCom of the run or the lake.
+    """
+    ti = task_instance(session, dag_id, run_id, task_id, map_index)
+    value = return_value(session, dag_id, run_id, task_id, map_index)
+    out = {"study": None, "patient": None, "status": None, "reason": None,
+           "state": ti["state"] if ti else None, "exists": ti is not None}
+    if isinstance(value, dict):
+        study = str(value.get("study") or "")
+        out.update(study=study if STUDY.match(study) else None, patient=_patient(value),
+                   status=value.get("status"), reason=value.get("reason"))
+    if out["study"] is None and ti is not None:
+        out["study"] = study_of_label(ti["label"])
+    if out["study"] and not out["patient"]:
+        for _t, _m, other in return_values(session, dag_id, run_id, ("index_studies", *STUDY_TASKS)):
+            for item in other if isinstance(other, list) else [other]:
+                if isinstance(item, dict) and item.get("study") == out["study"] and _patient(item):
+                    out["patient"] = _patient(item)
+                    break
+            if out["patient"]:
+                break
+        if not out["patient"]:
+            out["patient"] = lake.find_patient(out["study"])
+    return out
