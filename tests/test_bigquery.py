@@ -159,9 +159,19 @@ def test_pipeline_rows_load_twice_without_duplicates_and_reprocess_replaces(bq, 
     processed, lake, run = pipeline_run["processed"], pipeline_run["lake"], pipeline_run["run"]
     duck = DuckDBWarehouse(tmp_path / "w.duckdb")
 
+    # both warehouses get the same first load: the same pending studies (the ledger is put back in between)
+    import shutil
+    from pathlib import Path
+
+    ledger_dir, saved = Path(lake.root) / "ledger", tmp_path / "ledger-before"
+    shutil.copytree(ledger_dir, saved)
     loaded = pipeline.load(processed, lake, bq, run=run)
+    shutil.rmtree(ledger_dir)
+    shutil.copytree(saved, ledger_dir)
     pipeline.load(processed, lake, duck, run=run)
+    assert [x["study"] for x in loaded.pop("loaded")] and loaded.pop("failed") == []
     assert loaded["studies"] == 2 and loaded["quarantine"] > 0 and loaded["findings"] > 0
+    assert loaded["ledger"] == 3  # two loaded, one quarantined at de-identification (the truncated CT)
     first = _counts(bq)
     assert first == {t: n for t, n in loaded.items()} == _counts(duck)
 
