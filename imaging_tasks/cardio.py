@@ -18,6 +18,23 @@ Conventions, chosen to match how the scores are defined and reported clinically:
   3-D dense structures larger than any coronary calcification (spine, sternum).  Aortic, valvular and
   annular calcium inside the mediastinum is *not* separated from coronary calcium: a known limitation of a
   geometric ROI, recorded in the output.
+
+Preconditions (checked from headers before any pixel is read; :func:`check_inputs` has the why of each).
+The study must hold a CT (``wrong_modality``) single-frame CT image series other than a scout
+(``no_series``).  Of its series, the first (axial first, then thickness nearest 3 mm, then most slices) that
+meets all of these is scored; if none does, the first one's reason is raised:
+
+* grey-scale slices, MONOCHROME1 or MONOCHROME2 (``unsupported_photometric``);
+* >= 3 slices (``too_few_slices``) covering >= 40 mm (``insufficient_coverage``, option ``min_coverage_mm``);
+* PixelSpacing present (``missing_pixel_spacing``), finite and > 0 (``invalid_pixel_spacing``);
+* ImageOrientationPatient (``missing_orientation``, ``invalid_orientation``), axial (``not_axial``);
+* ImagePositionPatient (``missing_position``, ``invalid_position``);
+* one geometry per series (``mixed_geometry``), distinct (``duplicate_slice_positions``) and evenly spaced
+  (``irregular_slices``) positions; any file or instance order is fine (sorted along the slice normal);
+* usable rescale (``invalid_rescale``, ``missing_rescale``); a missing RescaleSlope is taken as 1, a missing
+  RescaleIntercept only when the pixels are visibly HU already (noted in ``lesions.json`` ``series``).
+
+After loading: a contrast-enhanced scan is refused (``contrast_enhanced``).
 """
 from __future__ import annotations
 
@@ -30,7 +47,9 @@ import numpy as np
 from scipy import ndimage
 
 from imaging_tasks.device import pick_device
+from imaging_tasks.dicom_io import Volume
 from imaging_tasks.errors import BadInput
+from imaging_tasks.preconditions import Stack, check_spacing_values, check_stack, load_stack
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 AGATSTON_SLICE_MM = 3.0
@@ -41,6 +60,10 @@ WEIGHT_BOUNDS_HU = (200.0, 300.0, 400.0)
 IN_PLANE_8 = np.zeros((3, 3, 3), bool)
 IN_PLANE_8[1] = True  # 8-connected within a slice, never across slices
 FULL_26 = np.ones((3, 3, 3), bool)
+MIN_SLICES = 3  # spacing measured between neighbours and seen to be regular: two gaps at least
+MIN_COVERAGE_MM = 40.0  # half the craniocaudal extent of the smallest adult coronary tree
+AXIAL_MIN_NORMAL_Z = 0.9  # |cos| of the slice normal with the patient z axis: within ~25 degrees
+HU_AIR_BELOW = -500.0  # a chest CT in HU has air or lung below this; stored values offset by +1024 do not
 
 
 def cac_category(agatston: float) -> str:
@@ -59,7 +82,7 @@ def _score(volume_hu: np.ndarray, spacing_mm: tuple, *, threshold_hu: float, min
     vol_np = np.asarray(volume_hu)
     if vol_np.ndim != 3:
         raise ValueError(f"volume_hu must be 3-D (z, y, x), got shape {vol_np.shape}")
-    dz, dy, dx = (float(s) for s in spacing_mm)
+    dz, dy, dx = check_spacing_values(spacing_mm, "calcium scoring")  # BadInput, not a ZeroDivisionError later
     pixel_mm2 = dy * dx
     voxel_mm3 = pixel_mm2 * dz
     slice_factor = dz / AGATSTON_SLICE_MM
@@ -157,7 +180,7 @@ def heart_roi(volume_hu: np.ndarray, spacing_mm: tuple, *, threshold_hu: float =
     from skimage.morphology import convex_hull_image
 
     vol = np.asarray(volume_hu)
-    dz, dy, dx = (float(s) for s in spacing_mm)
+    dz, dy, dx = check_spacing_values(spacing_mm, "heart region of interest")
     air = vol < lung_hu
     lungs = np.zeros_like(air)
     max_hole_px = max_lung_hole_mm2 / (dy * dx)
@@ -208,8 +231,8 @@ def heart_roi(volume_hu: np.ndarray, spacing_mm: tuple, *, threshold_hu: float =
 
 
 # --------------------------------------------------------------------------- DICOM study handling
-def _pick_series(files: list[pathlib.Path]) -> tuple[list[pathlib.Path], dict]:
-    """The axial CT series to score: thickness nearest 3 mm, then most slices; scouts are skipped."""
+def _candidate_series(files: list[pathlib.Path]) -> tuple[list[list[tuple]], set[str]]:
+    """Single-frame CT image series of the study (localizers left out), as ``(path, header)`` lists."""
     from imaging_tasks.dicom_io import read_header
 
     if not files:
@@ -224,22 +247,131 @@ def _pick_series(files: list[pathlib.Path]) -> tuple[list[pathlib.Path], dict]:
         if modality != "CT" or str(ds.get("SOPClassUID", "")) != CT_IMAGE_STORAGE:
             continue  # enhanced (multi-frame) CT and non-image objects (dose reports) are not scored
         image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-        if "LOCALIZER" in image_type or "ImageOrientationPatient" not in ds:
+        if "LOCALIZER" in image_type:
             continue
+        series[str(ds.SeriesInstanceUID)].append((path, ds))
+    return list(series.values()), modalities
+
+
+def _axial_rank(ds) -> int:
+    """0 axial, 1 orientation unknown (missing or garbled), 2 not axial: the order series are tried in."""
+    try:
         iop = [float(v) for v in ds.ImageOrientationPatient]
         normal = np.cross(iop[:3], iop[3:])
-        if abs(normal[2]) < 0.9:  # Agatston is defined on axial slices
-            continue
-        series[str(ds.SeriesInstanceUID)].append((path, float(ds.get("SliceThickness", 0) or 0)))
-    if not series:
+    except (AttributeError, ValueError, TypeError):
+        return 1
+    if len(iop) != 6 or not np.all(np.isfinite(normal)):
+        return 1
+    return 0 if abs(normal[2]) >= AXIAL_MIN_NORMAL_Z else 2
+
+
+def check_inputs(items: list[tuple], *, min_coverage_mm: float = MIN_COVERAGE_MM) -> Stack:
+    """Preconditions of calcium scoring on one CT series, from headers only; returns it sorted and measured.
+
+    ``items`` are ``(path, header)`` pairs of one single-frame CT image series (CT Image Storage, not a
+    localizer), in any order.  Each violation raises BadInput with the reason code in brackets:
+
+    1. Single-frame grey-scale slices: SamplesPerPixel 1 and PhotometricInterpretation MONOCHROME1 or
+       MONOCHROME2 [``unsupported_photometric``]; for CT the Hounsfield units come from the rescale, the
+       photometric interpretation only says how to display them, so MONOCHROME1 needs no inversion.
+    2. At least :data:`MIN_SLICES` (3) distinct instances [``too_few_slices``]: the slice spacing, which scales
+       the score to the 3 mm convention and links lesions across slices into 3-D lesions, is measured from
+       neighbouring positions and must be seen to be regular (two gaps at least).
+    3. PixelSpacing on every slice [``missing_pixel_spacing``], two finite numbers > 0
+       [``invalid_pixel_spacing``]: lesion areas (the 1 mm2 rule, the score itself) are in mm2.  No fallback:
+       ReconstructionDiameter / Columns is not guaranteed to equal it.
+    4. ImageOrientationPatient [``missing_orientation``, ``invalid_orientation``] with an axial slice normal
+       (within ~25 degrees of the patient z axis, gantry tilt included) [``not_axial``]: Agatston is defined
+       on axial slices.
+    5. ImagePositionPatient on every slice [``missing_position``, ``invalid_position``].
+    6. One geometry for all slices: orientation, pixel spacing, Rows/Columns, positions on one line
+       [``mixed_geometry``].
+    7. Distinct positions [``duplicate_slice_positions``], evenly spaced [``irregular_slices``].  Files and
+       instance numbers in any order are fine: slices are sorted along the normal.  A second copy of the same
+       instance (same SOPInstanceUID) is ignored.
+    8. Coverage (slices x spacing) >= ``min_coverage_mm`` (:data:`MIN_COVERAGE_MM`, 40 mm)
+       [``insufficient_coverage``]: the coronary tree spans >= ~80 mm craniocaudally in adults; a scan
+       covering less than half of that cannot hold it, and its total score would be a silent underestimate.
+    9. RescaleSlope / RescaleIntercept (Type 1 for CT): zero slope or non-numbers [``invalid_rescale``].  A
+       missing slope is taken as 1 (what CT scanners write), and noted.  A missing intercept is accepted only
+       when the stored values are already Hounsfield units (checked on the pixels by :func:`load_volume`:
+       air or lung below -500 HU present), else [``missing_rescale``]; missing on some slices only is
+       always [``missing_rescale``].
+    """
+    stack = check_stack(items, what="the CT series", min_slices=MIN_SLICES, too_few_reason="too_few_slices",
+                        too_few_why="the slice spacing that scales the Agatston score and links lesions across "
+                                    "slices is measured between neighbouring slices and must be seen to be "
+                                    "regular; send the complete axial calcium-scoring series")
+    if abs(stack.normal[2]) < AXIAL_MIN_NORMAL_Z:
+        raise BadInput("not_axial", "the CT series is not axial (slice normal more than ~25 degrees from the "
+                       "patient's head-foot axis); Agatston scoring is defined on axial slices; send the axial "
+                       "calcium-scoring series, not a reformat")
+    if stack.coverage_mm < min_coverage_mm:
+        raise BadInput("insufficient_coverage", f"the CT series covers {stack.coverage_mm:.0f} mm along the body "
+                       f"axis ({stack.n_slices} slices of {stack.spacing_mm[0]:g} mm); calcium scoring needs at "
+                       f"least {min_coverage_mm:g} mm (the coronary tree spans ~80 mm or more), otherwise the "
+                       "total is an underestimate; send the whole-heart series")
+    missing_intercept = sum(i is None for _s, i in stack.rescale)
+    if 0 < missing_intercept < stack.n_slices:
+        raise BadInput("missing_rescale", f"RescaleIntercept is missing on {missing_intercept} of "
+                       f"{stack.n_slices} CT slices, so Hounsfield units differ between slices; re-export the "
+                       "series")
+    missing_slope = sum(s is None and i is not None for s, i in stack.rescale)
+    if missing_slope:
+        stack.notes.append(f"RescaleSlope absent on {missing_slope} slice(s): 1 assumed (what CT scanners write)")
+    return stack
+
+
+def load_volume(stack: Stack) -> Volume:
+    """Hounsfield-unit volume of a checked series (see :func:`check_inputs`, item 9, for the rescale)."""
+    values = [(1.0 if s is None else s, 0.0 if i is None else i) for s, i in stack.rescale]
+    volume = load_stack(stack, values, "the CT series")
+    if all(i is None for _s, i in stack.rescale):
+        low = float(np.percentile(volume.array, 1))
+        if low > HU_AIR_BELOW:
+            raise BadInput("missing_rescale", "the CT series has no RescaleIntercept and its stored values are "
+                           f"not Hounsfield units (no air or lung below {HU_AIR_BELOW:g}); calcium cannot be "
+                           "thresholded at 130 HU; re-export the series with its rescale attributes")
+        stack.notes.append("RescaleIntercept absent: stored values taken as HU (air/lung present below "
+                           f"{HU_AIR_BELOW:g})")
+    return volume
+
+
+def _pick_series(files: list[pathlib.Path], *, min_coverage_mm: float = MIN_COVERAGE_MM) -> tuple[Stack, dict]:
+    """The axial CT series to score, checked: axial first, then thickness nearest 3 mm, then most slices.
+
+    A series that fails :func:`check_inputs` is passed over for the next one; when none passes, the first
+    one's reason is raised.
+    """
+    candidates, modalities = _candidate_series(files)
+    if not candidates:
         if "CT" not in modalities:
             raise BadInput("wrong_modality", f"calcium scoring needs a non-contrast cardiac CT, got modality "
                            f"{'/'.join(sorted(modalities))}; route this study to its own pipeline")
-        raise BadInput("no_series", "no axial single-frame CT image series in the study (only scouts, non-axial "
-                       "reformats or enhanced multi-frame CT); send the 3 mm axial calcium-scoring series")
-    _uid, members = min(series.items(),
-                        key=lambda kv: (abs(kv[1][0][1] - AGATSTON_SLICE_MM), -len(kv[1])))
-    return [p for p, _ in members], {"n_series_axial_ct": len(series), "slice_thickness_mm": members[0][1]}
+        raise BadInput("no_series", "no single-frame CT image series in the study (only scouts or enhanced "
+                       "multi-frame CT); send the 3 mm axial calcium-scoring series")
+
+    def thickness(items) -> float:
+        try:
+            return float(items[0][1].get("SliceThickness", 0) or 0)
+        except (ValueError, TypeError):
+            return 0.0
+
+    ranked = sorted(candidates, key=lambda items: (_axial_rank(items[0][1]),
+                                                   abs(thickness(items) - AGATSTON_SLICE_MM), -len(items)))
+    first_error, passed_over = None, []
+    for items in ranked:
+        try:
+            stack = check_inputs(items, min_coverage_mm=min_coverage_mm)
+        except BadInput as exc:
+            first_error = first_error or exc
+            passed_over.append(exc.reason)
+            continue
+        info = {"n_series_axial_ct": sum(_axial_rank(c[0][1]) == 0 for c in candidates),
+                "slice_thickness_mm": thickness(items), "series_passed_over": passed_over,
+                "preconditions": stack.notes}
+        return stack, info
+    raise first_error
 
 
 def _qc_png(path: pathlib.Path, vol: np.ndarray, roi: np.ndarray, labels3d: np.ndarray, lesions: list[dict]) -> None:
@@ -278,23 +410,23 @@ def _qc_png(path: pathlib.Path, vol: np.ndarray, roi: np.ndarray, labels3d: np.n
 def process_study(files: list[pathlib.Path], out_dir: pathlib.Path, *, device: str | None = None,
                   roi: str = "auto", threshold_hu: float = 130.0, min_area_mm2: float = 1.0,
                   calibration_mg_per_hu_ml: float = DEFAULT_CALIBRATION_MG_PER_HU_ML,
-                  bone_min_volume_mm3: float = 5000.0, max_dense_fraction: float = 0.3) -> dict:
+                  bone_min_volume_mm3: float = 5000.0, max_dense_fraction: float = 0.3,
+                  min_coverage_mm: float = MIN_COVERAGE_MM) -> dict:
     """Score the study's axial calcium-scoring CT series; writes lesions.json and qc_calcium.png.
 
     ``roi="auto"`` scores inside :func:`heart_roi`; ``roi="none"`` scores the whole volume (for phantoms).
     A contrast-enhanced scan is refused: its blood pool is above 130 HU, so Agatston scoring is invalid.
     That is judged from the image (share of the ROI at or above the threshold exceeding
     ``max_dense_fraction``), because de-identification may blank the contrast header.
+    Inputs are checked first (:func:`check_inputs`); anything unusable raises BadInput with its reason.
     """
-    from imaging_tasks.dicom_io import load_series
-
     if roi not in ("auto", "none"):
         raise ValueError("roi must be 'auto' or 'none'")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
-    paths, series_info = _pick_series([pathlib.Path(f) for f in files])
-    volume = load_series(paths)
+    stack, series_info = _pick_series([pathlib.Path(f) for f in files], min_coverage_mm=min_coverage_mm)
+    volume = load_volume(stack)  # may add a note to series_info["preconditions"] (the same list)
     vol = volume.array
     if roi == "auto":
         mask, roi_info = heart_roi(vol, volume.spacing_mm, threshold_hu=threshold_hu,

@@ -16,6 +16,20 @@ are never clusters.
 
 Coordinates: ``*_xy_px`` are (column, row) of the stored pixel grid, ``*_xy_mm`` the same times the pixel
 spacing (PixelSpacing when the image is calibrated, else ImagerPixelSpacing, i.e. the detector plane).
+
+Preconditions (checked on every "for presentation" MG image's header before any pixel is decoded; one
+unusable image refuses the study, so a screening exam is never reported on a subset of its views;
+:func:`check_inputs` has the why of each):
+
+* the study holds MG images (``wrong_modality``), "for presentation" ones (``for_processing_only``);
+* single-frame (``unsupported_frames``), grey-scale: MONOCHROME2, or MONOCHROME1 which is *inverted*
+  (brighter = denser for the detector), never refused; RGB/YBR/PALETTE refused (``unsupported_photometric``);
+* PixelSpacing or ImagerPixelSpacing present (``missing_pixel_spacing``), finite and > 0
+  (``invalid_pixel_spacing``; an invalid PixelSpacing falls back to a valid ImagerPixelSpacing, noted),
+  square (``anisotropic_pixels``);
+* at least 64 x 64 pixels and 20 x 20 mm (``image_too_small``);
+* RescaleSlope/Intercept usable where present (``invalid_rescale``; absent means identity);
+* after decoding: not a blank (constant) image (``blank_image``).
 """
 from __future__ import annotations
 
@@ -30,6 +44,8 @@ from scipy.spatial import cKDTree
 from imaging_tasks.device import pick_device
 from imaging_tasks.dicom_io import read_full, read_header
 from imaging_tasks.errors import BadInput
+from imaging_tasks.preconditions import (check_photometric, check_single_frame, check_spacing_values, image_size,
+                                         pixel_spacing, rescale)
 
 MG_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.2": "FOR PRESENTATION",
@@ -37,6 +53,9 @@ MG_SOP_CLASSES = {
 }
 CLUSTER_RADIUS_MM = math.sqrt(100.0 / math.pi)  # a disc of 1 cm^2
 CLUSTER_MIN_COUNT = 3
+# Smallest image worth looking at: a cluster disc (11.3 mm) inside the 3 mm skin rim needs ~17 mm; anything
+# under 20 mm or 64 px a side is an icon, thumbnail or crop, not a mammogram (even a spot view is > 40 mm).
+MIN_SIDE_MM, MIN_SIDE_PX = 20.0, 64
 
 
 # -------------------------------------------------------------------------------------------- detection
@@ -106,7 +125,7 @@ def detect_calcifications(image: np.ndarray, pixel_spacing_mm: float, *, device=
     img = np.asarray(image, dtype=np.float32)
     if img.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {img.shape}")
-    sp = float(pixel_spacing_mm)
+    (sp,) = check_spacing_values([pixel_spacing_mm], "calcification detection")
     breast = breast_mask(img) if mask is None else np.asarray(mask, dtype=bool)
     interior = ndimage.distance_transform_edt(breast) * sp > rim_mm
     if not interior.any():
@@ -255,17 +274,25 @@ def cluster_calcifications(cands: list[dict], *, radius_mm: float = CLUSTER_RADI
 
 # --------------------------------------------------------------------------------------------- study I/O
 
-def _spacing_mm(ds) -> float:
+def _spacing_mm(ds, what: str = "the MG image", notes: list | None = None) -> float:
+    """PixelSpacing when present and valid, else ImagerPixelSpacing (the detector plane), square."""
+    errors = []
     for tag in ("PixelSpacing", "ImagerPixelSpacing"):
-        v = ds.get(tag)
-        if v:
-            row_sp, col_sp = (float(x) for x in v)
-            if abs(row_sp - col_sp) > 1e-3 * max(row_sp, col_sp):
-                raise BadInput("anisotropic_pixels", f"{tag} {row_sp}/{col_sp} mm is not square; "
-                               "resample the image to square pixels before sending it")
-            if row_sp > 0:
-                return row_sp
-    raise BadInput("missing_pixel_spacing", "MG image has neither PixelSpacing nor ImagerPixelSpacing; "
+        try:
+            row_sp, col_sp = pixel_spacing(ds, what, tag)
+        except BadInput as exc:
+            errors.append(exc)
+            continue
+        if abs(row_sp - col_sp) > 1e-3 * max(row_sp, col_sp):
+            raise BadInput("anisotropic_pixels", f"{tag} {row_sp}/{col_sp} mm is not square; "
+                           "resample the image to square pixels before sending it")
+        if errors and errors[0].reason == "invalid_pixel_spacing" and notes is not None:
+            notes.append("PixelSpacing invalid: ImagerPixelSpacing (detector plane) used")
+        return row_sp
+    invalid = [e for e in errors if e.reason == "invalid_pixel_spacing"]
+    if invalid:
+        raise invalid[0]
+    raise BadInput("missing_pixel_spacing", f"{what} has neither PixelSpacing nor ImagerPixelSpacing; "
                    "re-export it with the detector spacing")
 
 
@@ -278,16 +305,71 @@ def _view(ds) -> tuple[str, str]:
     return lat, view or "UNK"
 
 
-def _pixels(ds) -> np.ndarray:
+def check_inputs(images: list[tuple[pathlib.Path, object]]) -> list[dict]:
+    """Preconditions of detection on every "for presentation" MG image of a study, from headers only.
+
+    ``images`` are ``(path, header)`` pairs.  Returns per image what reading it needs (``spacing_mm``,
+    ``photometric``, ``rescale``, ``stored_range``, ``notes``).  Each violation raises BadInput with the reason
+    code in brackets, naming the view (never an identifier):
+
+    1. Single-frame [``unsupported_frames``]: tomosynthesis belongs to a DBT pipeline.
+    2. Grey-scale [``unsupported_photometric``]: SamplesPerPixel 1 and MONOCHROME1 or MONOCHROME2.  The
+       detector expects brighter = denser (MONOCHROME2); MONOCHROME1 (for presentation its Presentation LUT
+       Shape is INVERSE) is inverted over the stored range, so it gives what the MONOCHROME2 rendering would.
+    3. A pixel spacing [``missing_pixel_spacing``]: PixelSpacing (calibrated) when valid, else
+       ImagerPixelSpacing (detector plane, Type 1 in the MG IOD); finite and > 0 [``invalid_pixel_spacing``];
+       square [``anisotropic_pixels``].  Spot size, the 3 mm skin rim and the 1 cm2 cluster rule are in mm.
+    4. At least :data:`MIN_SIDE_PX` pixels and :data:`MIN_SIDE_MM` mm a side [``image_too_small``]: a cluster
+       disc (11.3 mm across) inside the 3 mm skin rim does not fit in less; smaller images are icons,
+       thumbnails or crops.
+    5. RescaleSlope/RescaleIntercept, where present, finite with a non-zero slope [``invalid_rescale``];
+       absent means identity (the detector is invariant to a linear map of the values anyway).
+    """
+    specs = []
+    for _path, hdr in images:
+        lat, view = _view(hdr)
+        what = f"the {lat} {view} MG image"
+        notes: list[str] = []
+        check_single_frame(hdr, what)
+        photometric = check_photometric(hdr, what)
+        spacing = _spacing_mm(hdr, what, notes)
+        rows, cols = image_size(hdr, what)
+        if min(rows, cols) < MIN_SIDE_PX or min(rows, cols) * spacing < MIN_SIDE_MM:
+            raise BadInput("image_too_small", f"{what} is {rows}x{cols} px ({rows * spacing:.0f}x{cols * spacing:.0f} "
+                           f"mm); at least {MIN_SIDE_PX} px and {MIN_SIDE_MM:g} mm a side are needed to hold a 1 cm2 "
+                           "cluster inside the skin rim; send the full-resolution image, not a thumbnail or crop")
+        slope, intercept = rescale(hdr, what)
+        slope = 1.0 if slope is None else slope
+        intercept = 0.0 if intercept is None else intercept
+        try:
+            bits = int(hdr.get("BitsStored", 0) or hdr.get("BitsAllocated", 16) or 16)
+            signed = int(hdr.get("PixelRepresentation", 0) or 0) == 1
+        except (ValueError, TypeError):
+            bits, signed = 16, False
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+        specs.append({"spacing_mm": spacing, "photometric": photometric, "rescale": (slope, intercept),
+                      "stored_range": (lo, hi), "notes": notes})
+    return specs
+
+
+def _pixels(ds, spec: dict | None = None) -> np.ndarray:
+    """Rescaled pixels, brighter = denser: MONOCHROME1 is inverted over the rescaled stored range."""
     arr = ds.pixel_array.astype(np.float32)
     if arr.ndim != 2:
         raise BadInput("unsupported_frames", f"MG image has shape {arr.shape}; only single-frame 2-D mammograms "
                        "are supported (send tomosynthesis to a DBT pipeline)")
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if spec is None:
+        spec = check_inputs([(None, ds)])[0]
+    slope, intercept = spec["rescale"]
     arr = arr * slope + intercept
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
-        arr = arr.max() - arr  # the detector expects brighter = denser
+    if spec["photometric"] == "MONOCHROME1":
+        # Invert over the range the stored values can take, not over this image's own extremes: a value means
+        # the same whatever else is in the image, and MONOCHROME1 of (max - v) gives exactly MONOCHROME2 of v.
+        lo, hi = (slope * v + intercept for v in spec["stored_range"])
+        arr = (lo + hi) - arr
+    if float(arr.max()) <= float(arr.min()):
+        raise BadInput("blank_image", "an MG image has the same value in every pixel (blank or failed "
+                       "export); send the image again")
     return arr
 
 
@@ -322,7 +404,8 @@ def process_study(files: list[pathlib.Path], out_dir: pathlib.Path, *, device: s
     ``BadInput("wrong_modality")``.  "For processing" (raw, linear) images are skipped because the
     detector's noise model assumes the log-domain presentation image; a study with only those raises
     ``BadInput("for_processing_only")``.  Options: ``radius_mm``, ``min_count`` (cluster rule) and any
-    keyword of :func:`detect_calcifications`.
+    keyword of :func:`detect_calcifications`.  Every image is checked first (:func:`check_inputs`); one
+    unusable image raises BadInput with its reason for the whole study.
     Writes ``calcifications.json`` and one ``qc_<laterality>_<view>.png`` per image.
     """
     out_dir = pathlib.Path(out_dir)
@@ -354,17 +437,19 @@ def process_study(files: list[pathlib.Path], out_dir: pathlib.Path, *, device: s
         raise BadInput("wrong_modality", f"no MG images in the study (found modalities {sorted(modalities)}); "
                        "route it to the pipeline for that modality")
 
+    specs = check_inputs(presentation)  # every image's preconditions before any pixel is decoded
+
     def order(item):
         lat, view = _view(item[1])
         return ({"R": 0, "L": 1}.get(lat, 2), {"CC": 0, "MLO": 1}.get(view, 2), view,
                 int(item[1].get("InstanceNumber", 0) or 0), str(item[1].SOPInstanceUID))
 
     images, findings, outputs, seen = [], [], [], {}
-    for path, hdr in sorted(presentation, key=order):
+    for (path, _hdr), spec in sorted(zip(presentation, specs, strict=True), key=lambda pair: order(pair[0])):
         ds = read_full(path.read_bytes())
-        spacing = _spacing_mm(ds)
+        spacing = spec["spacing_mm"]
         lat, view = _view(ds)
-        arr = _pixels(ds)
+        arr = _pixels(ds, spec)
         cands = detect_calcifications(arr, spacing, device=dev, **detect_opts)
         clusters = cluster_calcifications(cands, radius_mm=radius_mm, min_count=min_count)
         key = f"{lat}_{view}"
@@ -380,6 +465,7 @@ def process_study(files: list[pathlib.Path], out_dir: pathlib.Path, *, device: s
         images.append({"index": len(images), "laterality": lat, "view": view,
                        "sop_instance_uid": str(ds.SOPInstanceUID), "rows": int(arr.shape[0]),
                        "cols": int(arr.shape[1]), "pixel_spacing_mm": spacing, "qc": name,
+                       "photometric": spec["photometric"], "preconditions": spec["notes"],
                        "calcifications": cands, "clusters": clusters})
     doc = {"cluster_rule": {"radius_mm": radius_mm, "min_count": min_count,
                             "definition": f">= {min_count} calcifications within {math.pi * radius_mm**2:.0f} mm^2 "

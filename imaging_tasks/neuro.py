@@ -12,6 +12,22 @@ it is not a substitute for a learned skull-stripper on atrophic, lesioned, post-
 brains.  The intracranial estimate grows the brain through CSF-bright voxels up to the dark inner skull
 table; it assumes CSF is brighter than cortical bone in the T1 (good SNR) and places the boundary
 conservatively (a leak through the skull into the scalp would be far worse than trimming the CSF rim).
+
+Preconditions (checked from headers before any pixel is read; :func:`check_inputs` has the why of each):
+the session holds an MR series (``no_mri``: PET alone is not processed) with >= 16 slices
+(``not_volumetric``).  The T1-named volumetric series (else any volumetric MR series) are tried, most slices
+first; the first that meets all of these is processed, and if none does the first one's reason is raised:
+
+* grey-scale slices, MONOCHROME1 or MONOCHROME2 (``unsupported_photometric``);
+* >= 16 distinct slices (``not_volumetric``);
+* PixelSpacing present (``missing_pixel_spacing``), finite and > 0 (``invalid_pixel_spacing``);
+* ImageOrientationPatient (``missing_orientation``, ``invalid_orientation``; any orientation is fine) and
+  ImagePositionPatient (``missing_position``, ``invalid_position``) on every slice;
+* one geometry per series (``mixed_geometry``), distinct (``duplicate_slice_positions``) and evenly spaced
+  (``irregular_slices``) positions; any file or instance order is fine (sorted along the slice normal);
+* RescaleSlope/Intercept, when present, usable (``invalid_rescale``); absent means identity (the MR Image
+  IOD has no Modality LUT: the stored value is the signal);
+* after loading: not a blank (constant) image (``blank_image``).
 """
 from __future__ import annotations
 
@@ -23,6 +39,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from imaging_tasks.errors import BadInput
+from imaging_tasks.preconditions import Stack, check_spacing_values, check_stack, load_stack
 
 MIN_T1_SLICES = 16  # fewer slices is a localizer or a single 2-D stack, not a volume to extract a brain from
 T1_HINTS = ("T1", "MPRAGE", "MP-RAGE", "MP2RAGE", "SPGR", "BRAVO", "TFL", "TFE", "FSPGR")
@@ -35,6 +52,11 @@ class Series:
     modality: str
     paths: list[Path] = field(default_factory=list)
     hint_text: str = ""  # description/protocol/sequence, used only to recognise a T1; never written out
+    headers: list = field(default_factory=list)  # header of each path (no pixel data)
+
+    @property
+    def t1_named(self) -> bool:
+        return any(h in self.hint_text for h in T1_HINTS)
 
 
 def group_series(files: list[Path]) -> list[Series]:
@@ -50,11 +72,12 @@ def group_series(files: list[Path]) -> list[Series]:
             text = " ".join(str(ds.get(k, "") or "") for k in ("SeriesDescription", "ProtocolName", "SequenceName"))
             series[uid] = Series(uid, str(ds.Modality).upper(), hint_text=text.upper())
         series[uid].paths.append(Path(f))
+        series[uid].headers.append(ds)
     return list(series.values())
 
 
-def pick_t1(series: list[Series]) -> Series:
-    """The T1 volume: an MR series with enough slices, preferring T1-named ones, then the most slices."""
+def _mr_series(series: list[Series]) -> list[Series]:
+    """The volumetric MR series worth trying, in order: T1-named ones only when there are any, most slices first."""
     mr = [s for s in series if s.modality == "MR"]
     if not mr:
         found = ", ".join(sorted({s.modality for s in series})) or "nothing"
@@ -64,7 +87,62 @@ def pick_t1(series: list[Series]) -> Series:
     if not volumes:
         raise BadInput("not_volumetric", f"no MR series has at least {MIN_T1_SLICES} slices (localizers or 2-D "
                        "stacks only); send the 3-D T1 series")
-    return max(volumes, key=lambda s: (any(h in s.hint_text for h in T1_HINTS), len(s.paths)))
+    named = [s for s in volumes if s.t1_named]
+    return sorted(named or volumes, key=lambda s: -len(s.paths))
+
+
+def pick_t1(series: list[Series]) -> Series:
+    """The T1 volume: an MR series with enough slices, preferring T1-named ones, then the most slices."""
+    return _mr_series(series)[0]
+
+
+def check_inputs(t1: Series) -> Stack:
+    """Preconditions of N4 and brain extraction on one MR series, from headers only; returns it sorted.
+
+    Each violation raises BadInput with the reason code in brackets:
+
+    1. Single-frame grey-scale slices: SamplesPerPixel 1, PhotometricInterpretation MONOCHROME1 or
+       MONOCHROME2 [``unsupported_photometric``].  MR signal is the stored value whatever the photometric
+       interpretation (it only says how to display it), so nothing is inverted.
+    2. At least :data:`MIN_T1_SLICES` (16) distinct instances [``not_volumetric``]: brain extraction erodes and
+       grows by 4 mm in 3-D and N4 fits a 3-D B-spline field; fewer slices are a localizer or a 2-D stack.
+    3. PixelSpacing [``missing_pixel_spacing``], two finite numbers > 0 [``invalid_pixel_spacing``]: volumes
+       in ml, erosion radii and smoothing in mm all need it.
+    4. ImageOrientationPatient [``missing_orientation``, ``invalid_orientation``] and ImagePositionPatient
+       [``missing_position``, ``invalid_position``] on every slice: the volume's geometry, written into the
+       NIfTI outputs.
+    5. One geometry for all slices (orientation, pixel spacing, Rows/Columns, positions on one line)
+       [``mixed_geometry``]; distinct [``duplicate_slice_positions``] and evenly spaced
+       [``irregular_slices``] positions.  Any file or instance order is fine: slices are sorted along the
+       normal.  A second copy of the same instance is ignored.
+    6. RescaleSlope/RescaleIntercept, where present, finite with a non-zero slope [``invalid_rescale``];
+       absent means identity.
+    """
+    return check_stack(list(zip(t1.paths, t1.headers, strict=True)), what="the MR series",
+                       min_slices=MIN_T1_SLICES, too_few_reason="not_volumetric",
+                       too_few_why="brain extraction and N4 work on a 3-D volume; fewer slices are a localizer or a "
+                                   "2-D stack; send the 3-D T1 series")
+
+
+def _pick_checked(series: list[Series]) -> tuple[Series, Stack]:
+    """The first candidate T1 series (see :func:`_mr_series`) that passes :func:`check_inputs`."""
+    first_error = None
+    for candidate in _mr_series(series):
+        try:
+            return candidate, check_inputs(candidate)
+        except BadInput as exc:
+            first_error = first_error or exc
+    raise first_error
+
+
+def load_volume(stack: Stack):
+    """The checked series as a volume (rescale applied where given); refuses a blank image."""
+    values = [(1.0 if s is None else s, 0.0 if i is None else i) for s, i in stack.rescale]
+    volume = load_stack(stack, values, "the MR series")
+    if float(volume.array.max()) <= float(volume.array.min()):
+        raise BadInput("blank_image", "every voxel of the MR series has the same value (a blank or failed "
+                       "reconstruction); there is no head to extract; send the T1 series")
+    return volume
 
 
 def to_sitk(volume):
@@ -72,7 +150,7 @@ def to_sitk(volume):
     import SimpleITK as sitk
 
     img = sitk.GetImageFromArray(volume.array.astype(np.float32))
-    dz, dy, dx = volume.spacing_mm
+    dz, dy, dx = check_spacing_values(volume.spacing_mm, "the MR volume")
     img.SetSpacing((dx, dy, dz))
     img.SetOrigin(volume.origin_mm)
     img.SetDirection(volume.direction)
@@ -304,18 +382,20 @@ def _qc_png(image_zyx: np.ndarray, brain_zyx: np.ndarray, icv_zyx: np.ndarray, s
 
 def process_study(files: list[Path], out_dir: Path, *, device: str | None = None, n4_shrink: int = 2,
                   n4_iterations=(50, 50), tissue_fraction: float = 0.33, **_options) -> dict:
-    """One session: pick the T1, N4, brain and intracranial masks, volumes, QC.  PET series are counted only."""
+    """One session: pick the T1, N4, brain and intracranial masks, volumes, QC.  PET series are counted only.
+
+    Inputs are checked first (:func:`check_inputs`); anything unusable raises BadInput with its reason.
+    """
     import SimpleITK as sitk
 
     from imaging_tasks.device import pick_device
-    from imaging_tasks.dicom_io import load_series
 
     dev = pick_device(str(device) if device is not None else None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     series = group_series(files)
-    t1 = pick_t1(series)
-    image = to_sitk(load_series(t1.paths))
+    _t1, stack = _pick_checked(series)
+    image = to_sitk(load_volume(stack))
     corrected, log_bias = n4_correct(image, shrink=n4_shrink, iterations=tuple(n4_iterations))
     brain = brain_mask(corrected, tissue_fraction=tissue_fraction)
     icv = intracranial_mask(corrected, brain, tissue_fraction=tissue_fraction)

@@ -7,6 +7,15 @@ process for the CLI and tests.
 
 Stain features use Ruifrok & Johnston colour deconvolution: optical density (Beer-Lambert) projected on
 the haematoxylin, eosin and DAB absorption vectors, the standard first description of H&E and IHC tiles.
+
+Preconditions (:func:`check_inputs` before the overview is read, the tissue check right after it; both in
+``plan_tiles``, so the DAG quarantines the slide before any tile task is mapped):
+
+* one slide file per study (``not_one_slide``) that OpenSlide opens and reads (``unreadable_slide``);
+* microns per pixel recorded (``missing_mpp``), a finite number > 0 (``invalid_mpp``), the same in x and y
+  within 2 % (``anisotropic_mpp``); no fallback (objective power only approximates it);
+* at least one tile (``tile_px`` at ``target_mpp``) fits in the slide (``slide_too_small``);
+* tissue found on the overview (``no_tissue``: a blank or glass-only scan).
 """
 from __future__ import annotations
 
@@ -69,12 +78,57 @@ def _read_rgb(slide, location: tuple[int, int], level: int, size: tuple[int, int
     return (rgba[..., :3] * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
 
 
+MAX_MPP_ANISOTROPY = 0.02
+
+
+def _mpp_value(slide, key: str) -> float | None:
+    text = slide.properties.get(key)
+    if text is None or str(text).strip() == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise BadInput("invalid_mpp", f"the slide records {value:g} microns per pixel ({key}); it must be a finite "
+                       "number > 0; re-export it with the scanner's calibration")
+    return value
+
+
 def slide_mpp(slide) -> float:
-    mpp = slide.properties.get("openslide.mpp-x")
-    if not mpp:
+    """Level-0 microns per pixel (x): recorded, finite, > 0 and square, else BadInput (see the module docstring)."""
+    mpp = _mpp_value(slide, "openslide.mpp-x")
+    if mpp is None:
+        # OpenSlide drops a vendor value it cannot parse (e.g. Aperio "MPP = nan"): invalid, not missing.
+        if str(slide.properties.get("aperio.MPP", "")).strip():
+            raise BadInput("invalid_mpp", "the slide's microns per pixel (MPP) is not a number; re-export it with "
+                           "the scanner's calibration")
         raise BadInput("missing_mpp", "the slide does not record its microns per pixel (MPP); "
                        "re-export it with the scanner's calibration")
-    return float(mpp)
+    mpp_y = _mpp_value(slide, "openslide.mpp-y")
+    if mpp_y is not None and abs(mpp_y - mpp) > MAX_MPP_ANISOTROPY * mpp:
+        raise BadInput("anisotropic_mpp", f"the slide's pixels are not square ({mpp:g} x {mpp_y:g} um); tiles and "
+                       "areas assume square pixels; re-export or resample the slide")
+    return mpp
+
+
+def check_inputs(slide, *, target_mpp: float, tile_px: int) -> float:
+    """Preconditions of tiling one opened slide; returns its level-0 microns per pixel.
+
+    1. Microns per pixel recorded [``missing_mpp``], a finite number > 0 [``invalid_mpp``], square within 2 %
+       [``anisotropic_mpp``]: tissue area in mm2 and the tile grid at ``target_mpp`` are computed from it.
+    2. Level-0 width and height hold at least one tile of ``tile_px`` pixels at ``target_mpp``
+       [``slide_too_small``]: otherwise there is nothing to compute features on.
+    The tissue check (``no_tissue``) needs the overview and is made in :func:`plan_tiles`.
+    """
+    mpp = slide_mpp(slide)
+    side_l0 = tile_px * target_mpp / mpp
+    w0, h0 = slide.dimensions
+    if min(w0, h0) + 1e-6 < side_l0:
+        raise BadInput("slide_too_small", f"the slide is {w0}x{h0} px ({w0 * mpp / 1000:.2f}x{h0 * mpp / 1000:.2f} "
+                       f"mm); one {tile_px} px tile at {target_mpp:g} um/px needs {side_l0:.0f} px a side; send the "
+                       "whole-slide scan, not a thumbnail or crop")
+    return mpp
 
 
 def _overview(slide) -> tuple[np.ndarray, float, float]:
@@ -132,17 +186,21 @@ def plan_tiles(slide_path: Path, out_dir: Path, *, target_mpp: float = 1.0, tile
 
     Tiles are tile_px pixels at target_mpp, on a grid from the slide origin; each is read from the finest
     pyramid level not finer than needed, at the size that covers the same field, and resized afterwards.
+    Raises BadInput for a slide that fails :func:`check_inputs` or shows no tissue (``no_tissue``).
     """
     from scipy import ndimage
 
     if target_mpp <= 0 or tile_px < 8 or not 0 <= min_tissue_fraction <= 1:
         raise ValueError("target_mpp must be > 0, tile_px >= 8 and min_tissue_fraction within [0, 1]")
     slide = open_slide(slide_path)
-    mpp = slide_mpp(slide)
+    mpp = check_inputs(slide, target_mpp=target_mpp, tile_px=tile_px)
     rgb, ds_x, ds_y = _overview(slide)
     px_mm2 = (mpp * ds_x / 1000.0) * (mpp * ds_y / 1000.0)
     mask, threshold = tissue_mask(rgb, px_mm2)
     area_mm2 = float(mask.sum()) * px_mm2
+    if not mask.any():
+        raise BadInput("no_tissue", "no tissue was found on the slide (glass only, or a section too faint to "
+                       "tell from glass); check the scan and re-scan the slide")
 
     side_l0 = tile_px * target_mpp / mpp  # tile field in level-0 pixels
     read_level = slide.get_best_level_for_downsample(side_l0 / tile_px)

@@ -118,7 +118,7 @@ def _fragments(rng: np.random.Generator, height: int, width: int, count: int) ->
         cy, cx = rng.uniform(reach + 8, height - reach - 8), rng.uniform(reach + 8, width - reach - 8)
         if all(np.hypot(cy - f["cy"], cx - f["cx"]) > reach + f["reach"] + 0.02 * short for f in frags):
             frags.append({"cy": cy, "cx": cx, "radius": radius, "reach": reach, "harmonics": harmonics})
-    if not frags:
+    if count and not frags:
         raise ValueError("slide too small for a tissue fragment; use at least 512 x 512 px")
     return frags
 
@@ -285,7 +285,10 @@ def write_svs(path: Path, rgb: np.ndarray, *, mpp: float, fields: dict[str, str]
 # ----------------------------------------------------------------------------------------------- entry
 def synthesize(out: Path, studies: int, seed: int, *, width: int = 6144, height: int = 4608, mpp: float = 0.5,
                stain: str = "he", fragments: int = 3, compression: str = "jpeg", **_ignored) -> list[Path]:
-    """One Aperio SVS per study under ``out/pathology/<label>/slide.svs``; truth JSON per study."""
+    """One Aperio SVS per study under ``out/pathology/<label>/slide.svs``; truth JSON per study.
+
+    ``fragments=0`` gives a glass-only slide (dust, no tissue), which processing must refuse.
+    """
     out = Path(out)
     truths = []
     for n in range(studies):
