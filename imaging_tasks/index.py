@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from imaging_tasks import storage
+from imaging_tasks import retry, storage
 from imaging_tasks.deid.pseudonym import pseudo_id
 from imaging_tasks.deid.slide import read_description, slide_pseudonyms
 from imaging_tasks.dicom_io import read_header
@@ -71,8 +71,7 @@ def index_objects(objects: list[storage.ObjectInfo], *, specialty: str, key: byt
         try:
             if obj.size == 0:
                 raise BadInput("empty_file", "the file is empty (0 bytes); re-export it from the source system")
-            with storage.as_path(obj.uri).open("rb") as fh:
-                ds = read_header(fh)
+            ds = retry.call(_read_header, obj.uri, operation="read header", target=storage.where(obj.uri))
             modality = str(ds.Modality)
             if modality not in accepted:
                 raise BadInput("wrong_modality", f"modality {modality} does not belong to the {specialty} pipeline "
@@ -94,6 +93,12 @@ def index_objects(objects: list[storage.ObjectInfo], *, specialty: str, key: byt
             continue
         ready.append(entry)
     return IndexResult(studies=sorted(ready, key=lambda e: e.study), quarantined=quarantined, waiting=waiting)
+
+
+def _read_header(uri: str):
+    """Headers only, from the open object; a transient storage fault is retried by the caller, not quarantined."""
+    with storage.as_path(uri).open("rb") as fh:
+        return read_header(fh)
 
 
 def _session_ready(entry: StudyEntry, *, now: dt.datetime | None, wait: dt.timedelta) -> bool:

@@ -64,7 +64,7 @@ class Ledger:
     # ------------------------------------------------------------------ reading
     def get(self, study: str) -> dict | None:
         uri = self._record_uri(study)
-        return storage.read_json(uri) if uri.exists() else None
+        return storage.read_json(uri) if storage.exists(uri) else None
 
     def is_done(self, record: dict | None, fingerprint: str, opts: str | None = None) -> bool:
         """Loaded or quarantined with these very inputs (and these options, when given)."""
@@ -129,11 +129,7 @@ class Ledger:
             self._drop_pending(record["study"])
 
     def _drop_pending(self, study: str) -> None:
-        uri = self._pending_uri(study)
-        try:
-            uri.unlink()
-        except FileNotFoundError:
-            pass
+        storage.remove(self._pending_uri(study))
 
 
 def warehouse_row(record: dict) -> dict:

@@ -260,7 +260,7 @@ def _input_values(study: dict, lake: Lake) -> dict[str, set[str]]:
 def _files_under(root) -> list[str]:
     root = storage.as_path(root)
     return [o.uri for o in storage.list_objects(root)] + \
-        [str(storage.join(root, n)) for n in (DEID_MANIFEST, storage.MANIFEST) if storage.join(root, n).exists()]
+        [str(storage.join(root, n)) for n in (DEID_MANIFEST, storage.MANIFEST) if storage.exists(storage.join(root, n))]
 
 
 def audit_deidentified(study: dict, lake: Lake, *, run: RunContext = RunContext()) -> dict:

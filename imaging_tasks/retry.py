@@ -26,6 +26,7 @@ Log lines name the operation, the attempt, the wait and the error's type and cod
 from __future__ import annotations
 
 import errno
+import http.client
 import logging
 import random
 import time
@@ -191,8 +192,6 @@ def is_transient(exc: BaseException) -> bool:
                 return verdict
         if isinstance(exc, (ConnectionError, TimeoutError)):  # resets, refusals, broken pipes, socket timeouts
             return True
-        import http.client
-
         if isinstance(exc, (http.client.IncompleteRead, http.client.RemoteDisconnected)):
             return True
         if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNO:

@@ -277,6 +277,19 @@ def exists(location: Any) -> bool:
     return _remote("exists", path, path.exists)
 
 
+def remove(location: Any) -> bool:
+    """Delete one object or file of our own bookkeeping (never raw data); False if it was not there."""
+    path = as_path(location)
+    try:
+        if is_local(path):
+            path.unlink()
+        else:
+            _remote("remove", path, path.unlink)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

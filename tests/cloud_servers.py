@@ -7,28 +7,39 @@ by the amazon / google provider behind ``ObjectStoragePath``.  The tests check w
 the vendors' own clients (boto3, google-cloud-storage), not with the code under test.
 
 Nothing is downloaded: moto runs from the venv, fake-gcs-server from the binary in its wheel.
+
+:class:`FlakyProxy` (fixture ``flaky_s3``) sits in front of moto and breaks requests by a seeded
+:class:`FaultPlan` (5xx, resets, answers cut mid-body, stalls, 403s) for ``tests/test_transient_faults.py``.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import hashlib
+import http.client
 import json
 import os
 import platform
 import socket
+import socketserver
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Callable
 
 import pytest
 
 __all__ = ["server_logs", "s3_server", "gcs_server", "s3_conn", "gcs_conn", "new_s3_bucket", "new_gcs_bucket",
-           "cloud", "Bucket"]
+           "cloud", "Bucket", "FaultPlan", "FlakyProxy", "flaky_s3"]
 
 # ---------------------------------------------------------------------------------------------- suite-wide env
 # gcsfs (2025.x+) probes every bucket through the gRPC storage-control API unless this is off; emulators do not
@@ -255,3 +266,281 @@ def cloud(request):
     if request.param == "s3":
         return request.param, request.getfixturevalue("s3_conn"), request.getfixturevalue("new_s3_bucket")
     return request.param, request.getfixturevalue("gcs_conn"), request.getfixturevalue("new_gcs_bucket")
+
+
+# ---------------------------------------------------------------------------------------------- a flaky network
+FAULT_KINDS = ("500", "503", "reset", "cut", "slow")
+_HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "expect", "te", "upgrade"}
+_S3_ERROR = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+             '<RequestId>flaky-proxy</RequestId></Error>')
+
+
+@dataclass
+class FaultPlan:
+    """Which requests the :class:`FlakyProxy` breaks, and how: seeded and deterministic.
+
+    A request is known by its operation and target (path without the bucket, so buckets with random names get the
+    same schedule, and query); the ``n``-th time the same request is seen (its retries), it fails when
+    ``n < burst`` and a seeded hash of (seed, request, n) falls under ``rate``.  The decision does not depend on
+    the order in which concurrent requests arrive, and no request fails more than ``burst`` times in a row.
+    The kind of fault is drawn (same hash) from ``kinds[op]``:
+
+    ``500``  an S3 ``InternalError`` answer, not forwarded;  ``503``  an S3 ``SlowDown`` answer, not forwarded;
+    ``reset``  the connection is reset once the request is read, nothing forwarded, no answer;
+    ``cut``  forwarded (a PUT is applied), then the answer is cut mid-way (mid-body; mid-headers when it has no
+    body) and the connection reset: the client cannot tell whether its request was applied;
+    ``slow``  forwarded, then the answer stalls ``slow_s`` between its headers and its body.
+
+    Buckets in ``deny`` always answer 403 ``AccessDenied``.
+    """
+
+    seed: int = 0
+    rate: float = 0.0
+    burst: int = 1
+    kinds: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
+        op: FAULT_KINDS for op in ("GET", "LIST", "PUT", "HEAD")})
+    slow_s: float = 0.3
+    deny: frozenset[str] = frozenset()
+
+    def _draw(self, key: str, n: int) -> float:
+        digest = hashlib.sha256(f"{self.seed}|{key}|{n}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+    def fault(self, op: str, key: str, n: int) -> str | None:
+        kinds = self.kinds.get(op, ())
+        if not kinds or n >= self.burst:
+            return None
+        draw = self._draw(key, n)
+        if draw >= self.rate:
+            return None
+        return kinds[int(draw / self.rate * len(kinds)) % len(kinds)]
+
+
+class FlakyProxy:
+    """An HTTP proxy on 127.0.0.1 in front of an S3 endpoint (moto), breaking requests as its :class:`FaultPlan`
+    says.  Point a client's ``endpoint_url`` at :attr:`url`.  Counts what it saw in :attr:`requests` (per
+    operation: GET, LIST, PUT, HEAD, POST, DELETE) and what it broke in :attr:`faults` (per (operation, kind)).
+    """
+
+    def __init__(self, upstream: str, plan: FaultPlan | None = None):
+        parts = urlsplit(upstream)
+        self.upstream = (parts.hostname, parts.port)
+        self.plan = plan or FaultPlan()
+        self.requests: collections.Counter = collections.Counter()
+        self.faults: collections.Counter = collections.Counter()
+        self.denied = 0
+        self._seen: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+        self._server: socketserver.ThreadingTCPServer | None = None
+        self._sockets: set[socket.socket] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self._server.server_address[1]}"
+
+    def repeated(self) -> int:
+        """How many requests were sent again (the same operation and target seen before): retries, by anyone."""
+        with self._lock:
+            return sum(n - 1 for n in self._seen.values())
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self.faults.clear()
+            self._seen.clear()
+            self.denied = 0
+
+    def start(self) -> "FlakyProxy":
+        proxy = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                proxy._serve(self.request)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self._server = Server((HOST, 0), Handler)
+        threading.Thread(target=self._server.serve_forever, name="flaky-proxy", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        with self._lock:
+            for sock in list(self._sockets):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        self._server = None
+
+    # ------------------------------------------------------------------ one client connection (keep-alive)
+    def _serve(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.add(sock)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = sock.makefile("rb")
+        upstream = _Upstream(*self.upstream)
+        try:
+            while True:
+                request = _read_request(reader, sock)
+                if request is None:
+                    return
+                if not self._answer(sock, upstream, *request):
+                    return
+        except (OSError, ValueError, http.client.HTTPException):
+            return
+        finally:
+            upstream.close()
+            with self._lock:
+                self._sockets.discard(sock)
+            with contextlib.suppress(OSError):
+                reader.close()
+                sock.close()
+
+    def _answer(self, sock: socket.socket, upstream: "_Upstream", method: str, target: str,
+                headers: list[tuple[str, str]], body: bytes) -> bool:
+        """Answer one request; False when the connection is gone (reset on purpose)."""
+        path, _, query = target.partition("?")
+        bucket = path.lstrip("/").split("/", 1)[0]
+        op = method
+        if method == "GET" and ("list-type=" in query or path.rstrip("/").count("/") <= 1):
+            op = "LIST"
+        key = f"{op} /{path.lstrip('/').partition('/')[2]}?{query}"
+        with self._lock:
+            self.requests[op] += 1
+            n = self._seen[key]
+            self._seen[key] += 1
+            kind = None if bucket in self.plan.deny else self.plan.fault(op, key, n)
+            if kind:
+                self.faults[(op, kind)] += 1
+            if bucket in self.plan.deny:
+                self.denied += 1
+        if bucket in self.plan.deny:
+            sock.sendall(_error_response(403, "AccessDenied", "Access Denied", method))
+            return True
+        if kind in ("500", "503"):
+            code, message = ("InternalError", "We encountered an internal error. Please try again.") \
+                if kind == "500" else ("SlowDown", "Please reduce your request rate.")
+            sock.sendall(_error_response(int(kind), code, message, method))
+            return True
+        if kind == "reset":
+            _reset(sock)
+            return False
+        head, data = upstream.forward(method, target, headers, body)
+        if kind == "cut":
+            sock.sendall(head + data[:len(data) // 2] if data else head[:len(head) // 2])
+            _reset(sock)
+            return False
+        if kind == "slow":
+            sock.sendall(head)
+            time.sleep(self.plan.slow_s)
+            sock.sendall(data)
+        else:
+            sock.sendall(head + data)  # one write: no Nagle / delayed-ACK stall between headers and body
+        return True
+
+
+class _Upstream:
+    """One keep-alive connection to the upstream server per client connection, reopened when it drops."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.conn: http.client.HTTPConnection | None = None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def forward(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> tuple[bytes, bytes]:
+        for attempt in (1, 2):  # a pooled connection the server closed meanwhile: reopen once
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+            try:
+                return self._send(method, target, headers, body)
+            except (http.client.RemoteDisconnected, ConnectionError, http.client.CannotSendRequest):
+                self.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _send(self, method, target, headers, body) -> tuple[bytes, bytes]:
+        conn = self.conn
+        conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers:
+            if name.lower() not in _HOP_HEADERS and name.lower() != "content-length":
+                conn.putheader(name, value)
+        if body or method in ("PUT", "POST"):
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body or None)
+        response = conn.getresponse()
+        data = response.read()
+        if response.will_close:
+            self.close()
+        lines = [f"HTTP/1.1 {response.status} {response.reason}"]
+        for name, value in response.getheaders():
+            if name.lower() not in _HOP_HEADERS and (name.lower() != "content-length" or method == "HEAD"):
+                lines.append(f"{name}: {value}")
+        if method != "HEAD":
+            lines.append(f"Content-Length: {len(data)}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), data
+
+
+def _read_request(reader, sock: socket.socket):
+    """(method, target, headers, body) of the next request on a connection, None at its end."""
+    line = reader.readline(65537)
+    while line in (b"\r\n", b"\n"):
+        line = reader.readline(65537)
+    if not line:
+        return None
+    method, target, _version = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
+    headers = []
+    while True:
+        line = reader.readline(65537)
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers.append((name.strip(), value.strip()))
+    lower = {k.lower(): v for k, v in headers}
+    if lower.get("expect", "").lower() == "100-continue":
+        sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+    if lower.get("transfer-encoding", "").lower() == "chunked":
+        chunks = []
+        while True:
+            size = int(reader.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while reader.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                    pass
+                break
+            chunks.append(reader.read(size))
+            reader.readline()
+        body = b"".join(chunks)
+    else:
+        body = reader.read(int(lower.get("content-length", "0") or 0))
+    return method, target, headers, body
+
+
+def _error_response(status: int, code: str, message: str, method: str) -> bytes:
+    body = b"" if method == "HEAD" else _S3_ERROR.format(code=code, message=message).encode()
+    reason = http.client.responses.get(status, "Error")
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nx-amz-request-id: flaky-proxy\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a TCP RST (SO_LINGER 0): the peer sees 'connection reset by peer', not a clean close."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+
+@pytest.fixture()
+def flaky_s3(s3_server):
+    """A :class:`FlakyProxy` in front of the moto server, faultless until a test sets its ``plan``."""
+    proxy = FlakyProxy(s3_server.url).start()
+    yield proxy
+    proxy.stop()

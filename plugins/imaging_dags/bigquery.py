@@ -14,6 +14,14 @@ A load of one table is
 
 Tables are created from :data:`imaging_tasks.warehouse.TABLES` (the DuckDB default's definitions):
 partitioned by the day of ``loaded_at`` and clustered by specialty / modality / study where they have them.
+
+Transient faults: google-cloud-bigquery already retries every API call (job insert, polling, table calls) on
+429/5xx/connection errors for up to 10 minutes, and re-runs a query job (the MERGE/DELETE) that failed for a
+transient reason.  What it does not cover is retried here with :mod:`imaging_tasks.retry`: a load job that
+failed server-side for a transient reason (``backendError``...) or whose upload broke off is run again (it
+replaces the staging table, so twice is once); a DML statement is re-run on a transient error the client gave
+back and on a concurrent-update conflict (``DML_ATTEMPTS`` in all).  A re-run MERGE cannot duplicate rows:
+it matches on the table key, so it updates the rows the first run inserted.
 """
 from __future__ import annotations
 
@@ -22,10 +30,11 @@ import io
 import json
 import logging
 import math
-import time
+import time  # noqa: F401 - tests stub time.sleep through this module (the retry waits use it)
 import uuid
 from typing import Iterable
 
+from imaging_tasks import retry
 from imaging_tasks.errors import ConfigError
 from imaging_tasks.warehouse.schema import TABLES, Table, prepare_rows, replaced_scopes
 
@@ -36,6 +45,18 @@ STAGING_PREFIX = "_staging_"
 STAGING_TTL = dt.timedelta(days=1)
 STALE = "_imaging_stale"  # marks target rows of a replaced scope inside the MERGE source
 DML_ATTEMPTS = 4  # concurrent DML on the same partitions may fail to serialize; ours is idempotent
+# waits of 1-2, 2-4, 4-8 s between DML attempts; a load job is re-run with imaging_tasks.retry.DEFAULT
+DML_POLICY = retry.Policy(attempts=DML_ATTEMPTS, initial_s=2.0, multiplier=2.0, max_wait_s=30.0, budget_s=600.0)
+
+
+def is_serialization_conflict(exc: BaseException) -> bool:
+    """Concurrent DML on the same table/partitions (BigQuery: "Could not serialize access ...")."""
+    return "could not serialize access" in str(exc).lower()
+
+
+def dml_retryable(exc: BaseException) -> bool:
+    """A DML statement is worth re-running after a serialization conflict or a transient fault."""
+    return is_serialization_conflict(exc) or retry.is_transient(exc)
 
 
 # --------------------------------------------------------------------------- definitions (REST JSON)
@@ -239,30 +260,36 @@ class BigQueryWarehouse:
                 table_resource(self.project, self.dataset, table)).schema)
             stage.expires = dt.datetime.now(dt.timezone.utc) + STAGING_TTL
             client.create_table(stage, exists_ok=True)
-            job = client.load_table_from_file(
-                io.BytesIO(to_ndjson(table, prepared)), staging, rewind=True,
-                job_config=bigquery.LoadJobConfig.from_api_repr(load_job_config(table)),
-                job_id_prefix=f"imaging_stage_{table.name}_")
-            self.jobs.append(job.job_id)
-            job.result()
+            payload = to_ndjson(table, prepared)
+
+            def load_staging() -> None:  # WRITE_TRUNCATE into our own staging table: a re-run replaces it
+                job = client.load_table_from_file(
+                    io.BytesIO(payload), staging, rewind=True,
+                    job_config=bigquery.LoadJobConfig.from_api_repr(load_job_config(table)),
+                    job_id_prefix=f"imaging_stage_{table.name}_")
+                self.jobs.append(job.job_id)
+                job.result()
+
+            retry.call(load_staging, operation=f"load staging of {table.name}", target=self._where)
             self._dml(merge, f"imaging_merge_{table.name}_")
         finally:
             client.delete_table(staging, not_found_ok=True)
 
+    @property
+    def _where(self) -> str:
+        return f"bigquery://{self.project}/{self.dataset}"
+
     def _dml(self, sql: str, job_id_prefix: str, job_config=None) -> None:
-        """Run one (idempotent) DML statement; re-run it when concurrent DML on the table made it fail."""
-        for attempt in range(1, DML_ATTEMPTS + 1):
+        """Run one (idempotent) DML statement; re-run it (``DML_ATTEMPTS`` in all) when concurrent DML on the
+        table made it fail to serialize, or a transient fault (5xx, 429, connection reset, a job failed with
+        ``backendError``) got past the client's own retries.  Other errors (bad SQL, 403, 404) raise at once."""
+        def run_once() -> None:
             job = self.client.query(sql, job_config=job_config, job_id_prefix=job_id_prefix)
             self.jobs.append(job.job_id)
-            try:
-                job.result()
-                return
-            except Exception as exc:  # google.api_core BadRequest/Conflict with the serialization message
-                if "could not serialize access" not in str(exc).lower() or attempt == DML_ATTEMPTS:
-                    raise
-                log.warning("%s hit a concurrent update of the table; retrying (%d/%d)", job_id_prefix.rstrip("_"),
-                            attempt, DML_ATTEMPTS)
-                time.sleep(2 ** attempt)
+            job.result()
+
+        retry.call(run_once, operation=job_id_prefix.rstrip("_"), target=self._where, policy=DML_POLICY,
+                   retry_if=dml_retryable)
 
     def query(self, sql: str, params: list | None = None) -> list[tuple]:
         """Run a GoogleSQL query; ``?`` placeholders take ``params`` (as in the DuckDB warehouse)."""
