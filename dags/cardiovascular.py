@@ -4,11 +4,9 @@ Agatston, volume and mass calcium scores per non-contrast cardiac CT study, with
 **Chain**: landing bucket → index (headers only) → de-identify (DICOM PS3.15) → PHI audit (fail closed)
 → only audited studies → calcium scoring (GPU queue) → warehouse.
 """
-import pendulum
-from airflow.sdk import dag
-
-from imaging_dags import (SPECIALTY_DEFAULTS, audit_phi, dag_doc, deidentify, index_studies, landing_sensor,
-                          load_metadata, pipeline_params, process_study, ready_for_processing, schedule)
+# An Airflow DAG file (Airflow parses files naming both "airflow" and "dag"): the chain, top to bottom.
+from imaging_dags import (audit_phi, deidentify, imaging_dag, index_studies, landing_sensor, load_metadata,
+                          pipeline_params, process_study, ready_for_processing)
 
 SPECIALTY = "cardiovascular"
 RESULTS = ("`results` holds `agatston_score`, `calcium_volume_mm3`, `calcium_mass_mg`, `lesion_count` per study "
@@ -16,10 +14,9 @@ RESULTS = ("`results` holds `agatston_score`, `calcium_volume_mm3`, `calcium_mas
 PARAMS = pipeline_params()
 
 
-@dag(dag_id=SPECIALTY, schedule=schedule(), start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
-     params=PARAMS, default_args=SPECIALTY_DEFAULTS, max_active_runs=1, tags=["imaging", SPECIALTY],
-     description="Cardiac CT calcium scoring (Agatston, volume, mass, lesions); de-identified, to the warehouse",
-     doc_md=dag_doc(SPECIALTY, __doc__, PARAMS, RESULTS))
+@imaging_dag(SPECIALTY, summary=__doc__, params=PARAMS, results=RESULTS,
+             description=("Cardiac CT calcium scoring (Agatston, volume, "
+                          "mass, lesions); de-identified, to the warehouse"))
 def cardiovascular():
     arrived = landing_sensor(SPECIALTY)
     studies = index_studies(SPECIALTY, arrived.output)

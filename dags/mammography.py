@@ -4,11 +4,9 @@ Micro-calcification detection and clustering on MG for-presentation images.
 **Chain**: landing bucket → index (headers only) → de-identify (DICOM PS3.15) → PHI audit (fail closed)
 → only audited studies → calcification detection (GPU queue) → warehouse.
 """
-import pendulum
-from airflow.sdk import dag
-
-from imaging_dags import (SPECIALTY_DEFAULTS, audit_phi, dag_doc, deidentify, index_studies, landing_sensor,
-                          load_metadata, pipeline_params, process_study, ready_for_processing, schedule)
+# An Airflow DAG file (Airflow parses files naming both "airflow" and "dag"): the chain, top to bottom.
+from imaging_dags import (audit_phi, deidentify, imaging_dag, index_studies, landing_sensor, load_metadata,
+                          pipeline_params, process_study, ready_for_processing)
 
 SPECIALTY = "mammography"
 RESULTS = ("`results` holds `n_calcifications`, `n_clusters` (per side too) per study and `findings` one row per "
@@ -16,10 +14,8 @@ RESULTS = ("`results` holds `n_calcifications`, `n_clusters` (per side too) per 
 PARAMS = pipeline_params()
 
 
-@dag(dag_id=SPECIALTY, schedule=schedule(), start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
-     params=PARAMS, default_args=SPECIALTY_DEFAULTS, max_active_runs=1, tags=["imaging", SPECIALTY],
-     description="Mammography micro-calcification detection and clustering; de-identified, to the warehouse",
-     doc_md=dag_doc(SPECIALTY, __doc__, PARAMS, RESULTS))
+@imaging_dag(SPECIALTY, summary=__doc__, params=PARAMS, results=RESULTS,
+             description="Mammography micro-calcification detection and clustering; de-identified, to the warehouse")
 def mammography():
     arrived = landing_sensor(SPECIALTY)
     studies = index_studies(SPECIALTY, arrived.output)

@@ -4,11 +4,9 @@ N4 bias correction, brain extraction, brain and intracranial volume per MRI/PET 
 **Chain**: landing bucket → index (a session is ready with MR + PET, or MR alone after a wait) → de-identify
 (DICOM PS3.15) → PHI audit (fail closed) → only audited sessions → N4 + brain extraction (GPU queue) → warehouse.
 """
-import pendulum
-from airflow.sdk import dag
-
-from imaging_dags import (SPECIALTY_DEFAULTS, audit_phi, dag_doc, deidentify, index_studies, landing_sensor,
-                          load_metadata, neuroimaging_params, process_study, ready_for_processing, schedule)
+# An Airflow DAG file (Airflow parses files naming both "airflow" and "dag"): the chain, top to bottom.
+from imaging_dags import (audit_phi, deidentify, imaging_dag, index_studies, landing_sensor, load_metadata,
+                          neuroimaging_params, process_study, ready_for_processing)
 
 SPECIALTY = "neuroimaging"
 RESULTS = ("`results` holds `brain_volume_ml`, `intracranial_volume_ml`, `brain_fraction` and bias-field figures "
@@ -16,10 +14,9 @@ RESULTS = ("`results` holds `brain_volume_ml`, `intracranial_volume_ml`, `brain_
 PARAMS = neuroimaging_params()
 
 
-@dag(dag_id=SPECIALTY, schedule=schedule(), start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
-     params=PARAMS, default_args=SPECIALTY_DEFAULTS, max_active_runs=1, tags=["imaging", SPECIALTY],
-     description="MRI/PET sessions: N4, brain extraction, brain and intracranial volume; de-identified, to warehouse",
-     doc_md=dag_doc(SPECIALTY, __doc__, PARAMS, RESULTS))
+@imaging_dag(SPECIALTY, summary=__doc__, params=PARAMS, results=RESULTS,
+             description=("MRI/PET sessions: N4, brain extraction, brain "
+                          "and intracranial volume; de-identified, to warehouse"))
 def neuroimaging():
     arrived = landing_sensor(SPECIALTY)
     sessions = index_studies(SPECIALTY, arrived.output)

@@ -5,12 +5,10 @@ Tissue detection, tiling at a target µm/px and torch stain features per tile ba
 → only audited slides → plan tiles → features fanned out over tile batches (GPU queue, ≤ 1,000 mapped tasks)
 → per-slide summary → warehouse.
 """
-import pendulum
-from airflow.sdk import dag
-
-from imaging_dags import (SPECIALTY_DEFAULTS, audit_phi, dag_doc, deidentify, finish_slide, index_studies,
-                          landing_sensor, load_metadata, pathology_params, plan_tiles, ready_for_processing, schedule,
-                          tile_batches, tile_features)
+# An Airflow DAG file (Airflow parses files naming both "airflow" and "dag"): the chain, top to bottom.
+from imaging_dags import (audit_phi, deidentify, finish_slide, imaging_dag, index_studies, landing_sensor,
+                          load_metadata, pathology_params, plan_tiles, ready_for_processing, tile_batches,
+                          tile_features)
 
 SPECIALTY = "pathology"
 RESULTS = ("`results` holds `tissue_area_mm2`, tile counts and stain optical densities per slide and `findings` "
@@ -18,10 +16,9 @@ RESULTS = ("`results` holds `tissue_area_mm2`, tile counts and stain optical den
 PARAMS = pathology_params()
 
 
-@dag(dag_id=SPECIALTY, schedule=schedule(), start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
-     params=PARAMS, default_args=SPECIALTY_DEFAULTS, max_active_runs=1, tags=["imaging", SPECIALTY],
-     description="Whole-slide images: tissue, tiles, GPU stain features per tile batch; de-identified, to warehouse",
-     doc_md=dag_doc(SPECIALTY, __doc__, PARAMS, RESULTS))
+@imaging_dag(SPECIALTY, summary=__doc__, params=PARAMS, results=RESULTS,
+             description=("Whole-slide images: tissue, tiles, GPU stain "
+                          "features per tile batch; de-identified, to warehouse"))
 def pathology():
     arrived = landing_sensor(SPECIALTY)
     slides = index_studies(SPECIALTY, arrived.output)
