@@ -99,11 +99,16 @@ OPTION_FLAGS = {
     "retain-safe-private": "retain_safe_private",
     "retain-uids": "retain_uids",
     "no-modified-dates": "retain_modified_dates",
+    "strict": "strict",
 }
 
 
 def _deidentify(args) -> int:
-    """De-identify every DICOM file, slide and NIfTI under SRC into DST (see imaging_tasks.deid.tree)."""
+    """De-identify every DICOM file, slide and NIfTI under SRC into DST (see imaging_tasks.deid.tree).
+
+    Exit status 0 whatever the inputs hold: each bad input is quarantined (or skipped) with a reason in the
+    report.  2 only for what no input can fix: no key, SRC missing.
+    """
     from imaging_tasks import storage
     from imaging_tasks.deid.dicom import DeidOptions
     from imaging_tasks.deid.tree import REPORT_NAME, deidentify_tree
@@ -116,8 +121,16 @@ def _deidentify(args) -> int:
     report = deidentify_tree(args.src, args.dst, key=key, demo=demo, options=DeidOptions(**chosen),
                              quarantine=args.quarantine)
     kinds = ", ".join(f"{n} {k}" for k, n in report["by_kind"].items() if n)
-    print(f"de-identified {report['deidentified']} file(s) ({kinds or 'none'}), quarantined "
-          f"{len(report['quarantined'])} to {report['quarantine']} in {report['seconds']:.1f} s"
+
+    def by_reason(entries) -> str:
+        reasons: dict[str, int] = {}
+        for e in entries:
+            reasons[e["reason"]] = reasons.get(e["reason"], 0) + 1
+        return f" ({', '.join(f'{r} {n}' for r, n in sorted(reasons.items()))})" if reasons else ""
+
+    print(f"de-identified {report['deidentified']} of {report['inputs']} input(s) ({kinds or 'none'}), quarantined "
+          f"{len(report['quarantined'])}{by_reason(report['quarantined'])} to {report['quarantine']}, skipped "
+          f"{len(report['skipped'])}{by_reason(report['skipped'])} in {report['seconds']:.1f} s"
           f"{' (DEMO key)' if demo else ''}; report: {storage.join(args.dst, REPORT_NAME)}")
     return 0
 
@@ -160,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="folder or bucket URI (file://, s3://, gs://) holding the raw files")
     p.add_argument("dst", help="folder or bucket URI for the de-identified tree and deidentify-report.json")
     p.add_argument("--option", action="append", default=[], choices=sorted(OPTION_FLAGS),
-                   help="PS3.15 option (repeatable); default: basic profile + retain modified dates")
+                   help="PS3.15 option (repeatable); default: basic profile + retain modified dates; 'strict' "
+                        "keeps only allow-listed attributes (imaging_tasks/deid/allowlist.py)")
     p.add_argument("--quarantine", default=None, help="where refused inputs go (default: DST-quarantine)")
     p.add_argument("--demo-key", action="store_true", help="use the public demo key (synthetic data only)")
     p.set_defaults(func=_deidentify)

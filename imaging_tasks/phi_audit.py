@@ -1,12 +1,35 @@
 """Fail-closed check that identifying values read from an input do not survive in its outputs.
 
 The audit reports which *attribute* leaked, never the value, so its own error cannot leak PHI.
+
+How a value is matched (``find_leaks``, ``scan_stream``), in every encoding of ``_ENCODINGS`` (UTF-8, UTF-16,
+Latin-1, ISO 2022 Japanese, EUC-KR, GB18030, Cyrillic, Shift-JIS) and, for person names, with the ``^``
+separators written as spaces too:
+
+* **on token boundaries**: an occurrence counts unless it is glued to a letter, digit or underscore (an ASCII
+  "word" character, in the encoding's own code units) on a side where the value itself begins or ends with
+  one.  ``TOSHIBA`` inside the kept Manufacturer ``TOSHIBA_MEC`` is not a leak (one token); ``TOSHIBA`` in
+  ``seen at TOSHIBA, ward 3``, ``Dr^TOSHIBA``, ``"TOSHIBA"`` or ``(TOSHIBA)`` is.  Bytes outside ASCII count
+  as boundaries (fail closed), so does the start or end of the data.  Ideographic scripts (CJK, kana, hangul)
+  have no word boundaries: a value beginning or ending with such a character matches anywhere.
+* **dates**: an 8-digit date (DA) also matches as the start of a longer digit run: ``20240102`` in the
+  date-time ``20240102101112`` is the unshifted date.
+* **short values**: a value is searched when it has at least ``MIN_LEN`` (6) characters, or at least 2 if it
+  contains ideographic characters (names in those scripts are 2-4 characters of 2-3 bytes each); and then
+  only in the encodings where it is at least ``MIN_LEN`` bytes long.  Shorter values (sex, a 4-digit ID, a
+  3-letter surname) occur by chance in pixel data and in legitimate text too often to be evidence, and every
+  attribute they come from is removed or replaced by the de-identification profile anyway (the audit is its
+  second line).  A person name is searched whole (``DOE^JO`` and ``DOE JO``), by component group
+  (alphabetic / ideographic / phonetic) and by component, each under this rule.
 """
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import pydicom
+
+from imaging_tasks.errors import BadInput
 
 # Attributes whose raw values must never appear in de-identified output.
 DICOM_IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "PatientAddress", "AccessionNumber",
@@ -14,7 +37,8 @@ DICOM_IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "PatientAdd
                      "PerformingPhysicianName", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                      "FrameOfReferenceUID", "OtherPatientIDs", "DeviceSerialNumber", "StationName", "StudyDate",
                      "PatientMotherBirthName", "OtherPatientNames", "StudyID", "RequestingPhysician")
-MIN_LEN = 6  # shorter values (sex, a 4-digit ID) match random bytes too often to be evidence
+MIN_LEN = 6  # characters of a value, and bytes of an encoded form, below which it is not evidence (see above)
+MIN_IDEOGRAPHIC_LEN = 2
 
 
 class PHILeak(RuntimeError):
@@ -35,25 +59,64 @@ def retained_by(options) -> frozenset[str]:
                      for a in attrs)
 
 
+def _ideographic(ch: str) -> bool:
+    return ord(ch) >= 0x2E80  # CJK radicals and ideographs, kana, hangul, and the rest of the BMP's East Asian
+
+
+def long_enough(text: str) -> bool:
+    """The short-value rule: is ``text`` evidence enough to search for (see the module docstring)?"""
+    text = text.strip()
+    if len(text) >= MIN_LEN:
+        return True
+    return len(text) >= MIN_IDEOGRAPHIC_LEN and any(_ideographic(c) for c in text)
+
+
+def _name_parts(text: str) -> set[str]:
+    """A person name whole, by component group (alphabetic=ideographic=phonetic) and by component."""
+    parts = {text}
+    for group in text.split("="):
+        parts.add(group)
+        parts.update(re.split(r"[\^ ]+", group))
+    return {p.strip(" ^") for p in parts}
+
+
 def dicom_identifying_values(ds: pydicom.Dataset, retained: frozenset[str] = frozenset()) -> dict[str, set[str]]:
-    """attribute -> identifying strings (whole values and person-name components), top level and nested;
-    attributes in ``retained`` (kept by an option) are left out."""
-    found: dict[str, set[str]] = {}
+    """attribute -> identifying strings (whole values and person-name parts), top level and nested;
+    attributes in ``retained`` (kept by an option) are left out.
 
-    def visit(dataset: pydicom.Dataset) -> None:
-        for elem in dataset:
-            if elem.VR == "SQ":
-                for item in elem.value:
-                    visit(item)
-            elif elem.keyword in DICOM_IDENTIFYING and elem.keyword not in retained and elem.value not in (None, ""):
-                values = elem.value if isinstance(elem.value, (list, pydicom.multival.MultiValue)) else [elem.value]
-                for v in values:
-                    text = str(v)
-                    parts = {text, *re.split(r"[\^= ]+", text)} if elem.VR == "PN" else {text}
-                    found.setdefault(elem.keyword, set()).update(p for p in parts if len(p) >= MIN_LEN)
+    Raises BadInput (and nothing else) for a data set whose values do not decode or that nests more than
+    ``dicom_io.MAX_NESTING`` levels: the walk is iterative, every value is read here, so a garbled header is
+    refused at the file boundary instead of aborting a batch.
+    """
+    from imaging_tasks.dicom_io import MAX_NESTING
 
-    visit(ds)
-    return found
+    try:
+        found: dict[str, set[str]] = {}
+        stack = [(ds, 0)]
+        while stack:
+            dataset, depth = stack.pop()
+            for elem in dataset:
+                if elem.VR == "SQ":
+                    if elem.value and depth + 1 > MAX_NESTING:
+                        raise BadInput("nesting_too_deep", f"sequences nested more than {MAX_NESTING} levels "
+                                       "deep; the file is corrupt or crafted, re-export it")
+                    stack.extend((item, depth + 1) for item in elem.value or ())
+                elif elem.keyword in DICOM_IDENTIFYING and elem.keyword not in retained and \
+                        elem.value not in (None, ""):
+                    multi = isinstance(elem.value, (list, tuple, pydicom.multival.MultiValue))
+                    for v in (elem.value if multi else [elem.value]):
+                        text = str(v)
+                        parts = _name_parts(text) if elem.VR == "PN" else {text.strip()}
+                        found.setdefault(elem.keyword, set()).update(p for p in parts if long_enough(p))
+        return {k: v for k, v in found.items() if v}
+    except BadInput:
+        raise
+    except RecursionError:
+        raise BadInput("nesting_too_deep", "sequences nested too deep to read; the file is corrupt or crafted, "
+                       "re-export it") from None
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on garbled values
+        raise BadInput("unreadable_dicom", f"the header's values could not be decoded ({type(exc).__name__}); "
+                       "the file is likely corrupt, re-send it") from None
 
 
 def slide_identifying_values(description: str, technical_fields: set[str]) -> dict[str, set[str]]:
@@ -68,8 +131,9 @@ def slide_identifying_values(description: str, technical_fields: set[str]) -> di
 
 
 def find_leaks(values: dict[str, set[str]], blob: bytes) -> list[str]:
-    """Names of attributes whose values occur in ``blob`` (raw bytes, in any encoding of ``_ENCODINGS``)."""
-    return sorted({attr for attr, needle in _compile(values) if needle in blob})
+    """Names of attributes whose values occur in ``blob`` (raw bytes, in any encoding of ``_ENCODINGS``, on
+    token boundaries: see the module docstring)."""
+    return sorted({n.attr for n in _compile(values) if _occurs(n, blob, True, True)})
 
 
 def assert_no_leaks(values: dict[str, set[str]], blob: bytes, what: str) -> None:
@@ -85,22 +149,77 @@ def assert_no_leaks(values: dict[str, set[str]], blob: bytes, what: str) -> None
 _ENCODINGS = ("utf-8", "utf-16-le", "latin-1", "iso2022_jp", "euc_kr", "gb18030", "cp1251", "iso8859_5",
               "shift_jis")
 _CHUNK = 8 << 20
+_WORD = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")
+_DATE = re.compile(r"(1[89]|2[01])\d\d(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])")
 
 
-def _variants(text: str) -> set[bytes]:
+class _Needle(NamedTuple):
+    attr: str
+    raw: bytes
+    unit: int  # bytes per code unit: 2 for UTF-16, else 1
+    left: bool  # the value begins with a word character: an occurrence needs a boundary before it
+    right: bool  # ... ends with one (not for dates, which also match as the start of a date-time)
+
+
+def _wordy(ch: str) -> bool:
+    return (ch.isalnum() or ch == "_") and not _ideographic(ch)
+
+
+def _variants(text: str) -> set[tuple[bytes, int]]:
     out = set()
     for enc in _ENCODINGS:
         try:
-            out.add(text.encode(enc))
+            out.add((text.encode(enc), 2 if enc == "utf-16-le" else 1))
         except (UnicodeEncodeError, LookupError):
             pass
     if "^" in text:  # PN components may be written with spaces by free-text fields
-        out.add(text.replace("^", " ").encode("utf-8"))
-    return {v for v in out if len(v) >= MIN_LEN}
+        spaced = text.replace("^", " ").strip()
+        out.add((spaced.encode("utf-8"), 1))
+        out.add((spaced.encode("utf-16-le"), 2))
+    return {(v, u) for v, u in out if len(v) >= MIN_LEN}
 
 
-def _compile(values: dict[str, set[str]]) -> list[tuple[str, bytes]]:
-    return sorted({(attr, v) for attr, strings in values.items() for s in strings for v in _variants(s)})
+def _compile(values: dict[str, set[str]]) -> list[_Needle]:
+    needles = set()
+    for attr, strings in values.items():
+        for s in strings:
+            s = s.strip()
+            if not s:
+                continue
+            left, right = _wordy(s[0]), _wordy(s[-1]) and not _DATE.fullmatch(s)
+            needles.update(_Needle(attr, v, u, left, right) for v, u in _variants(s))
+    return sorted(needles)
+
+
+def _word_at(blob: bytes, pos: int, unit: int) -> bool:
+    if unit == 1:
+        return blob[pos] in _WORD
+    return blob[pos + 1] == 0 and blob[pos] in _WORD
+
+
+def _occurs(n: _Needle, blob: bytes, at_start: bool, at_end: bool) -> bool | None:
+    """Whether ``n`` occurs in ``blob`` on token boundaries.  ``at_start``/``at_end``: the blob begins/ends
+    the data (else an occurrence whose neighbours lie outside it is left undecided: the caller's next window
+    sees it whole)."""
+    raw, unit, size = n.raw, n.unit, len(blob)
+    i = blob.find(raw)
+    while i >= 0:
+        j = i + len(raw)
+        ok = True
+        if n.left:
+            if i >= unit:
+                ok = not _word_at(blob, i - unit, unit)
+            elif not at_start:
+                ok = False  # context outside this window: decided in the previous one
+        if ok and n.right:
+            if j + unit <= size:
+                ok = not _word_at(blob, j, unit)
+            elif not at_end:
+                ok = False  # decided in the next window
+        if ok:
+            return True
+        i = blob.find(raw, i + 1)
+    return False
 
 
 def scan_stream(values: dict[str, set[str]], fh, *, chunk: int = _CHUNK) -> list[str]:
@@ -108,15 +227,19 @@ def scan_stream(values: dict[str, set[str]], fh, *, chunk: int = _CHUNK) -> list
     needles = _compile(values)
     if not needles:
         return []
-    overlap = max(len(v) for _a, v in needles) - 1
-    leaked, tail = set(), b""
+    overlap = max(len(n.raw) for n in needles) + 4  # a match and a code unit of context on each side
+    leaked, tail, first = set(), b"", True
+    block = fh.read(chunk)
     while True:
-        block = fh.read(chunk)
-        if not block:
-            return sorted(leaked)
+        following = fh.read(chunk) if block else b""
         window = tail + block
-        leaked.update(a for a, v in needles if a not in leaked and v in window)
-        tail = window[-overlap:] if overlap else b""
+        last = not following
+        leaked.update(n.attr for n in needles if n.attr not in leaked and _occurs(n, window, first, last))
+        if last:
+            return sorted(leaked)
+        tail = window[-overlap:]
+        first = len(window) <= overlap and first
+        block = following
 
 
 def values_of_input(uri: str) -> dict[str, set[str]]:

@@ -450,10 +450,11 @@ def test_pydicom_test_files_never_crash():
         json.dumps(info)
     assert done >= 55, (done, reasons)
     assert set(reasons) <= {"not_dicom", "missing_attribute", "truncated_pixels", "burned_in_annotation",
-                            "unreadable_dicom", "truncated_file", "missing_pixels"}, reasons
+                            "unreadable_dicom", "truncated_file", "missing_pixels", "missing_content"}, reasons
     assert reasons.get("truncated_pixels", 0) >= 1 and reasons.get("burned_in_annotation", 0) >= 10
     assert reasons.get("truncated_file", 0) >= 1  # rtplan_truncated.dcm: cut inside a sequence
     assert reasons.get("missing_pixels", 0) >= 40  # the DICOMDIR set's CT instances, stored without pixels
+    assert reasons.get("missing_content", 0) >= 1  # ExplVR_LitEndNoMeta.dcm: an RT Ion Plan header without beams
 
 
 # ----------------------------------------------------------------------------------------- keys

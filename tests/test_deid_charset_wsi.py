@@ -57,9 +57,11 @@ def test_pydicom_charset_files(path, options):
     # text encoding, so relabel them as Raw Data (the header text, in its own character set, is untouched).
     src.SOPClassUID = src.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66"
     src.Modality = "OT"
-    for kw in ("Rows", "Columns"):
-        if kw in src and "PixelData" not in src:
-            del src[kw]
+    if "PixelData" not in src:  # a header without pixels: no image pixel module either
+        for kw in ("SamplesPerPixel", "PhotometricInterpretation", "NumberOfFrames", "Rows", "Columns",
+                   "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):
+            if kw in src:
+                del src[kw]
     for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         if not src.get(kw):
             setattr(src, kw, generate_uid())

@@ -6,7 +6,6 @@ DAG whose de-identifier was broken on purpose) and checks the audit refuses; the
 from __future__ import annotations
 
 import io
-import json
 
 import pydicom
 import pytest
@@ -52,10 +51,133 @@ def test_names_are_found_in_the_files_own_character_set(name, charset):
 
 def test_scan_finds_values_across_chunk_boundaries():
     values = {"PatientID": {"MRN-7731902"}}
-    blob = b"x" * 1021 + b"MRN-7731902" + b"y" * 2000
-    for chunk in (7, 64, 1024, 1 << 20):
+    blob = b"\0" * 1021 + b"MRN-7731902" + b" " * 2000
+    for chunk in (1, 7, 64, 1024, 1 << 20):
         assert scan_stream(values, io.BytesIO(blob), chunk=chunk) == ["PatientID"]
+        assert scan_stream(values, io.BytesIO(blob.strip(b"\0 ")), chunk=chunk) == ["PatientID"]  # the whole data
+        # the token boundary is judged across chunk edges: a word character right after the value hides it
+        glued = b"\0" * 1021 + b"MRN-7731902" + b"7" + b" " * 2000
+        assert scan_stream(values, io.BytesIO(glued), chunk=chunk) == []
+        utf16 = b"\0" * 1020 + "MRN-7731902".encode("utf-16-le") + b" \0" * 100
+        assert scan_stream(values, io.BytesIO(utf16), chunk=chunk) == ["PatientID"]
     assert scan_stream(values, io.BytesIO(blob.replace(b"MRN", b"XXX")), chunk=64) == []
+
+
+# ----------------------------------------------------------------------------------------- token boundaries
+
+def test_manufacturer_containing_the_institution_is_not_a_leak(tmp_path):
+    """pydicom's MR_small files: InstitutionName TOSHIBA, kept Manufacturer TOSHIBA_MEC.  One token, not a
+    leak: every MR_small variant is de-identified, through deidentify_bytes and through a folder run."""
+    from pathlib import Path
+
+    from pydicom.data import get_testdata_files
+
+    from imaging_tasks.deid import deidentify_bytes
+    from imaging_tasks.deid.tree import deidentify_tree
+    from imaging_tasks.dicom_io import read_header
+
+    paths = get_testdata_files("MR_small*.dcm")
+    assert len(paths) >= 5
+    for path in paths:
+        data = Path(path).read_bytes()
+        values = dicom_identifying_values(read_header(data))
+        assert values["InstitutionName"] == {"TOSHIBA"}
+        out, _ = deidentify_bytes(data, b"audit-test-key-00001")
+        assert b"TOSHIBA_MEC" in out and find_leaks(values, out) == []
+        assert find_leaks(values, out + b"\\TOSHIBA ") == ["InstitutionName"]  # the name alone still is one
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, path in enumerate(paths):  # one folder each: the variants share their SOP Instance UID
+        (src / str(i)).mkdir()
+        (src / str(i) / "mr.dcm").write_bytes(Path(path).read_bytes())
+    report = deidentify_tree(src, tmp_path / "dst", key=b"audit-test-key-00001", demo=False)
+    assert report["deidentified"] == len(paths) and not report["quarantined"], report["quarantined"]
+
+
+VALUES = {"InstitutionName": {"TOSHIBA"}, "PatientName": {"Quintero^Pilar", "Quintero", "Pilar"},
+          "PatientID": {"MRN-7731902"}, "StudyDate": {"20240102"}}
+
+
+@pytest.mark.parametrize("blob,leaked", [
+    (b"Seen at TOSHIBA, ward 3", "InstitutionName"),  # embedded in free text, with spaces and punctuation
+    (b"(TOSHIBA)", "InstitutionName"),
+    (b'{"site": "TOSHIBA"}', "InstitutionName"),  # a JSON payload
+    (b"TOSHIBA", "InstitutionName"),  # the whole data
+    (b"\x00\x08TOSHIBA\x00", "InstitutionName"),  # a whole value between binary bytes
+    (b"Dr^Quintero^Ana", "PatientName"),  # inside another person name
+    (b"report of QUINTERO-PILAR".replace(b"QUINTERO", b"Quintero").replace(b"PILAR", b"Pilar"), "PatientName"),
+    ("seen: Quintero Pilar".encode("utf-16-le"), "PatientName"),  # UTF-16
+    ("MRN-7731902".encode("utf-16-le"), "PatientID"),
+    (b"AT20240102101112.5", None),  # glued to letters on the left: another token
+    (b"20240102101112.5", "StudyDate"),  # the unshifted date as the date part of a date-time
+    (b"id MRN-7731902/2", "PatientID"),
+])
+def test_real_leaks_are_caught_on_token_boundaries(blob, leaked):
+    assert find_leaks(VALUES, blob) == ([leaked] if leaked else [])
+
+
+@pytest.mark.parametrize("blob", [b"TOSHIBA_MEC", b"XTOSHIBA", b"TOSHIBA2", b"Quinteros", b"MRN-77319021",
+                                  b"220240102", "TOSHIBA_MEC".encode("utf-16-le")])
+def test_a_value_inside_a_longer_token_is_not_a_leak(blob):
+    assert find_leaks(VALUES, blob) == []
+
+
+def test_a_leak_in_a_private_element_is_caught():
+    """A written DICOM file carrying the name in a private LO and the ID in UTF-16 inside a private OB."""
+    ds = _dataset("Quintero^Pilar")
+    values = dicom_identifying_values(pydicom.dcmread(io.BytesIO(_encoded(ds))))
+    clean = _dataset("P0000^X")
+    clean.PatientID, clean.PatientBirthDate = "P0000", ""
+    assert find_leaks(values, _encoded(clean)) == []
+    block = clean.private_block(0x0009, "ACME", create=True)
+    block.add_new(0x01, "LO", "Quintero")
+    assert find_leaks(values, _encoded(clean)) == ["PatientName"]
+    del clean[0x00091001]
+    block.add_new(0x02, "OB", b"\x01\x02" + "MRN-7731902".encode("utf-16-le") + b"\xff\xfe")
+    assert find_leaks(values, _encoded(clean)) == ["PatientID"]
+
+
+def test_short_values_rule():
+    """Values under 6 characters are no evidence (not searched), except ideographic ones from 2 characters;
+    a person name is also searched whole, so a short family name still counts inside the full name."""
+    from imaging_tasks.phi_audit import long_enough
+
+    assert not long_enough("12345") and not long_enough("Li") and long_enough("MRN-77")
+    assert long_enough("小東") and not long_enough("王")
+    ds = _dataset("Li^Wu", "ISO_IR 192")
+    ds.PatientID = "1234"
+    values = dicom_identifying_values(pydicom.dcmread(io.BytesIO(_encoded(ds))))
+    assert "PatientName" not in values and "PatientID" not in values  # too short to be evidence
+    ds = _dataset("Li^Weiwei")
+    values = dicom_identifying_values(pydicom.dcmread(io.BytesIO(_encoded(ds))))
+    assert values["PatientName"] == {"Li^Weiwei", "Weiwei"}
+    assert find_leaks(values, b"patient Li Weiwei") == ["PatientName"]
+    ds = _dataset("Wang^XiaoDong=王^小東", "GB18030")
+    values = dicom_identifying_values(pydicom.dcmread(io.BytesIO(_encoded(ds))))
+    assert "小東" in values["PatientName"]
+    assert find_leaks(values, "病人小東先生".encode("utf-8")) == ["PatientName"]  # no word boundaries in CJK
+
+
+def test_garbled_headers_are_bad_inputs_not_crashes():
+    """The audit's walk raises BadInput for values that do not decode and for nesting past the limit."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.sequence import Sequence
+    from pydicom.tag import Tag
+
+    from imaging_tasks.errors import BadInput
+
+    ds = _dataset("Quintero^Pilar")
+    ds._dict[Tag(0x00100020)] = RawDataElement(Tag(0x00100020), "ZZ", 4, b"abcd", 0, False, True)
+    with pytest.raises(BadInput, match="unreadable_dicom"):
+        dicom_identifying_values(ds)
+    deep = inner = Dataset()
+    for _ in range(70):
+        item = Dataset()
+        inner.ReferencedImageSequence = Sequence([item])
+        inner = item
+    inner.PatientName = "Quintero^Pilar"
+    with pytest.raises(BadInput, match="nesting_too_deep"):
+        dicom_identifying_values(deep)
 
 
 def test_leak_errors_name_the_attribute_never_the_value(tmp_path):

@@ -467,20 +467,24 @@ def test_duckdb_waits_for_another_process_holding_the_file(tmp_path, monkeypatch
         holder.wait(timeout=30)
 
 
-# ------------------------------------------------------------------------------------------------ known gap
-@pytest.mark.xfail(strict=True, reason=(
-    "imaging_tasks.dicom_io.read_header turns every exception into BadInput('unreadable_dicom'), network faults "
-    "included: index.py streams headers with path.open() (no retry), so a good file is quarantined when a fault "
-    "outlasts the SDK's retries.  Fix: re-raise retry.is_transient(exc) there (and wrap the index read in "
-    "retry.call); then drop this marker"))
+# ------------------------------------------------------------------------------------------------ headers
 def test_a_network_fault_while_reading_a_header_is_not_a_bad_input():
     import io
 
     from imaging_tasks.dicom_io import read_header
 
-    class Dropping(io.RawIOBase):
+    class Dropping(io.RawIOBase):  # a remote object's stream whose connection drops at the first read
         def readable(self):
             return True
+
+        def seekable(self):
+            return True
+
+        def tell(self):
+            return 0
+
+        def seek(self, pos, whence=0):
+            return 0
 
         def readinto(self, buffer):
             raise ConnectionResetError(104, "Connection reset by peer")

@@ -26,12 +26,23 @@ the options of ``DeidOptions``.  How the action codes are carried out here:
   Comments, and the remaining attributes would describe a plane that is gone) are removed; private
   (odd-group) attributes are removed unless ``retain_safe_private`` and they are in ``SAFE_PRIVATE``.
 
-Attributes not in the table are kept: Table E.1-1 lists what must be acted on, and the rest (geometry,
-pixel module, acquisition parameters) is what research needs.  Safety nets for what the table cannot
-list: unlisted person names (PN) are removed; unlisted dates (DA/DT) are shifted or removed like listed
-ones; SR Text Value and presentation-state Unformatted Text Value (free text inside the Content /
-Graphic Annotation sequences, which the table marks D) get a dummy; standard-group tags unknown to the
-DICOM dictionary, group lengths and Data Set Trailing Padding are removed.
+Attributes not in the table are kept, except free text: Table E.1-1 lists what must be acted on, and the
+rest (geometry, pixel module, acquisition parameters) is what research needs.  Safety nets for what the
+table cannot list: unlisted free text (LO, SH, ST, LT, UT, UC) is removed unless a reviewed allow-list names
+it as coded/technical (``allowlist.py``: code meanings, manufacturer, kernel, coil names...; a few an IOD
+requires get a dummy or an empty value); unlisted person names (PN) are removed; unlisted dates (DA/DT) are
+shifted or removed like listed ones; SR Text Value and presentation-state Unformatted Text Value (free text
+inside the Content / Graphic Annotation sequences, which the table marks D) get a dummy; standard-group tags
+unknown to the DICOM dictionary, group lengths and Data Set Trailing Padding are removed.  ``strict`` keeps
+verbatim only what the allow-list names (see ``allowlist.py``).
+
+Before anything is written: the input must be complete and parse (``dicom_io.parse``: cut files, garbled
+structure, more than 64 levels of nesting are refused), and carry the content its SOP class cannot lack
+(``REQUIRED_CONTENT``: Pixel Data of images, the dose grid or DVHs of an RT Dose, the beams of an RT Plan...,
+which is what a file cut at a top-level element boundary loses); the output is parsed back in full
+(``dicom_io.check_readable``) so nothing unreadable is published.  ``deidentify_bytes`` raises BadInput and
+nothing else: an unexpected error on one file becomes ``BadInput("deid_error")`` (logged with its type and
+code location, never its message, which could quote a value), so a batch quarantines the file and goes on.
 
 Outside the header: overlays hidden in the unused high bits of Pixel Data are cleared (unsigned: zeroed;
 signed: replaced by the sign extension, which leaves every pixel value unchanged); burned-in text cannot
@@ -44,13 +55,14 @@ import copy
 import datetime as dt
 import functools
 import io
+import logging
 import re
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.datadict import get_entry
+from pydicom.datadict import dictionary_VR, get_entry, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.multival import MultiValue
@@ -58,10 +70,10 @@ from pydicom.sequence import Sequence
 from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, RLELossless)
 
-from imaging_tasks.dicom_io import check_required, parse
+from imaging_tasks.dicom_io import MAX_NESTING, check_readable, check_required, parse
 from imaging_tasks.errors import BadInput
 
-from . import profile
+from . import allowlist, profile
 from .pseudonym import date_shift_days, pseudo_id, uid_for
 
 
@@ -77,11 +89,13 @@ class DeidOptions:
     clean_descriptors: bool = False
     retain_uids: bool = False
     retain_safe_private: bool = False
+    strict: bool = False  # keep verbatim only allow-listed attributes (allowlist.STRICT_ALLOWED)
 
     @property
     def columns(self) -> frozenset[str]:
         """Table E.1-1 option columns enabled by these options."""
-        return frozenset(profile.OPTION_COLUMNS[f.name] for f in fields(self) if getattr(self, f.name))
+        return frozenset(profile.OPTION_COLUMNS[f.name] for f in fields(self)
+                         if f.name in profile.OPTION_COLUMNS and getattr(self, f.name))
 
 
 # CID 7050 De-identification Method codes (scheme DCM).
@@ -96,6 +110,7 @@ OPTION_CODES = {
     "retain_institution_identity": ("113112", "Retain Institution Identity Option"),
 }
 METHOD_TEXT = "PS3.15 E.1 Basic Profile (imaging_tasks.deid)"
+STRICT_TEXT = "Strict allow-list of retained attributes"
 DEMO_MARK = "DEMO KEY - NOT FOR PRODUCTION USE"
 IMPLEMENTATION_VERSION = "IMAGING_DEID_1"
 
@@ -161,12 +176,13 @@ BURNED_IN_SOP_CLASSES = frozenset({
 _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 _INT_VRS = {"SL", "SS", "UL", "US", "SV", "UV", "US or SS", "US or OW", "US or SS or OW"}
 _FLOAT_VRS = {"FL", "FD"}
-_FREE_TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC"}
+_FREE_TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC"})
 DUMMY_TEXT = "ANONYMIZED"
 _DUMMY_BY_VR = {"AS": "000D", "DA": "19000101", "DT": "19000101000000", "TM": "000000", "DS": "0", "IS": "0",
                 "UR": "urn:x-anonymized"}
 
 PATIENT_NAME, PATIENT_ID = 0x00100010, 0x00100020
+log = logging.getLogger(__name__)
 _DATES_COLUMN = profile.OPTION_COLUMNS["retain_modified_dates"]
 DATASET_TRAILING_PADDING = 0xFFFCFFFC
 
@@ -318,10 +334,21 @@ def _resolve(tag: int, code: str) -> str:
 
 
 @functools.lru_cache(maxsize=8192)
-def _code_for(tag: int, vr: str, columns: frozenset[str], retain_modified_dates: bool
+def _dictionary_vr(tag: int) -> str | None:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
+
+
+@functools.lru_cache(maxsize=8192)
+def _code_for(tag: int, vr: str, columns: frozenset[str], retain_modified_dates: bool, strict: bool = False
               ) -> tuple[str, profile.Row | None]:
     """Action for an attribute under the enabled option columns, and its table row (None if unlisted).
 
+    Unlisted free text (by the element's VR or its dictionary VR): removed unless allow-listed, or a dummy /
+    empty value where an IOD requires one (allowlist.TEXT_REQUIRED).  ``strict``: a K (keep verbatim) stands
+    only for allow-listed attributes and for what an enabled option retains explicitly.
     Pure in its arguments, so cached: a walk asks this once per element of every file.
     """
     row = profile.by_tag().get(tag)
@@ -332,8 +359,18 @@ def _code_for(tag: int, vr: str, columns: frozenset[str], retain_modified_dates:
             return "X", None
         if vr in ("DA", "DT"):
             return ("C" if retain_modified_dates else "X"), None
+        if vr in _FREE_TEXT_VRS or _dictionary_vr(tag) in _FREE_TEXT_VRS:
+            if tag in allowlist.TEXT_ALLOWED:
+                return "K", None
+            return allowlist.TEXT_REQUIRED.get(tag, "X"), None
+        if strict and tag not in allowlist.STRICT_ALLOWED:
+            return "X", None
         return "K", None
-    return _resolve(tag, row.code(columns)), row
+    code = _resolve(tag, row.code(columns))
+    if strict and code == "K" and tag not in allowlist.STRICT_ALLOWED and \
+            not any(row.options.get(c) == "K" for c in columns):
+        code = "X"
+    return code, row
 
 
 class _Deidentifier:
@@ -352,7 +389,7 @@ class _Deidentifier:
 
     # --- resolution of action codes
     def code_for(self, tag: int, vr: str) -> tuple[str, profile.Row | None]:
-        return _code_for(tag, vr, self.columns, self.options.retain_modified_dates)
+        return _code_for(tag, vr, self.columns, self.options.retain_modified_dates, self.options.strict)
 
     resolve = staticmethod(_resolve)
 
@@ -519,14 +556,58 @@ def _check_slide_label(ds: Dataset) -> None:
                    "The slide's VOLUME instances are de-identified without it.")
 
 
-def _check_pixels_present(ds: Dataset) -> None:
-    """An image object without Pixel Data was cut at an element boundary (or exported without pixels)."""
-    if any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        return
+# What a file cut at a top-level element boundary loses first is its highest tags: the bulk data at the end
+# (Pixel Data, waveforms, spectra, encapsulated documents) or the last required module.  Those boundaries leave
+# no trace in the bytes (see dicom_io), so the object's own content is checked: each SOP class below needs, for
+# every tuple, at least one of its attributes at the top level (Type 1, or the 1C pair one of which its IOD
+# requires, in a Mandatory module).  Images need pixels: any SOP class named "... Image Storage", and any object
+# whose Image Pixel module has begun (one of _PIXEL_MODULE present), RT Dose grids included - except classes
+# with bulk data of their own (MR Spectroscopy describes its grid with Rows/Columns but holds spectra).
+PIXEL_DATA_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # Float / Double Float / Pixel Data
+_PIXEL_MODULE = (0x00280002, 0x00280004, 0x00280008, 0x00280010, 0x00280011, 0x00280100, 0x00280101, 0x00280102,
+                 0x00280103)  # Samples per Pixel ... Pixel Representation, Number of Frames
+_SR = ((0x0040A730,),)  # Content Sequence: what an SR or a Key Object Selection says
+_GSPS = ((0x0070005A,),)  # Displayed Area Selection Sequence (Displayed Area module)
+REQUIRED_CONTENT: dict[str, tuple[tuple[int, ...], ...]] = {
+    "1.2.840.10008.5.1.4.1.1.481.2": ((0x7FE00010, 0x30040050),),  # RT Dose: dose grid or DVH Sequence
+    "1.2.840.10008.5.1.4.1.1.481.3": ((0x30060020,), (0x30060039,), (0x30060080,)),  # RT Structure Set: ROIs,
+    # their contours and observations
+    "1.2.840.10008.5.1.4.1.1.481.4": ((0x30080020,),),  # RT Beams Treatment Record: Treatment Session Beam Seq.
+    "1.2.840.10008.5.1.4.1.1.481.5": ((0x300A00B0, 0x300A0230),),  # RT Plan: Beam or Application Setup Seq.
+    "1.2.840.10008.5.1.4.1.1.481.8": ((0x300A03A2,),),  # RT Ion Plan: Ion Beam Sequence
+    "1.2.840.10008.5.1.4.1.1.481.9": ((0x30080021,),),  # RT Ion Beams Treatment Record
+    "1.2.840.10008.5.1.4.1.1.4.2": ((0x56000020,),),  # MR Spectroscopy: Spectroscopy Data
+    "1.2.840.10008.5.1.4.1.1.66.5": ((0x00660002,),),  # Surface Segmentation: Surface Sequence
+    **{f"1.2.840.10008.5.1.4.1.1.104.{n}": ((0x00420011,),) for n in range(1, 6)},  # encapsulated PDF, CDA,
+    # STL, OBJ, MTL: Encapsulated Document
+    **{f"1.2.840.10008.5.1.4.1.1.9.{s}": ((0x54000100,),)  # waveforms: Waveform Sequence
+       for s in ("1.1", "1.2", "1.3", "2.1", "3.1", "4.1", "4.2", "5.1", "6.1", "6.2", "7.1", "7.2", "7.3", "7.4",
+                 "8.1")},
+    **{f"1.2.840.10008.5.1.4.1.1.88.{n}": _SR for n in (11, 22, 33, 34, 35, 40, 50, 59, 65, 69, 70, 71, 72, 74,
+                                                          76)},  # (dose SRs are refused as burned-in anyway)
+    **{f"1.2.840.10008.5.1.4.1.1.11.{n}": _GSPS for n in (1, 2, 3, 4)},  # presentation states
+}
+CONTENT_GROUPS = tuple(sorted({tags for req in REQUIRED_CONTENT.values() for tags in req}
+                              | {PIXEL_DATA_TAGS, _PIXEL_MODULE}))  # _check_content_present asks "any of these?"
+CONTENT_TAGS = tuple(sorted({t for tags in CONTENT_GROUPS for t in tags}))
+
+
+def _check_content_present(ds: Dataset) -> None:
+    """An object without the content its SOP class cannot lack was cut at an element boundary (or exported
+    incomplete): images without Pixel Data, RT Dose without grid or DVH, RT Plans without beams...
+    Reads SOPClassUID's value and, of CONTENT_TAGS, only whether they are present."""
     sop_class = UID(str(ds.get("SOPClassUID", "") or "").strip())
-    if "Rows" in ds or sop_class.name.endswith("Image Storage"):
-        raise BadInput("missing_pixels", f"an image object ({sop_class.name}) without Pixel Data: the file was "
-                       "cut short or exported without pixels; re-send it")
+    required = REQUIRED_CONTENT.get(str(sop_class), ())
+    own_bulk = required and not any(t in PIXEL_DATA_TAGS for tags in required for t in tags)  # e.g. spectra
+    if not own_bulk and not any(t in ds for t in PIXEL_DATA_TAGS):
+        if any(t in ds for t in _PIXEL_MODULE) or sop_class.name.endswith("Image Storage"):
+            raise BadInput("missing_pixels", f"an image object ({sop_class.name}) without Pixel Data: the file "
+                           "was cut short or exported without pixels; re-send it")
+    for tags in required:
+        if not any(t in ds for t in tags):
+            names = " or ".join(keyword_for_tag(t) or f"({t >> 16:04X},{t & 0xFFFF:04X})" for t in tags)
+            raise BadInput("missing_content", f"a {sop_class.name} object without {names}: the file was cut short "
+                           "or exported incomplete; re-send it")
 
 
 def _check_burned_in(ds: Dataset) -> None:
@@ -631,8 +712,7 @@ def _deidentify_inplace(ds: Dataset, key: bytes, options: DeidOptions, demo: boo
     ds.PatientName = walker.patient_pseudo
     ds.PatientIdentityRemoved = "YES"
     enabled = [name for name in OPTION_CODES if getattr(options, name)]
-    method = [METHOD_TEXT] + [OPTION_CODES[n][1][:64] for n in enabled] + ([DEMO_MARK] if demo else [])
-    ds.DeidentificationMethod = method
+    ds.DeidentificationMethod = method_values(options, demo)
     ds.DeidentificationMethodCodeSequence = Sequence(
         [_method_code_item(BASIC_PROFILE_CODE)] + [_method_code_item(OPTION_CODES[n]) for n in enabled])
     ds.LongitudinalTemporalInformationModified = "MODIFIED" if options.retain_modified_dates else "REMOVED"
@@ -652,6 +732,13 @@ def _deidentify_inplace(ds: Dataset, key: bytes, options: DeidOptions, demo: boo
         ds.filename = None
 
     return deid_info(ds, pseudo_patient=walker.patient_pseudo, pseudo_study=pseudo_id(key, original_study, "study"))
+
+
+def method_values(options: DeidOptions, demo: bool) -> list[str]:
+    """De-identification Method (0012,0063) values: the profile, its options, strict mode, the demo mark."""
+    enabled = [name for name in OPTION_CODES if getattr(options, name)]
+    return [METHOD_TEXT] + [OPTION_CODES[n][1][:64] for n in enabled] + ([STRICT_TEXT] if options.strict else []) \
+        + ([DEMO_MARK] if demo else [])
 
 
 def deid_info(ds, *, pseudo_patient: str, pseudo_study: str) -> dict:
@@ -690,36 +777,62 @@ def deidentify_bytes(data: bytes, key: bytes, options: DeidOptions = DeidOptions
 
     ``fast``: first try the byte-level path of ``stream.py`` (same decisions and result, see
     tests/test_deid_stream.py); on anything it does not handle it raises Unsupported and this reference
-    path runs.  ``fast=False``: the reference path only.
+    path runs.  ``fast=False``: the reference path only.  Either way the output is read back before it is
+    returned, by the fast path's byte-level parser with every check its input had to pass (``stream._verify``:
+    structure, lengths, nesting, VRs, numbers, text in its character set; about 8% of the fast path's time,
+    where a full pydicom re-read costs 190% of it), or where that parser cannot judge (deflate, nested
+    character sets...) by pydicom, in full (``dicom_io.check_readable``).
+
+    Raises BadInput and nothing else, whatever ``data`` holds (see the module docstring).
     """
-    if fast:
-        from .stream import Unsupported, deidentify_stream  # here: stream.py imports this module
-        try:
-            return deidentify_stream(data, key, options, demo=demo)
-        except Unsupported:
-            pass
-    # One parse of the whole file: empty_file / not_dicom / unreadable_dicom / truncated_* from parse,
-    # unreadable_dicom for values that do not decode, missing_attribute, then missing_pixels for an
-    # image object whose Pixel Data is missing (a file cut at an element boundary reads as complete).
-    ds = parse(data)
+    from .stream import Unsupported, deidentify_stream, verified  # here: stream.py imports this module
+
     try:
-        for _ in ds.iterall():  # decode every value now, so garbled input is refused here
-            pass
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on garbled input
-        raise BadInput("unreadable_dicom", f"DICOM data set could not be decoded ({type(exc).__name__}); "
-                       "the file is likely truncated or corrupt, re-send it") from None
+        if fast:
+            try:
+                return deidentify_stream(data, key, options, demo=demo)  # read back by stream._verify
+            except Unsupported:
+                pass
+        out, info = _deidentify_reference(data, key, options, demo)
+        if not verified(out):  # the same byte-level read-back where it can judge, else pydicom's, in full
+            check_readable(out)
+        return out, info
+    except BadInput:
+        raise
+    except RecursionError:
+        raise BadInput("nesting_too_deep", f"sequences nested deeper than this reader can follow (the limit is "
+                       f"{MAX_NESTING} levels); the file is corrupt or crafted, re-export it") from None
+    except Exception as exc:  # noqa: BLE001 - the file boundary: one bad file must not stop a batch
+        raise _unexpected(exc, "de-identification") from None
+
+
+def _unexpected(exc: BaseException, what: str) -> BadInput:
+    """BadInput("deid_error") for an exception nobody expected on this file; logged by type and code location
+    (the innermost frame), never by message: a message may quote a value of the file."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb is not None else "?"
+    log.warning("%s failed on one file with %s at %s; the file is quarantined", what, type(exc).__name__, where)
+    return BadInput("deid_error", f"{what} failed on this file ({type(exc).__name__} at {where}); it was "
+                    "quarantined - report it with the file's sha256")
+
+
+def _deidentify_reference(data: bytes, key: bytes, options: DeidOptions, demo: bool) -> tuple[bytes, dict]:
+    # One parse of the whole file, every value decoded: empty_file / not_dicom / unreadable_dicom /
+    # truncated_* / nesting_too_deep from parse, missing_attribute, then missing_pixels / missing_content for
+    # an object lacking what its SOP class needs (a file cut at an element boundary reads as complete).
+    ds = parse(data)
     check_required(ds)
-    _check_pixels_present(ds)
+    _check_content_present(ds)
     info = _deidentify_inplace(ds, key, options, demo)
     buf = io.BytesIO()
     try:
         ds.save_as(buf, enforce_file_format=True)
-        out = buf.getvalue()
-        pydicom.dcmread(io.BytesIO(out), stop_before_pixels=True)
     except Exception as exc:  # noqa: BLE001 - values kept from the source that cannot be encoded
         raise BadInput("unwritable_dicom", f"the de-identified data set could not be written ({type(exc).__name__}); "
                        "the source holds values invalid for their VR, fix them at the source") from None
-    return out, info
+    return buf.getvalue(), info
 
 
 def _json_value(value: Any) -> Any:
@@ -753,4 +866,4 @@ def header_summary(ds: Dataset) -> dict:
 
 
 __all__ = ["DeidOptions", "deidentify_dataset", "deidentify_bytes", "header_summary", "SAFE_PRIVATE",
-           "BURNED_IN_MODALITIES", "BURNED_IN_SOP_CLASSES", "DEMO_MARK"]
+           "BURNED_IN_MODALITIES", "BURNED_IN_SOP_CLASSES", "DEMO_MARK", "REQUIRED_CONTENT", "method_values"]

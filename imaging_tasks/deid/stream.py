@@ -18,7 +18,10 @@ files of the other de-identification tests).  The reference decodes every value 
 here also checks what would make that decoding fail (numeric lengths, DS/IS strings, VRs, structure).
 
 Whatever is not handled here raises :class:`Unsupported`, and ``deidentify_bytes`` runs the reference path
-instead: deflated, implicit big endian or unknown transfer syntaxes, no file meta, the text-scrubbing options
+instead (so does any unforeseen exception here, and more than ``dicom_io.MAX_NESTING`` levels of sequences,
+native pixels under a compressed transfer syntax, a character set stored under another VR, a last group
+shorter than its group length: the reference refuses those with its reason): deflated, implicit big endian
+or unknown transfer syntaxes, no file meta, the text-scrubbing options
 (``clean_descriptors``, ``retain_patient_characteristics``), encapsulated Pixel Data that could hold overlay
 bits, explicit-VR UN elements that pydicom would re-read as sequences, undefined lengths elsewhere,
 out-of-order or duplicate tags, items carrying their own Specific Character Set, values that may not survive
@@ -48,7 +51,8 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
-from imaging_tasks.dicom_io import check_required
+from imaging_tasks.dicom_io import MAX_NESTING, check_required
+from imaging_tasks.errors import BadInput
 
 from . import dicom as ref
 from .pseudonym import pseudo_id, uid_for
@@ -97,9 +101,12 @@ _KEY_TAGS = (0x00100010, 0x00100020, 0x00100030, 0x0020000D)
 _CHECK_TAGS = (0x00080008, 0x00080016, 0x00080018, 0x00080060, 0x0020000D, 0x0020000E, 0x00280010, 0x00280301,
                0x00480010)  # ImageType, SOP Class/Instance, Modality, Study/Series, Rows, BIA, Specimen Label in Image
 _SOURCE_TAGS = tuple(sorted(set(_CHECK_TAGS) | set(_KEY_TAGS)))
-_PIXEL_DATA_TAGS = (0x7FE00008, 0x7FE00009, PIXEL_DATA)  # Float / Double Float / Pixel Data
+# Top-level attributes whose presence (not value) the refusal checks read: pixel data, the pixel module,
+# the content each SOP class requires (dicom.REQUIRED_CONTENT).
+_PRESENCE_TAGS = ref.CONTENT_TAGS
+_PRESENCE_GROUPS = ref.CONTENT_GROUPS
 # The reference's refusal checks run after check_required, in this order (names looked up at call time).
-_PRE_CHECKS = ("_check_pixels_present", "_check_slide_label", "_check_burned_in")
+_PRE_CHECKS = ("_check_content_present", "_check_slide_label", "_check_burned_in")
 _PIXEL_TAGS = (0x00280002, 0x00280004, 0x00280008, 0x00280010, 0x00280011, 0x00280100, 0x00280101, 0x00280102,
                0x00280103, 0x00280006)
 
@@ -132,7 +139,8 @@ def _private_vr(tag: int, creator: str) -> str:
 
 
 @functools.lru_cache(maxsize=16384)
-def _plan(tag: int, vr: str, columns: frozenset, retain_modified_dates: bool) -> tuple[str, object]:
+def _plan(tag: int, vr: str, columns: frozenset, retain_modified_dates: bool, strict: bool = False
+          ) -> tuple[str, object]:
     """The depth-independent part of dicom._Deidentifier.walk for one element, in its order: "X" (removed),
     "private", "patient_id" / "patient_name", or the action code and table row of ``_code_for``."""
     group, element = tag >> 16, tag & 0xFFFF
@@ -146,7 +154,7 @@ def _plan(tag: int, vr: str, columns: frozenset, retain_modified_dates: bool) ->
         return "patient_name", None
     if group & 0xFF00 in (0x5000, 0x6000) or not ref._known_tag(tag):
         return "X", None
-    return ref._code_for(tag, vr, columns, retain_modified_dates)
+    return ref._code_for(tag, vr, columns, retain_modified_dates, strict)
 
 
 def _hdr(tag: int, vr: str | None, length: int, implicit: bool, little: bool = True) -> bytes:
@@ -323,6 +331,8 @@ class _Parser:
                 return out, pos + 8
             if tag != ITEM:
                 raise Unsupported("structure")
+            if depth >= MAX_NESTING:
+                raise Unsupported("nesting")  # the reference refuses it (nesting_too_deep) or says why not
             if length == _UNDEF:
                 elems, pos = self.dataset(pos + 8, n, depth + 1, True)
             else:
@@ -378,6 +388,7 @@ class _Rewriter:
         self.options = options
         self.columns = options.columns
         self.rmd = options.retain_modified_dates
+        self.strict = options.strict
         self.safe_private = options.retain_safe_private
         self.implicit = implicit
         self.little = little
@@ -431,7 +442,7 @@ class _Rewriter:
                     ai += 1
                 if ai < na and additions[ai][0] == tag:
                     continue  # overwritten by the reference after its walk
-            code, row = _plan(tag, e[1], self.columns, self.rmd)
+            code, row = _plan(tag, e[1], self.columns, self.rmd, self.strict)
             if code == "X":
                 continue
             if code == "K" and e[7] is None:
@@ -666,10 +677,9 @@ def _constant_additions(options, demo: bool, implicit: bool, enc_key: tuple, lit
     """PatientIdentityRemoved, DeidentificationMethod (+ Code Sequence), LongitudinalTemporalInformationModified
     as the reference sets them."""
     enabled = [name for name in ref.OPTION_CODES if getattr(options, name)]
-    method = [ref.METHOD_TEXT] + [ref.OPTION_CODES[n][1][:64] for n in enabled] + ([ref.DEMO_MARK] if demo else [])
     ds = Dataset()
     ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = method
+    ds.DeidentificationMethod = ref.method_values(options, demo)
     ds.DeidentificationMethodCodeSequence = Sequence(
         [ref._method_code_item(ref.BASIC_PROFILE_CODE)] + [ref._method_code_item(ref.OPTION_CODES[n]) for n in enabled])
     ds.LongitudinalTemporalInformationModified = "MODIFIED" if options.retain_modified_dates else "REMOVED"
@@ -780,13 +790,19 @@ def deidentify_stream(data: bytes, key: bytes, options, *, demo: bool = False, c
     ``checks``: extra refusal checks of the reference, each called with a small pydicom data set of the
     source's top-level values (see _CHECK_TAGS), in the reference's order after the burned-in check.
     """
+    global LAST_FALLBACK
     try:
         out, info = _deidentify(data, key, options, demo, checks)
     except Unsupported as exc:
-        global LAST_FALLBACK
         LAST_FALLBACK = str(exc) or "unsupported"
         FALLBACKS[LAST_FALLBACK] += 1
         raise
+    except BadInput:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything unforeseen here: the reference decides (and refuses)
+        LAST_FALLBACK = f"error:{type(exc).__name__}"
+        FALLBACKS[LAST_FALLBACK] += 1
+        raise Unsupported(LAST_FALLBACK) from None
     HANDLED["ok"] += 1
     return out, info
 
@@ -823,6 +839,14 @@ def _deidentify(data: bytes, key: bytes, options, demo: bool, checks) -> tuple[b
     probe.encodings, probe.check_text = encodings, check_text
     elems, _ = probe.dataset(start, n, 0, False)
     top = {e[0]: e for e in elems}
+    if SPECIFIC_CHARSET in top and top[SPECIFIC_CHARSET][2] not in (None, "CS", "UN"):
+        raise Unsupported("charset_vr")  # pydicom reads the character set by its stored VR (and may fail)
+    if encapsulated and PIXEL_DATA in top and top[PIXEL_DATA][7] != _ENCAP:
+        raise Unsupported("pixel_encapsulation")  # native pixels under a compressed transfer syntax: refused there
+    gl = top.get(elems[-1][0] & 0xFFFF0000) if elems and elems[-1][0] >> 16 != 0x7FE0 else None
+    if gl is not None and gl[5] == 4 and \
+            gl[6] + unpack_from("<L" if little else ">L", data, gl[4])[0] > n:
+        raise Unsupported("group_length")  # the last group is shorter than declared: the reference refuses it
 
     def src(tags):
         return [(t, top[t][2], data[top[t][4]:top[t][6]]) for t in tags if t in top and top[t][7] is None]
@@ -834,9 +858,12 @@ def _deidentify(data: bytes, key: bytes, options, demo: bool, checks) -> tuple[b
     enc_key = tuple(encodings) if isinstance(encodings, list) else (encodings,)
     pre = _small_dataset(src(_SOURCE_TAGS), implicit, enc_key, little)
     check_required(pre)  # the whole file parsed and its values decode: the reference refuses here too
-    for t in _PIXEL_DATA_TAGS:  # presence only (the checks look at which pixel elements exist)
-        if t in top:
-            pre.add(DataElement(t, "OB" if t == PIXEL_DATA else ("OF" if t == 0x7FE00008 else "OD"), b""))
+    store = pre._dict  # presence only (the checks ask which of these exist): one placeholder per any-of group
+    for group in _PRESENCE_GROUPS:
+        if not any(t in store for t in group):
+            t = next((t for t in group if t in top), None)
+            if t is not None:
+                store[Tag(t)] = RawDataElement(Tag(t), "UN", 0, b"", 0, implicit, little)
     for name in _PRE_CHECKS:
         check = getattr(ref, name, None)
         if check is not None:
@@ -890,7 +917,7 @@ def _deidentify(data: bytes, key: bytes, options, demo: bool, checks) -> tuple[b
         raise Unsupported("meta_values")
     body = b"".join(out)
     result = b"\0" * 128 + b"DICM" + _meta_bytes(str(sop_class), str(sop_inst), str(ts)) + body
-    _verify(result, implicit, encapsulated, encodings, little)
+    _verify(result, implicit, encapsulated, encodings, little, check_text)
 
     original_study = str(pre.get("StudyInstanceUID", "") or "").strip()
     info_ds.file_meta = _Values({"TransferSyntaxUID": ts})
@@ -925,17 +952,48 @@ def _peek_charset(buf: bytes, pos: int, implicit: bool, little: bool = True) -> 
     return None
 
 
-def _verify(out: bytes, implicit: bool, encapsulated: bool, encodings, little: bool = True) -> None:
-    """Structural check of the output (instead of the reference's re-read): the meta group and every
-    element length of the data set are consistent, the walk ends exactly at the end of the file."""
+def _verify(out: bytes, implicit: bool, encapsulated: bool, encodings, little: bool = True,
+            check_text: bool | None = None) -> None:
+    """The read-back check of the output, at byte level (the reference parses its output back with pydicom;
+    that would cost this path 190% of its time): the output must pass everything the input had to pass here
+    before the fast path took it, i.e. what pydicom needs to read a file back and decode all its values -
+    the meta group and every element, item and sequence length consistent and closed, the walk ending exactly
+    at the end of the file, at most MAX_NESTING levels of sequences (pydicom reads undefined-length sequences
+    recursively), known VRs, numeric values a whole number of values long, DS/IS strings that are numbers,
+    text that decodes in the file's character set.  tests/test_deid_fuzz.py reads every output back with
+    pydicom, element by element, to hold this to account."""
     start, meta = _read_meta(out)
     if unpack_from("<L", meta[0])[0] != start - 144:
         raise Unsupported("verify_meta")
-    parser = _Parser(out, implicit, encapsulated, encodings, False, little)
-    parser.value_checks = {"SQ": 1}
+    if check_text is None:
+        enc_list = encodings if isinstance(encodings, list) else [encodings]
+        check_text = not all(e in _LATIN1_SETS for e in enc_list)
+    parser = _Parser(out, implicit, encapsulated, encodings, check_text, little)
     _elems, end = parser.dataset(start, len(out), 0, False)
     if end != len(out):
         raise Unsupported("verify")
 
 
-__all__ = ["Unsupported", "deidentify_stream", "FALLBACKS", "HANDLED", "LAST_FALLBACK"]
+def verified(out: bytes) -> bool:
+    """True if ``out`` (a Part-10 file with meta, e.g. the reference path's output) passes :func:`_verify`;
+    False when this parser cannot tell (deflate, nested character sets, ...: the caller reads it back with
+    pydicom) or it fails."""
+    try:
+        start, meta = _read_meta(out)
+        ts = UID(meta.get(0x10, b"").decode("latin-1").rstrip("\0 "))
+        if not ts.is_transfer_syntax or ts.is_deflated or (not ts.is_little_endian and
+                                                           (ts.is_implicit_VR or ts.is_encapsulated)):
+            return False
+        implicit, little = ts.is_implicit_VR, ts.is_little_endian
+        charset = _peek_charset(out, start, implicit, little)
+        cs_ds = Dataset()
+        if charset is not None:
+            cs_ds.add(convert_raw_data_element(RawDataElement(Tag(SPECIFIC_CHARSET), None if implicit else "CS",
+                                                              len(charset), charset, 0, implicit, little)))
+        _verify(out, implicit, ts.is_encapsulated, cs_ds._character_set, little)
+        return True
+    except Exception:  # noqa: BLE001 - Unsupported, or anything this parser does not foresee: pydicom decides
+        return False
+
+
+__all__ = ["Unsupported", "deidentify_stream", "verified", "FALLBACKS", "HANDLED", "LAST_FALLBACK"]
