@@ -4,14 +4,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from airflow_stack import AirflowStack, StackError
 
 REPO = Path(__file__).resolve().parents[1]
 UTC = dt.timezone.utc
@@ -74,62 +72,15 @@ def test_interval_run_processes_only_its_days_arrivals(airflow_db, buckets):
     assert _table_counts(buckets) == counts
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class AirflowCLIError(AssertionError):
-    pass
-
-
-def _airflow(env, *args) -> str:
-    """Run the airflow CLI; SQLite's 'database is locked' (the scheduler writing at that moment) is retried."""
-    for _ in range(10):
-        res = subprocess.run([str(Path(sys.executable).parent / "airflow"), *args], env=env, capture_output=True,
-                             text=True)
-        if "database is locked" not in res.stderr:
-            break
-        time.sleep(3)
-    if res.returncode:
-        raise AirflowCLIError(f"airflow {' '.join(args)} exited {res.returncode}: {res.stderr[-2000:]}")
-    return res.stdout
-
-
-def _runs(env) -> list[dict]:
-    out = _airflow(env, "dags", "list-runs", "cardiovascular", "-o", "json")
-    lines = [line for line in out.splitlines() if line.startswith(("[{", "[]"))]
-    return json.loads(lines[-1]) if lines else []
-
-
 @pytest.mark.scheduler
 def test_backfill_from_cli_with_the_scheduler(buckets, tmp_path):
-    """`airflow backfill create` against a real scheduler (airflow standalone), then again with reprocess."""
+    """`airflow backfill create` against a real scheduler (tests/airflow_stack.py), then again with reprocess."""
     first, second = _plant_by_day(buckets, seed=22)
-    api_port = _free_port()
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "home"),
-           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/home/airflow.db",
-           "AIRFLOW__API__PORT": str(api_port),
-           "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-           "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
-           "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(_free_port()),
-           "AIRFLOW__IMAGING__SENSOR_TIMEOUT": "30",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "PYTHONPATH": str(REPO / "plugins")}
-    log = open(tmp_path / "standalone.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while "cardiovascular" not in _safe_list(env):
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "standalone.log").read_text()[-3000:]
-            time.sleep(5)
-        _airflow(env, "pools", "set", "gpu", "1", "GPU slots")
-        _airflow(env, "dags", "unpause", "cardiovascular")
-        _airflow(env, "backfill", "create", "--dag-id", "cardiovascular", "--from-date", "2026-03-01",
-                 "--to-date", "2026-03-03")
-        _wait_backfills(env, proc, expected=2, tmp_path=tmp_path)
+    with AirflowStack(tmp_path, buckets, dag_ids=["cardiovascular"]) as stack:
+        stack.api.set_paused("cardiovascular", False)
+        stack.cli("backfill", "create", "--dag-id", "cardiovascular", "--from-date", "2026-03-01",
+                  "--to-date", "2026-03-03")
+        _wait_backfills(stack, expected=2)
         assert _studies(buckets) == {first, second}
         counts = _table_counts(buckets)
         # the same range again, completed runs included, forcing reprocessing: same rows, no duplicates
@@ -137,43 +88,30 @@ def test_backfill_from_cli_with_the_scheduler(buckets, tmp_path):
         started = time.time()
         for _ in range(24):
             try:
-                _airflow(env, "backfill", "create", "--dag-id", "cardiovascular", "--from-date", "2026-03-01",
-                         "--to-date", "2026-03-03", "--reprocess-behavior", "completed", "--dag-run-conf",
-                         '{"reprocess": true}')
+                stack.cli("backfill", "create", "--dag-id", "cardiovascular", "--from-date", "2026-03-01",
+                          "--to-date", "2026-03-03", "--reprocess-behavior", "completed", "--dag-run-conf",
+                          '{"reprocess": true}')
                 break
-            except AirflowCLIError as exc:
+            except StackError as exc:
                 assert "Another backfill is running" in str(exc), str(exc)
                 time.sleep(5)
-        _wait_backfills(env, proc, expected=2, tmp_path=tmp_path, after=started)
+        _wait_backfills(stack, expected=2, after=started)
         assert _table_counts(buckets) == counts
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
-        log.close()
 
 
-def _safe_list(env) -> str:
-    try:
-        return _airflow(env, "dags", "list", "-o", "plain")
-    except AirflowCLIError:
-        return ""
+def _wait_backfills(stack, *, expected: int, after: float = 0.0) -> None:
+    def done():
+        runs = [r for r in stack.api.runs("cardiovascular") if r["run_type"] == "backfill"]
+        failed = [r["dag_run_id"] for r in runs if r["state"] == "failed"]
+        if failed:
+            stack.fail(f"backfill runs failed: {failed}")
+        return len([r for r in runs if r["state"] == "success" and _ts(r.get("end_date")) >= after]) >= expected
 
-
-def _wait_backfills(env, proc, *, expected: int, tmp_path, after: float = 0.0) -> None:
-    deadline = time.time() + 300
-    while True:
-        runs = [r for r in _runs(env) if r["run_id"].startswith("backfill__")]
-        done = [r for r in runs if r["state"] == "success" and _ts(r.get("end_date")) >= after]
-        failed = [r for r in runs if r["state"] == "failed"]
-        assert not failed, (failed, (tmp_path / "standalone.log").read_text()[-3000:])
-        if len(done) >= expected:
-            return
-        assert proc.poll() is None and time.time() < deadline, (runs, (tmp_path / "standalone.log").read_text()[-3000:])
-        time.sleep(5)
+    stack.wait_until(done, f"{expected} successful backfill runs", timeout=300, interval=2)
 
 
 def _ts(text) -> float:
-    return dt.datetime.fromisoformat(text).timestamp() if text else 0.0
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() if text else 0.0
 
 
 def _table_counts(buckets) -> dict[str, int]:
