@@ -33,7 +33,7 @@ $(AIRFLOW_HOME)/airflow.db: $(STAMP)
 	$(BIN)/airflow pools set gpu 1 "GPU slots (one task per GPU)" > /dev/null
 
 demo: $(AIRFLOW_HOME)/airflow.db
-	$(BIN)/python -m imaging_dags.demo
+	$(BIN)/python deploy/demo.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -42,7 +42,7 @@ test: $(STAMP)
 # explicitly (outputs marked DEMO KEY), as `make demo` does; set IMAGING_DEID_KEY for real data.
 up: export IMAGING_DEID_DEMO := $(if $(IMAGING_DEID_KEY),0,1)
 up: $(AIRFLOW_HOME)/airflow.db
-	$(BIN)/python -m imaging_dags.demo --prepare-ui
+	$(BIN)/python deploy/demo.py --prepare-ui
 	$(BIN)/airflow standalone
 
 bench: $(STAMP)

@@ -14,18 +14,18 @@ import logging
 import sys
 from pathlib import Path
 
-from imaging_tasks.specialties import SPECIALTIES
+from imaging_tasks import specialties
 
 
 def _synth(args) -> int:
-    from imaging_tasks.specialties import synthesizer
     from imaging_tasks.synth.bad_inputs import write_bad_inputs
 
     out = Path(args.out.removeprefix("file://"))
-    chosen = SPECIALTIES if args.specialty == "all" else (args.specialty,)
+    chosen = specialties.names() if args.specialty == "all" else (args.specialty,)
     for specialty in chosen:
         # distinct patients per specialty, whichever subset is asked for
-        truths = synthesizer(specialty)(out, args.studies, args.seed + 1000 * SPECIALTIES.index(specialty))
+        offset = 1000 * specialties.get(specialty).order
+        truths = specialties.synthesizer(specialty)(out, args.studies, args.seed + offset)
         bad = write_bad_inputs(out, specialty, args.seed) if args.bad_inputs else {}
         print(f"{specialty}: {len(truths)} stud(ies), {len(bad)} bad input(s) -> {out / specialty}")
     return 0
@@ -53,35 +53,39 @@ def _run(args) -> int:
     again) and the exit status is 1; everything pending (this run's and any killed run's) is loaded.
     """
     from imaging_tasks import pipeline
+    from imaging_tasks.contracts import is_ok
     from imaging_tasks.phi_audit import PHILeak
-    from imaging_tasks.warehouse import DuckDBWarehouse
+    from imaging_tasks.warehouse import open_warehouse
 
+    record = specialties.get(args.specialty)
+    options = _options(args, record)
     key, demo = _key(args)
     lake = pipeline.Lake(args.lake, args.specialty)
     run = pipeline.RunContext(run_id=args.run_id)
-    summary = pipeline.index_landing(args.landing, lake, key=key, reprocess=args.reprocess, run=run)
+    summary = pipeline.index_landing(args.landing, lake, key=key, reprocess=args.reprocess, options=options, run=run)
     processed, failed = [], []
     for study in summary["studies"]:
         step = "deidentify"
         try:
             clean = pipeline.deidentify_study(study, lake, key=key, demo=demo, run=run)
-            if clean["status"] != "ok":
+            if not is_ok(clean):
                 continue
             step = "audit_phi"
             pipeline.audit_deidentified(clean, lake, run=run)
             step = "process"
-            if args.specialty == "pathology":
-                plan = pipeline.plan_slide(clean, lake, run=run)
-                feats = [pipeline.tile_features_batch(b, lake, run=run) for b in pipeline.tile_batches([plan])]
-                processed.append(pipeline.finish_slide(plan, feats, lake, run=run))
+            if record.fan_out:  # the DAG's fan-out over tile batches, in process
+                plan = record.fan_out_step("plan_slide")(clean, lake, options=options, run=run)
+                feats = [record.fan_out_step("tile_features_batch")(b, lake, run=run)
+                         for b in record.fan_out_step("tile_batches")([plan])]
+                processed.append(record.fan_out_step("finish_slide")(plan, feats, lake, run=run))
             else:
-                processed.append(pipeline.process_study(clean, lake, run=run))
+                processed.append(pipeline.process_study(clean, lake, options=options, run=run))
         except PHILeak as exc:  # recorded by the audit itself
             failed.append({"study": study["study"], "step": step, "reason": type(exc).__name__})
         except Exception as exc:  # noqa: BLE001 - one study's failure must not stop the others
             pipeline.record_failure(study, lake, step=step, exc=exc, run=run, detail=step != "deidentify")
             failed.append({"study": study["study"], "step": step, "reason": type(exc).__name__})
-    counts = pipeline.load(processed, lake, DuckDBWarehouse(args.warehouse), run=run)
+    counts = pipeline.load(processed, lake, open_warehouse(args.warehouse), run=run)
     loaded = counts.pop("loaded")
     counts.pop("failed")
     print(json.dumps({"studies": len(summary["studies"]), "skipped_done": len(summary["skipped_done"]),
@@ -136,13 +140,58 @@ def _deidentify(args) -> int:
 
 
 def _process(args) -> int:
-    from imaging_tasks.specialties import processor
-
+    record = specialties.get(args.specialty)
+    options = record.options_for(_options(args, record))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = processor(args.specialty)([Path(f) for f in args.files], out, device=args.device)
+    result = specialties.processor(args.specialty)([Path(f) for f in args.files], out, device=args.device, **options)
     print(json.dumps({"metrics": result["metrics"], "outputs": result["outputs"]}, indent=2))
     return 0
+
+
+def _options(args, record) -> dict:
+    """The specialty's options given as flags, checked against its schema (a bad value exits 2 with the rule)."""
+    given = {o.name: getattr(args, o.name) for o in record.options if getattr(args, o.name, None) is not None}
+    try:
+        record.options_for(given, "index"), record.options_for(given, "process")
+    except ValueError as exc:
+        print(f"imaging-tasks: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return given
+
+
+def _per_specialty(sub, command: str, help_text: str, add_arguments, func) -> None:
+    """``imaging-tasks <command> <specialty> ...``: one parser per specialty, its options as flags."""
+    p = sub.add_parser(command, help=help_text)
+    per = p.add_subparsers(dest="specialty", required=True, metavar="SPECIALTY")
+    for name in specialties.names():
+        record = specialties.get(name)
+        q = per.add_parser(name, help=record.summary, description=f"{record.title}: {record.summary}")
+        add_arguments(q)
+        for o in record.options:
+            bounds = "" if o.minimum is None and o.maximum is None else f"; {o.minimum}..{o.maximum}"
+            kind = {"number": float, "integer": int, "string": str}.get(o.type)
+            q.add_argument(f"--{o.name.replace('_', '-')}", dest=o.name, default=None,
+                           type=kind or (lambda v: v), metavar=o.type.upper(),
+                           help=f"{o.title}: {o.description} (default {o.default}{bounds})")
+        q.set_defaults(func=func)
+
+
+def _run_arguments(p) -> None:
+    p.add_argument("--landing", required=True)
+    p.add_argument("--lake", required=True)
+    p.add_argument("--warehouse", required=True,
+                   help="DuckDB file (or duckdb://PATH), or bigquery://PROJECT/DATASET[?location=EU] "
+                        "(ambient Google credentials)")
+    p.add_argument("--reprocess", action="store_true")
+    p.add_argument("--run-id", default="cli")
+    p.add_argument("--demo-key", action="store_true", help="use the public demo key (synthetic data only)")
+
+
+def _process_arguments(p) -> None:
+    p.add_argument("files", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,22 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write synthetic studies with PHI headers and ground truth")
-    p.add_argument("--specialty", choices=[*SPECIALTIES, "all"], default="all")
+    p.add_argument("--specialty", choices=[*specialties.names(), "all"], default="all")
     p.add_argument("--out", required=True, help="landing folder (a specialty sub-folder is created)")
     p.add_argument("--studies", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bad-inputs", action="store_true", help="also plant files the pipeline must quarantine")
     p.set_defaults(func=_synth)
 
-    p = sub.add_parser("run", help="index, de-identify, process and load one specialty, without Airflow")
-    p.add_argument("specialty", choices=SPECIALTIES)
-    p.add_argument("--landing", required=True)
-    p.add_argument("--lake", required=True)
-    p.add_argument("--warehouse", required=True, help="DuckDB file")
-    p.add_argument("--reprocess", action="store_true")
-    p.add_argument("--run-id", default="cli")
-    p.add_argument("--demo-key", action="store_true", help="use the public demo key (synthetic data only)")
-    p.set_defaults(func=_run)
+    _per_specialty(sub, "run", "index, de-identify, process and load one specialty, without Airflow",
+                   _run_arguments, _run)
 
     p = sub.add_parser("deidentify", help="de-identify every DICOM file, slide and NIfTI under SRC into DST")
     p.add_argument("src", help="folder or bucket URI (file://, s3://, gs://) holding the raw files")
@@ -179,12 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-key", action="store_true", help="use the public demo key (synthetic data only)")
     p.set_defaults(func=_deidentify)
 
-    p = sub.add_parser("process", help="run one specialty's algorithm on already de-identified local files")
-    p.add_argument("specialty", choices=SPECIALTIES)
-    p.add_argument("files", nargs="+")
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=_process)
+    _per_specialty(sub, "process", "run one specialty's processing on already de-identified local files",
+                   _process_arguments, _process)
     return parser
 
 

@@ -21,7 +21,7 @@ What "complete" means for a file (checked by :func:`parse` when it reads a whole
 A file cut exactly at a top-level element boundary, outside a group with a declared length, leaves no trace
 in its bytes: only the object's own content can tell (an image without its Pixel Data, an RT Plan without its
 beams...); de-identification checks that with a table of required content per SOP class
-(``imaging_tasks.deid.dicom.REQUIRED_CONTENT``).  A deflated data set is complete when its deflate stream is
+(``imaging_tasks.deid.rules.REQUIRED_CONTENT``).  A deflated data set is complete when its deflate stream is
 (zlib refuses a cut one).
 
 Nesting: at most :data:`MAX_NESTING` levels of sequences are accepted; deeper inputs are refused with
@@ -43,11 +43,6 @@ from pydicom.uid import UID
 
 from imaging_tasks import retry
 from imaging_tasks.errors import BadInput
-
-# Header fields the index needs; reading stops before pixel data.
-INDEX_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality",
-              "PatientID", "StudyDate", "SeriesNumber", "InstanceNumber", "BurnedInAnnotation"]
-
 
 # First groups of a data set stored without preamble and 'DICM' (old archives, some PACS exports):
 # the file meta group, or the identifying group 0008 that every composite object starts with.
@@ -288,10 +283,6 @@ class Volume:
     spacing_mm: tuple[float, float, float]  # (z, y, x)
     origin_mm: tuple[float, float, float]  # (x, y, z) patient coordinates of the first voxel
     direction: tuple[float, ...]  # 3x3 row-major, columns are the x, y, z axes in patient space
-
-    @property
-    def voxel_volume_mm3(self) -> float:
-        return float(np.prod(self.spacing_mm))
 
 
 def load_series(paths: list[Path] | list[str]) -> Volume:

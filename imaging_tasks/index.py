@@ -12,19 +12,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from imaging_tasks import retry, storage
+from imaging_tasks.contracts import StudyRecord, study_record
 from imaging_tasks.deid.pseudonym import pseudo_id
 from imaging_tasks.deid.slide import read_description, slide_pseudonyms
 from imaging_tasks.dicom_io import read_header
 from imaging_tasks.errors import BadInput
-
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".bif")
-
-# Modalities each DICOM specialty accepts; anything else is quarantined as wrong_modality.
-ACCEPTED_MODALITIES = {
-    "neuroimaging": {"MR", "PT"},
-    "cardiovascular": {"CT"},
-    "mammography": {"MG"},
-}
+from imaging_tasks.formats import SLIDE_SUFFIXES  # defined below index and deid; still index.SLIDE_SUFFIXES
+from imaging_tasks.specialties import get as get_specialty
 
 
 @dataclass
@@ -42,11 +36,11 @@ class StudyEntry:
         lines = sorted(f"{f['uri']}:{f['size']}" for f in self.files)
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
-    def summary(self, manifest_uri: str) -> dict:
+    def summary(self, manifest_uri: str) -> StudyRecord:
         """What downstream tasks (and XCom) may see: pseudonyms and counts, no raw paths or identifiers."""
-        return {"specialty": self.specialty, "study": self.study, "patient": self.patient,
-                "manifest": manifest_uri, "n_files": len(self.files), "modalities": self.modalities,
-                "fingerprint": self.fingerprint}
+        return study_record(specialty=self.specialty, study=self.study, patient=self.patient,
+                            fingerprint=self.fingerprint, manifest=manifest_uri, n_files=len(self.files),
+                            modalities=dict(self.modalities))
 
 
 @dataclass
@@ -60,13 +54,16 @@ Quarantine = Callable[[storage.ObjectInfo, BadInput], dict]
 
 
 def index_objects(objects: list[storage.ObjectInfo], *, specialty: str, key: bytes, quarantine: Quarantine,
-                  now: dt.datetime | None = None, mr_only_wait: dt.timedelta = dt.timedelta(hours=6)) -> IndexResult:
-    """Group objects into studies; bad files go to ``quarantine`` and the rest carry on."""
-    if specialty == "pathology":
-        return _index_slides(objects, key=key, quarantine=quarantine)
+                  now: dt.datetime | None = None, options: dict | None = None) -> IndexResult:
+    """Group objects into studies as the specialty's record says (DICOM by StudyInstanceUID, or one slide per
+    study), refuse modalities it does not accept, hold studies it does not call ready yet (``options``: its
+    index-stage options, e.g. how long to wait for a PET); bad files go to ``quarantine`` and the rest carry on."""
+    record = get_specialty(specialty)
+    if record.file_kind == "slide":
+        return _index_slides(objects, specialty=specialty, key=key, quarantine=quarantine)
     studies: dict[str, StudyEntry] = {}
     quarantined = []
-    accepted = ACCEPTED_MODALITIES[specialty]
+    accepted = record.modalities
     for obj in objects:
         try:
             if obj.size == 0:
@@ -88,7 +85,7 @@ def index_objects(objects: list[storage.ObjectInfo], *, specialty: str, key: byt
             entry.newest = max(entry.newest or "", obj.modified.isoformat())
     ready, waiting = [], []
     for entry in studies.values():
-        if specialty == "neuroimaging" and not _session_ready(entry, now=now, wait=mr_only_wait):
+        if not record.is_ready(entry.modalities, entry.newest, now, options):
             waiting.append(entry.study)
             continue
         ready.append(entry)
@@ -101,17 +98,8 @@ def _read_header(uri: str):
         return read_header(fh)
 
 
-def _session_ready(entry: StudyEntry, *, now: dt.datetime | None, wait: dt.timedelta) -> bool:
-    """A neuro session is ready with MR and PET, or MR alone once nothing new has arrived for ``wait``."""
-    if "MR" in entry.modalities and "PT" in entry.modalities:
-        return True
-    if "MR" not in entry.modalities or entry.newest is None:
-        return False
-    now = now or dt.datetime.now(dt.timezone.utc)
-    return now - dt.datetime.fromisoformat(entry.newest) >= wait
-
-
-def _index_slides(objects: list[storage.ObjectInfo], *, key: bytes, quarantine: Quarantine) -> IndexResult:
+def _index_slides(objects: list[storage.ObjectInfo], *, specialty: str, key: bytes,
+                  quarantine: Quarantine) -> IndexResult:
     """Each slide file is a study named by its content; the patient by barcode/Filename (``slide_pseudonyms``)."""
     studies, quarantined = [], []
     for obj in objects:
@@ -127,7 +115,7 @@ def _index_slides(objects: list[storage.ObjectInfo], *, key: bytes, quarantine: 
             continue
         digest = storage.sha256_of(obj.uri)
         study, patient = slide_pseudonyms(key, digest, description)
-        entry = StudyEntry(specialty="pathology", study=study, patient=patient,
+        entry = StudyEntry(specialty=specialty, study=study, patient=patient,
                            files=[{**_file_row(obj), "sha256": digest}],
                            modalities={"SM": 1}, newest=obj.modified.isoformat() if obj.modified else None)
         studies.append(entry)
@@ -136,10 +124,6 @@ def _index_slides(objects: list[storage.ObjectInfo], *, key: bytes, quarantine: 
 
 def _file_row(obj: storage.ObjectInfo) -> dict[str, Any]:
     return {"uri": obj.uri, "size": obj.size, "modified": obj.modified.isoformat() if obj.modified else None}
-
-
-def entry_from_manifest(manifest: dict) -> StudyEntry:
-    return StudyEntry(**{k: manifest[k] for k in ("specialty", "study", "patient", "files", "modalities", "newest")})
 
 
 def entry_to_manifest(entry: StudyEntry) -> dict:

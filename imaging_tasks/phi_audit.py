@@ -29,7 +29,9 @@ from typing import NamedTuple
 
 import pydicom
 
+from imaging_tasks.dicom_io import MAX_NESTING, read_header
 from imaging_tasks.errors import BadInput
+from imaging_tasks.formats import file_kind
 
 # Attributes whose raw values must never appear in de-identified output.
 DICOM_IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "PatientAddress", "AccessionNumber",
@@ -88,8 +90,6 @@ def dicom_identifying_values(ds: pydicom.Dataset, retained: frozenset[str] = fro
     ``dicom_io.MAX_NESTING`` levels: the walk is iterative, every value is read here, so a garbled header is
     refused at the file boundary instead of aborting a batch.
     """
-    from imaging_tasks.dicom_io import MAX_NESTING
-
     try:
         found: dict[str, set[str]] = {}
         stack = [(ds, 0)]
@@ -251,18 +251,16 @@ def values_of_input(uri: str) -> dict[str, set[str]]:
     import gzip
 
     from imaging_tasks import storage
-    from imaging_tasks.index import SLIDE_SUFFIXES
 
-    name = str(uri).lower()
+    kind = file_kind(uri)
     path = storage.as_path(uri)
     try:
-        if name.endswith(SLIDE_SUFFIXES):
-            from imaging_tasks.deid.slide import TECHNICAL_FIELDS, read_description
+        if kind == "slide":
+            from imaging_tasks.deid.slide import TECHNICAL_FIELDS, read_description  # here: tifffile only if needed
             return slide_identifying_values(read_description(path), set(TECHNICAL_FIELDS))
-        if name.endswith((".nii", ".nii.gz")):
+        if kind == "nifti":
             data = path.read_bytes()
-            return nifti_identifying_values(gzip.decompress(data) if name.endswith(".gz") else data)
-        from imaging_tasks.dicom_io import read_header
+            return nifti_identifying_values(gzip.decompress(data) if str(uri).lower().endswith(".gz") else data)
         with path.open("rb") as fh:
             return dicom_identifying_values(read_header(fh))
     except Exception:  # noqa: BLE001 - BadInput, OSError, or what tifffile/nibabel raise on garbled input

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -16,14 +15,18 @@ from typing import Any
 
 import imaging_tasks
 from imaging_tasks import storage
+from imaging_tasks.contracts import StudyRecord, is_ok, study_record, with_facts, with_status
 from imaging_tasks.errors import BadInput
 from imaging_tasks.index import entry_to_manifest, index_objects
-from imaging_tasks.ledger import Ledger, options_hash, warehouse_row
+from imaging_tasks.lake import Lake, safe_name
+from imaging_tasks.ledger import options_hash, warehouse_row
 from imaging_tasks.progress import Progress
+from imaging_tasks.specialties import get as get_specialty
 
 log = logging.getLogger(__name__)
 CODE_VERSION = imaging_tasks.__version__
 DEID_MANIFEST = "_DEID.json"
+STEP_RESULT = "step-result.json"  # an intermediate step's metrics and findings, merged when the study publishes
 
 
 @dataclass(frozen=True)
@@ -34,34 +37,6 @@ class RunContext:
     run_id: str = "cli"
     task_id: str = "cli"
     map_index: int = -1
-
-
-@dataclass(frozen=True)
-class Lake:
-    """The lake layout of one specialty (see :mod:`imaging_tasks.storage`)."""
-
-    root: Any
-    specialty: str
-
-    def anonymized(self, patient: str, study: str):
-        return storage.join(self.root, "anonymized", self.specialty, patient, study)
-
-    def derived(self, patient: str, study: str):
-        return storage.join(self.root, "derived", self.specialty, patient, study)
-
-    def work(self, *parts: str):
-        return storage.join(self.root, "work", self.specialty, *parts)
-
-    def runs(self, run_id: str):
-        return storage.join(self.root, "runs", self.specialty, _safe(run_id))
-
-    @property
-    def ledger(self) -> Ledger:
-        return Ledger(self.root, self.specialty)
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
 def _now() -> dt.datetime:
@@ -78,7 +53,7 @@ def record_lineage(lake: Lake, run: RunContext, *, study: str, inputs: list[dict
            "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
            "ended_at": dt.datetime.fromtimestamp(ended, dt.timezone.utc).isoformat(),
            "duration_s": round(ended - started, 3), "status": status}
-    storage.write_json(storage.join(lake.runs(run.run_id), f"{_safe(run.task_id)}.{run.map_index}.{study}.json"), row)
+    storage.write_json(storage.join(lake.runs(run.run_id), f"{safe_name(run.task_id)}.{run.map_index}.{study}.json"), row)
 
 
 def _quarantine(lake: Lake, data: bytes, exc: BadInput, *, stage: str, source_uri: str, suffix: str = "") -> dict:
@@ -93,13 +68,15 @@ def _quarantine(lake: Lake, data: bytes, exc: BadInput, *, stage: str, source_ur
 # --------------------------------------------------------------------------- index
 def index_landing(landing: Any, lake: Lake, *, key: bytes, prefix: str = "", since: dt.datetime | None = None,
                   until: dt.datetime | None = None, reprocess: bool = False, now: dt.datetime | None = None,
-                  mr_only_wait_hours: float = 6.0, options: dict | None = None,
+                  options: dict | None = None,
                   run: RunContext = RunContext()) -> dict:
     """List what arrived (in [since, until) when given), group it into studies, skip studies already done.
 
     Done means *loaded* (or quarantined) with the same inputs, per the ledger; a study published but not yet
     loaded is left to the load step (which loads every pending study) rather than processed again.  Processing
-    ``options`` that differ from those a loaded study was made with make it due again.
+    ``options`` that differ from those a loaded study was made with make it due again.  ``options``: the run's
+    values of the specialty's options (index-stage ones decide readiness; result-changing ones key the ledger);
+    missing ones take their defaults.
     """
     root = storage.join(landing, prefix) if prefix else storage.as_path(landing)
     swept = storage.sweep_temporary(lake.root)  # half-written files of a killed run
@@ -112,9 +89,9 @@ def index_landing(landing: Any, lake: Lake, *, key: bytes, prefix: str = "", sin
                            suffix=Path(obj.relpath).suffix)
 
     result = index_objects(objects, specialty=lake.specialty, key=key, quarantine=quarantine, now=now,
-                           mr_only_wait=dt.timedelta(hours=mr_only_wait_hours))
+                           options=options)
     ledger = lake.ledger
-    opts = options_hash(options)
+    opts = options_hash(get_specialty(lake.specialty).result_options(options))
     studies, skipped = [], []
     for entry in result.studies:
         record = ledger.get(entry.study)
@@ -163,7 +140,7 @@ def deidentify_study(study: dict, lake: Lake, *, key: bytes, demo: bool, options
     started = time.time()
     manifest = storage.read_json(study["manifest"])
     dest = lake.anonymized(study["patient"], study["study"])
-    if lake.specialty == "pathology":
+    if get_specialty(lake.specialty).file_kind == "slide":
         instances, quarantined = _deidentify_slides(manifest["files"], dest, lake, key=key)
     else:
         instances, quarantined = _deidentify_dicoms(manifest["files"], dest, lake, key=key, demo=demo,
@@ -185,9 +162,8 @@ def deidentify_study(study: dict, lake: Lake, *, key: bytes, demo: bool, options
                    started=started, status=status)
     log.info("de-identify %s study %s: %d instance(s) written, %d quarantined, status %s, %.1f s",
              lake.specialty, study["study"], len(instances), quarantined, status, time.time() - started)
-    return {"specialty": lake.specialty, "study": study["study"], "patient": study["patient"],
-            "anonymized": str(dest), "n_instances": len(instances), "n_quarantined": quarantined,
-            "fingerprint": study["fingerprint"], "status": status}
+    return with_facts(study, anonymized=str(dest), n_instances=len(instances), n_quarantined=quarantined,
+                      status=status)
 
 
 def _deidentify_dicoms(files: list[dict], dest, lake: Lake, *, key: bytes, demo: bool, options,
@@ -299,34 +275,91 @@ def audit_study(study: dict, lake: Lake, *, payloads: list[tuple[str, Any]] = ()
 
 
 # --------------------------------------------------------------------------- processing
-def process_study(study: dict, lake: Lake, *, device: str | None = None, options: dict | None = None,
-                  run: RunContext = RunContext()) -> dict:
-    """Run the specialty's algorithm on the de-identified study and publish ``derived/`` with a manifest."""
+def process_study(study: dict, lake: Lake, *, step: str | None = None, device: str | None = None,
+                  options: dict | None = None, run: RunContext = RunContext()) -> dict:
+    """Run one of the specialty's processing steps (``step``; None: all of them, in order) on the de-identified
+    study.  A step before the last writes its outputs to the work area (``work/<specialty>/steps/<S…>/<step>/``)
+    and returns the study for the next; the last one also receives every earlier step's output folder
+    (``previous={name: folder}``) and publishes ``derived/`` (all steps' outputs, metrics and findings) with a
+    manifest.
+
+    ``options``: values of the specialty's process-stage options (checked against its schema; missing ones take
+    their defaults); each step gets those its function takes as keyword arguments.
+    """
+    record = get_specialty(lake.specialty)
+    names = [s.name for s in record.steps] if step is None else [step]
+    for name in names:
+        study = _run_step(record, name, study, lake, device=device, options=options, run=run)
+        if not is_ok(study):
+            break
+    return study
+
+
+def _run_step(record, name: str, study: dict, lake: Lake, *, device: str | None, options: dict | None,
+              run: RunContext) -> dict:
+    import inspect
+
     from imaging_tasks.device import pick_device
-    from imaging_tasks.specialties import processor
+    from imaging_tasks.specialty import load_callable
 
     started = time.time()
-    if study.get("status") != "ok":
-        return {**study, "status": "skipped"}
+    if not is_ok(study):
+        return with_status(study, "skipped")
+    order = [s.name for s in record.steps]
+    index = order.index(record.step(name).name)
+    fn = load_callable(record.steps[index].function)
+    accepted = inspect.signature(fn).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    kwargs = {k: v for k, v in record.options_for(options, "process").items() if takes_all or k in accepted}
     deid = storage.read_json(storage.join(study["anonymized"], DEID_MANIFEST))
     dev = str(pick_device(device))
     with tempfile.TemporaryDirectory(prefix=f"{lake.specialty}-") as tmp:
-        files = _fetch(deid["instances"], Path(tmp) / "in")
+        files = fetch_instances(deid["instances"], Path(tmp) / "in")
+        previous = {}
+        for earlier in order[:index]:  # what the steps before this one wrote
+            folder = Path(tmp) / "steps" / earlier
+            for info in storage.list_objects(_step_dir(lake, study, earlier)):
+                storage.download(info.uri, folder / info.relpath)
+            previous[earlier] = folder
         out_dir = Path(tmp) / "out"
         out_dir.mkdir()
         try:
-            result = processor(lake.specialty)(files, out_dir, device=dev, **(options or {}))
+            result = fn(files, out_dir, device=dev, **({"previous": previous} if index else {}), **kwargs)
         except BadInput as exc:
-            return _quarantine_study(study, deid, lake, exc, run=run, started=started)
-        return _publish(study, deid, lake, result, out_dir, run=run, started=started, device=dev)
+            return quarantine_study(study, deid, lake, exc, run=run, started=started)
+        if index < len(order) - 1:  # an intermediate step: keep its outputs for the next
+            storage.write_json(out_dir / STEP_RESULT, {"metrics": result.get("metrics", []),
+                                                          "findings": result.get("findings", [])})
+            outputs = storage.upload_dir(out_dir, _step_dir(lake, study, name))
+            record_lineage(lake, run, study=study["study"],
+                           inputs=[{"uri": i["uri"], "sha256": i["sha256"]} for i in deid["instances"]],
+                           outputs=[{"uri": str(storage.join(_step_dir(lake, study, name), o["path"])),
+                                     "sha256": o["sha256"]} for o in outputs], device=dev, started=started)
+            log.info("%s study %s: step %s done on %s in %.1f s", lake.specialty, study["study"], name, dev,
+                     time.time() - started)
+            return with_facts(study, steps_done=[*study.get("steps_done", []), name])
+        for earlier, folder in previous.items():  # the published study holds every step's outputs and numbers
+            partial = storage.read_json(folder / STEP_RESULT) if (folder / STEP_RESULT).exists() else {}
+            result = {**result, "metrics": [*partial.get("metrics", []), *result.get("metrics", [])],
+                      "findings": [*partial.get("findings", []), *result.get("findings", [])]}
+            for f in folder.rglob("*"):
+                if f.is_file() and f.name != STEP_RESULT:
+                    target = out_dir / earlier / f.relative_to(folder)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(f.read_bytes())
+        return publish(study, deid, lake, result, out_dir, run=run, started=started, device=dev)
 
 
-def _fetch(instances: list[dict], local: Path) -> list[Path]:
+def _step_dir(lake: Lake, study: dict, step: str):
+    return lake.work("steps", study["study"], step)
+
+
+def fetch_instances(instances: list[dict], local: Path) -> list[Path]:
     return [storage.download(inst["uri"], local / f"{n:05d}{Path(inst['uri']).suffix}")
             for n, inst in enumerate(instances)]
 
 
-def _publish(study: dict, deid: dict, lake: Lake, result: dict, out_dir: Path, *, run: RunContext, started: float,
+def publish(study: dict, deid: dict, lake: Lake, result: dict, out_dir: Path, *, run: RunContext, started: float,
              device: str) -> dict:
     results = {"metrics": result.get("metrics", []), "findings": result.get("findings", [])}
     storage.write_json(out_dir / "results.json", results)
@@ -346,12 +379,10 @@ def _publish(study: dict, deid: dict, lake: Lake, result: dict, out_dir: Path, *
              time.time() - started, ", ".join(f"{m['name']}={m['value']:.4g}" if isinstance(m["value"], (int, float))
                                               else f"{m['name']}={m['value']}" for m in results["metrics"][:6]) or
              "no metrics", len(results["findings"]))
-    return {"specialty": lake.specialty, "study": study["study"], "patient": study["patient"],
-            "anonymized": study["anonymized"], "derived": str(dest), "status": "ok",
-            "metrics": {m["name"]: m["value"] for m in results["metrics"]}}
+    return with_status(study, "ok", derived=str(dest), metrics={m["name"]: m["value"] for m in results["metrics"]})
 
 
-def _quarantine_study(study: dict, deid: dict, lake: Lake, exc: BadInput, *, run: RunContext, started: float) -> dict:
+def quarantine_study(study: dict, deid: dict, lake: Lake, exc: BadInput, *, run: RunContext, started: float) -> dict:
     """A study the algorithm cannot use: its de-identified instance list goes to quarantine with the reason."""
     import json
 
@@ -360,95 +391,7 @@ def _quarantine_study(study: dict, deid: dict, lake: Lake, exc: BadInput, *, run
     lake.ledger.mark(study, "quarantined", step="process", run_id=run.run_id, reason=exc.reason, message=exc.message)
     record_lineage(lake, run, study=study["study"], inputs=[], outputs=[], device=None, started=started,
                    status="quarantined")
-    return {**{k: study[k] for k in ("specialty", "study", "patient", "anonymized")}, "status": "quarantined",
-            "reason": exc.reason}
-
-
-# --------------------------------------------------------------------------- pathology fan-out
-def plan_slide(study: dict, lake: Lake, *, target_mpp: float = 1.0, tile_px: int = 256,
-               run: RunContext = RunContext()) -> dict:
-    """Tissue detection and the tile list, written to the work area for the mapped feature tasks."""
-    from imaging_tasks.pathology import plan_tiles
-
-    started = time.time()
-    if study.get("status") != "ok":
-        return {**study, "n_tiles": 0, "status": "skipped"}
-    deid = storage.read_json(storage.join(study["anonymized"], DEID_MANIFEST))
-    with tempfile.TemporaryDirectory(prefix="plan-") as tmp:
-        slide = _fetch(deid["instances"][:1], Path(tmp) / "in")[0]
-        out_dir = Path(tmp) / "out"
-        out_dir.mkdir()
-        try:
-            plan = plan_tiles(slide, out_dir, target_mpp=target_mpp, tile_px=tile_px)
-        except BadInput as exc:
-            return _quarantine_study(study, deid, lake, exc, run=run, started=started)
-        storage.upload_dir(out_dir, lake.work("plans", study["study"]))
-    plan_uri = lake.work("plans", study["study"], "plan.json")
-    storage.write_json(plan_uri, {**plan, "target_mpp": target_mpp, "tile_px": tile_px})
-    record_lineage(lake, run, study=study["study"], inputs=[{"uri": i["uri"], "sha256": i["sha256"]}
-                                                              for i in deid["instances"]],
-                   outputs=[{"uri": str(plan_uri), "sha256": storage.sha256_of(plan_uri)}], device=None,
-                   started=started)
-    return {**study, "plan": str(plan_uri), "slide": deid["instances"][0]["uri"], "n_tiles": len(plan["tiles"]),
-            "status": "ok"}
-
-
-def tile_batches(plans: list[dict], *, max_batches: int = 1000, min_tiles_per_batch: int = 64) -> list[dict]:
-    """Split every slide's tiles into batches, sized so the whole run maps to at most ``max_batches`` tasks."""
-    plans = [p for p in plans if p.get("status") == "ok" and p["n_tiles"]]
-    total = sum(p["n_tiles"] for p in plans)
-    if not total:
-        return []
-    per_batch = max(min_tiles_per_batch, -(-total // max_batches))
-    while sum(-(-p["n_tiles"] // per_batch) for p in plans) > max_batches:
-        per_batch += 1
-    return [{"study": p["study"], "plan": p["plan"], "slide": p["slide"], "start": start,
-             "stop": min(start + per_batch, p["n_tiles"])}
-            for p in plans for start in range(0, p["n_tiles"], per_batch)]
-
-
-def tile_features_batch(batch: dict, lake: Lake, *, device: str | None = None, run: RunContext = RunContext()) -> dict:
-    """Features of one batch of tiles, on the GPU when present; written to the work area."""
-    from imaging_tasks.device import pick_device
-    from imaging_tasks.pathology import tile_features
-
-    started = time.time()
-    plan = storage.read_json(batch["plan"])
-    dev = str(pick_device(device))
-    with tempfile.TemporaryDirectory(prefix="tiles-") as tmp:
-        slide = storage.download(batch["slide"], Path(tmp) / "slide.svs")
-        tiles = plan["tiles"][batch["start"]:batch["stop"]]
-        with Progress(log, f"tile features pathology study {batch['study']} tiles {batch['start']}-{batch['stop']} "
-                           f"on {dev}", total=len(tiles), unit="tile", every_n=512) as progress:
-            rows = tile_features(slide, tiles, target_mpp=plan["target_mpp"], tile_px=plan["tile_px"], device=dev,
-                                 progress=progress.advance)
-    uri = lake.work("features", batch["study"], f"{batch['start']:08d}.json")
-    sha = storage.write_json(uri, rows)
-    record_lineage(lake, run, study=batch["study"],
-                   inputs=[{"uri": batch["slide"], "sha256": None}], outputs=[{"uri": str(uri), "sha256": sha}],
-                   device=dev, started=started)
-    return {"study": batch["study"], "features": str(uri), "n_tiles": len(rows), "device": dev}
-
-
-def finish_slide(plan: dict, features: list[dict], lake: Lake, *, run: RunContext = RunContext()) -> dict:
-    """Gather a slide's feature batches, summarise and publish ``derived/`` like any other study."""
-    from imaging_tasks.pathology import summarize
-
-    started = time.time()
-    if plan.get("status") != "ok":
-        return plan
-    deid = storage.read_json(storage.join(plan["anonymized"], DEID_MANIFEST))
-    plan_doc = storage.read_json(plan["plan"])
-    mine = sorted((f for f in features if f and f["study"] == plan["study"]), key=lambda f: f["features"])
-    rows = [row for f in mine for row in storage.read_json(f["features"])]
-    result = summarize(plan_doc, rows)
-    devices = sorted({f["device"] for f in mine}) or ["cpu"]
-    with tempfile.TemporaryDirectory(prefix="slide-") as tmp:
-        out_dir = Path(tmp)
-        for o in plan_doc.get("outputs", []):
-            storage.download(lake.work("plans", plan["study"], o), out_dir / o)
-        storage.write_json(out_dir / "tile_features.json", rows)
-        return _publish(plan, deid, lake, result, out_dir, run=run, started=started, device=",".join(devices))
+    return with_status(study, "quarantined", reason=exc.reason)
 
 
 # --------------------------------------------------------------------------- load
@@ -458,7 +401,7 @@ def warehouse_rows(processed: list[dict], lake: Lake, *, run: RunContext,
     (and of ``lineage_runs``: earlier runs whose studies are loaded now)."""
     rows: dict[str, list[dict]] = {t: [] for t in ("studies", "series", "instances", "results", "findings")}
     for item in processed:
-        if not item or item.get("status") != "ok":
+        if not is_ok(item):
             continue
         deid = storage.read_json(storage.join(item["anonymized"], DEID_MANIFEST))
         derived = storage.read_manifest(item["derived"])
@@ -503,10 +446,11 @@ def pending_loads(lake: Lake) -> list[dict]:
     return lake.ledger.pending()
 
 
-def _as_item(record: dict) -> dict:
-    return {"specialty": record["specialty"], "study": record["study"], "patient": record["patient"],
-            "fingerprint": record.get("fingerprint"), "anonymized": record.get("anonymized_uri"),
-            "derived": record.get("derived_uri"), "status": "ok"}
+def _as_item(record: dict) -> StudyRecord:
+    """The study record of a ledger record (a study published by this or an earlier run)."""
+    return study_record(specialty=record["specialty"], study=record["study"], patient=record["patient"],
+                        fingerprint=record.get("fingerprint") or "", anonymized=record.get("anonymized_uri"),
+                        derived=record.get("derived_uri"))
 
 
 def load(processed: list[dict], lake: Lake, warehouse, *, run: RunContext = RunContext()) -> dict[str, Any]:
@@ -524,7 +468,7 @@ def load(processed: list[dict], lake: Lake, warehouse, *, run: RunContext = RunC
     pending = pending_loads(lake)
     items = {r["study"]: _as_item(r) for r in pending if r["state"] == "published"}
     for item in processed:
-        if item and item.get("status") == "ok" and item.get("derived"):
+        if is_ok(item) and item.get("derived"):
             items.setdefault(item["study"], item)
     earlier = {h["run_id"] for r in pending for h in r.get("history", []) if h.get("run_id")}
     rows = warehouse_rows(list(items.values()), lake, run=run, lineage_runs=earlier)
@@ -551,7 +495,7 @@ def load(processed: list[dict], lake: Lake, warehouse, *, run: RunContext = RunC
     # every loaded study's per-study rows are replaced, even where it now has none (e.g. no findings)
     studies = [(lake.specialty, s) for s in items]
     counts: dict[str, Any] = {}
-    with _transaction(warehouse) as tx:
+    with warehouse.transaction() as tx:  # DuckDB: all tables or none; BigQuery: each MERGE converges
         for table, table_rows in rows.items():
             if table in scoped:
                 counts[table] = tx.upsert(table, table_rows, replace_scope=("specialty", "study_id"), scopes=studies)
@@ -569,12 +513,3 @@ def load(processed: list[dict], lake: Lake, warehouse, *, run: RunContext = RunC
                          "attempt": loaded_states[s].get("attempt")} for s in failed]
     counts["loaded"] = [{"study": s, "derived": item.get("derived")} for s, item in items.items()]
     return counts
-
-
-def _transaction(warehouse):
-    """The store's transaction (DuckDB: all tables or none); stores without one (BigQuery) run each table's
-    MERGE on its own, which converges when rerun."""
-    from contextlib import nullcontext
-
-    begin = getattr(warehouse, "transaction", None)
-    return begin() if begin is not None else nullcontext(warehouse)

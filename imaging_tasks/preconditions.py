@@ -1,7 +1,7 @@
 """Checks shared by the processors: what one DICOM image or a stack of single-frame slices must satisfy.
 
-Each processor states its own preconditions in its ``check_inputs`` (see :mod:`imaging_tasks.cardio`,
-:mod:`imaging_tasks.neuro`, :mod:`imaging_tasks.mammo`, :mod:`imaging_tasks.pathology`); the header checks
+Each processor states its own preconditions in its ``check_inputs`` (see :mod:`imaging_tasks.cardiovascular.calcium`,
+:mod:`imaging_tasks.neuroimaging.structural`, :mod:`imaging_tasks.mammography.calcifications`, :mod:`imaging_tasks.pathology.tiles`); the header checks
 they have in common live here.  Everything runs on headers read without pixel data, so a study that cannot
 be processed is refused before any pixel is decoded.  Every violation raises
 :class:`~imaging_tasks.errors.BadInput` with one of these stable reason codes; messages name attributes,
@@ -27,7 +27,7 @@ counts and numbers only, never a value that could identify a patient (no names, 
 What is *not* refused, because it can be repaired without guessing: files in any order and instance numbers
 in any order (slices are sorted along the slice normal), the same instance sent twice (same
 SOPInstanceUID: one copy is kept), RescaleSlope/RescaleIntercept absent where the IOD makes them optional
-(identity, as PS3.3 C.11.1 defines; CT is stricter, see :mod:`imaging_tasks.cardio`).
+(identity, as PS3.3 C.11.1 defines; CT is stricter, see :mod:`imaging_tasks.cardiovascular.calcium`).
 """
 from __future__ import annotations
 

@@ -1,30 +1,86 @@
-"""Where each specialty's synthesis and processing live; imported lazily so nothing heavy loads early."""
+"""The registry of specialties: every installed package that declares one, the built-in ones included.
+
+The built-in specialties (``imaging_tasks/<name>/``) are declared in this project's ``pyproject.toml`` exactly as
+an outside package declares its own, so a hospital adds a specialty without forking: a package whose
+distribution declares the entry point ::
+
+    [project.entry-points."imaging_tasks.specialties"]
+    dermatology = "derm_imaging:SPECIALTY"
+
+pointing at an :class:`imaging_tasks.specialty.Specialty`; it then has a DAG file like the built-in ones (see the
+README, "Adding a specialty").  Reading the registry imports only the records (light by contract).
+"""
 from __future__ import annotations
 
-import importlib
+import logging
+from functools import lru_cache
+from importlib.metadata import entry_points
 from typing import Callable
 
-PROCESSORS = {
-    "neuroimaging": "imaging_tasks.neuro",
-    "cardiovascular": "imaging_tasks.cardio",
-    "pathology": "imaging_tasks.pathology",
-    "mammography": "imaging_tasks.mammo",
-}
-SPECIALTIES = tuple(PROCESSORS)
+from imaging_tasks.errors import ConfigError
+from imaging_tasks.specialty import Specialty, load_callable
+
+log = logging.getLogger(__name__)
+ENTRY_POINT_GROUP = "imaging_tasks.specialties"
 
 
-def _check(specialty: str) -> None:
-    if specialty not in PROCESSORS:
-        raise ValueError(f"unknown specialty {specialty!r}; choose one of {', '.join(SPECIALTIES)}")
+@lru_cache(maxsize=1)
+def _registry() -> dict[str, Specialty]:
+    found: dict[str, Specialty] = {}
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=_built_in_first):
+        try:
+            record = ep.load()
+        except Exception as exc:  # one broken plug-in must not take the built-in specialties down
+            log.error("specialty entry point %s (%s) could not be loaded: %s: %s", ep.name, ep.value,
+                      type(exc).__name__, exc)
+            continue
+        if not isinstance(record, Specialty):
+            log.error("specialty entry point %s (%s) is not a Specialty record; ignored", ep.name, ep.value)
+            continue
+        if record.name in found and found[record.name] is not record:
+            log.error("specialty %s from entry point %s clashes with one already registered; ignored", record.name,
+                      ep.value)
+            continue
+        found[record.name] = record
+    found = dict(sorted(found.items(), key=lambda item: (item[1].order, item[0])))
+    if not found:
+        raise ConfigError(f"no specialty is registered (entry point group {ENTRY_POINT_GROUP!r}): install the project "
+                          "(`pip install -e .`, which `make install` does) so its built-in specialties are found")
+    return found
+
+
+def _built_in_first(ep) -> tuple:
+    return (not ep.value.startswith("imaging_tasks."), ep.name)
+
+
+def refresh() -> None:
+    """Forget what was found (after installing a package at run time, in tests)."""
+    _registry.cache_clear()
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_registry())
+
+
+def get(name: str) -> Specialty:
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(f"unknown specialty {name!r}; choose one of {', '.join(registry)} (or install a package "
+                         f"declaring one under the entry point group {ENTRY_POINT_GROUP!r})")
+    return registry[name]
 
 
 def processor(specialty: str) -> Callable:
-    """The specialty's ``process_study(files, out_dir, *, device=None, **options)``."""
-    _check(specialty)
-    return importlib.import_module(PROCESSORS[specialty]).process_study
+    """The first (for one-step specialties: the only) step's function, ``(files, out_dir, *, device, **options)``."""
+    return load_callable(get(specialty).steps[0].function)
 
 
 def synthesizer(specialty: str) -> Callable:
     """The specialty's ``synthesize(out, studies, seed, **size_options)``."""
-    _check(specialty)
-    return importlib.import_module(f"imaging_tasks.synth.{specialty}").synthesize
+    return load_callable(get(specialty).synthesizer)
+
+
+def __getattr__(attr: str):
+    if attr == "SPECIALTIES":  # the names, for code written before the registry could grow
+        return names()
+    raise AttributeError(attr)

@@ -1,4 +1,4 @@
-"""Buckets and the lake layout, through one code path for ``file://``, ``s3://`` and ``gs://``.
+"""Buckets, through one code path for ``file://``, ``s3://`` and ``gs://``.
 
 Locations are ``upath.UPath`` objects (fsspec underneath).  Airflow's ``ObjectStoragePath`` is a UPath,
 so the glue can pass one carrying connection credentials and the domain code stays the same.  URIs travel
@@ -10,13 +10,7 @@ and without one a URI naming a connection is refused with a clear error.
 "Upload finished" is decided by :class:`QuietPeriod` over :func:`arrivals` (counts, newest time and a
 fingerprint of a listing): something arrived and nothing changed for a quiet period.
 
-Layout under a lake root::
-
-    anonymized/<specialty>/<pseudo patient>/<pseudo study>/...   de-identified inputs
-    derived/<specialty>/<pseudo patient>/<pseudo study>/...      outputs + QC PNGs + _MANIFEST.json
-    quarantine/<specialty>/<sha256[:16]>/                         offending input + reason.json (PHI zone)
-    work/<specialty>/<pseudo study>.json                          study manifests pointing at raw inputs (PHI zone)
-    runs/<specialty>/<run id>/                                    lineage records of each task
+The lake layout (what goes where under a lake root) is documented once, in :mod:`imaging_tasks.lake`.
 
 A study's outputs become visible only when ``_MANIFEST.json`` is written, last: readers that wait for
 the manifest never see a half-written study.  Local writes go through a temporary name and a rename.

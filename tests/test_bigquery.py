@@ -1,8 +1,9 @@
 """The BigQuery warehouse against a local BigQuery emulator (see ``tests/bq_emulator.py``).
 
 The load goes the production way: ``WarehouseHook("bigquery://PROJECT/DATASET", conn)`` -> the google provider's
-``BigQueryHook`` (an anonymous-credentials connection) -> google-cloud-bigquery -> REST on 127.0.0.1, where
-the client is pointed by ``BIGQUERY_EMULATOR_HOST``.  The rows are those of a real pipeline run on synthetic
+``BigQueryHook`` (an anonymous-credentials connection) builds a google-cloud-bigquery client -> the store
+``imaging_tasks.warehouse.bigquery`` -> REST on 127.0.0.1, where the client is pointed by
+``BIGQUERY_EMULATOR_HOST``.  The rows are those of a real pipeline run on synthetic
 cardiovascular studies (with bad inputs, so quarantine rows too); the same rows go into the DuckDB default
 and both warehouses must agree.
 
@@ -105,7 +106,7 @@ def _results(wh, study: str) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- definitions (no emulator)
 def test_bigquery_tables_come_from_the_shared_schema():
-    from imaging_dags.bigquery import load_job_config, merge_sql, table_resource
+    from imaging_tasks.warehouse.bigquery import load_job_config, merge_sql, table_resource
 
     for table in TABLES.values():
         res = table_resource("p", "d", table)
@@ -124,7 +125,7 @@ def test_bigquery_tables_come_from_the_shared_schema():
 
 def test_merge_is_retried_on_a_concurrent_update(monkeypatch):
     """Concurrent DML on one partition may fail to serialize; the (idempotent) MERGE is re-run, other errors raise."""
-    from imaging_dags import bigquery as bqmod
+    from imaging_tasks.warehouse import bigquery as bqmod
 
     class Job:
         def __init__(self, error):
@@ -143,13 +144,71 @@ def test_merge_is_retried_on_a_concurrent_update(monkeypatch):
             return Job(errors.pop(0))
 
     monkeypatch.setattr(bqmod.time, "sleep", lambda s: None)
-    wh = bqmod.BigQueryWarehouse(project="p", dataset="d")
-    wh._client_obj = Client()
+    wh = bqmod.BigQueryWarehouse(Client(), project="p", dataset="d")
     wh._dml("MERGE x", "imaging_merge_results_")
     assert len(calls) == 2
     errors[:] = ["400 Syntax error"]
     with pytest.raises(RuntimeError, match="Syntax error"):
         wh._dml("MERGE x", "imaging_merge_results_")
+
+
+def test_both_stores_share_one_api_and_open_warehouse_picks_one_from_a_path_or_uri(tmp_path, monkeypatch):
+    """``open_warehouse``: a path or ``duckdb://`` -> DuckDB, ``bigquery://PROJECT/DATASET[?location=]`` -> BigQuery
+    with ambient credentials; the Airflow hook parses the same URIs and refuses what is not one."""
+    from imaging_dags.warehouse_hook import WarehouseHook
+    from imaging_tasks.errors import ConfigError
+    from imaging_tasks.warehouse import (BigQueryWarehouse, Warehouse, WarehouseURI, open_warehouse,
+                                         parse_warehouse_uri)
+
+    assert parse_warehouse_uri("bigquery://my-proj/imaging_ds?location=EU") == \
+        WarehouseURI("bigquery", project="my-proj", dataset="imaging_ds", location="EU")
+    assert parse_warehouse_uri("bigquery://my-proj/imaging_ds/") == WarehouseURI("bigquery", project="my-proj",
+                                                                                dataset="imaging_ds")
+    assert parse_warehouse_uri("duckdb:///data/w.duckdb") == WarehouseURI("duckdb", path="/data/w.duckdb")
+    assert parse_warehouse_uri(tmp_path / "w.duckdb") == WarehouseURI("duckdb", path=str(tmp_path / "w.duckdb"))
+    for bad in ("", "bigquery://proj", "bigquery://proj/ds/extra", "bigquery://proj/ds`x", "bigquery://p/d?loc=EU",
+                "bigquery://p/d?location=", "postgres://h/db", "duckdb://"):
+        with pytest.raises(ConfigError):
+            parse_warehouse_uri(bad)
+        with pytest.raises(ConfigError, match="imaging_warehouse"):
+            WarehouseHook(bad).get_conn()
+    with pytest.raises(ConfigError, match="imaging_warehouse"):  # a bare path means nothing on a worker
+        WarehouseHook(str(tmp_path / "w.duckdb")).get_conn()
+
+    for where in (tmp_path / "a.duckdb", str(tmp_path / "b.duckdb"), f"duckdb://{tmp_path / 'c.duckdb'}"):
+        duck = open_warehouse(where)
+        assert isinstance(duck, DuckDBWarehouse) and isinstance(duck, Warehouse)
+        with duck.transaction() as tx:
+            tx.upsert("results", [{"specialty": SPECIALTY, "study_id": "S1", "metric": "m", "value": 1.0}])
+        assert duck.count("results") == 1
+    assert isinstance(WarehouseHook(f"duckdb://{tmp_path / 'a.duckdb'}").get_conn(), DuckDBWarehouse)
+
+    made = []
+    bq = open_warehouse("bigquery://p/d?location=EU", bigquery_client=lambda w: made.append(w) or "client")
+    assert isinstance(bq, BigQueryWarehouse) and isinstance(bq, Warehouse)
+    assert (bq.client, bq.project, bq.dataset, bq.location) == ("client", "p", "d", "EU") and made[0].project == "p"
+    with bq.transaction() as tx:  # no multi-table transaction in BigQuery: the store itself, each MERGE converges
+        assert tx is bq
+
+    import google.auth
+    import google.auth.exceptions
+
+    def no_credentials(*_a, **_k):
+        raise google.auth.exceptions.DefaultCredentialsError("none here")
+
+    monkeypatch.setattr(google.auth, "default", no_credentials)
+    with pytest.raises(ConfigError, match="credentials"):
+        open_warehouse("bigquery://p/d")
+
+
+def test_the_warehouse_package_does_not_import_airflow():
+    import subprocess
+    import sys
+
+    code = ("import sys, imaging_tasks.warehouse as w, imaging_tasks.warehouse.bigquery; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('airflow', 'imaging_dags')); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # --------------------------------------------------------------------------- against the emulator
@@ -290,7 +349,7 @@ def test_a_table_made_before_loaded_at_gets_the_column_and_clustering(bq, caplog
     client.create_table(bigquery.Table(bq.table_id("results"), schema=old))
     client.query(f"INSERT INTO `{bq.table_id('results')}` (specialty, study_id, metric, value) "
                  "VALUES ('cardiovascular', 'S0', 'agatston_score', 1.0)").result()
-    with caplog.at_level("WARNING", logger="imaging_dags.bigquery"):
+    with caplog.at_level("WARNING", logger="imaging_tasks.warehouse.bigquery"):
         bq.upsert("results", [{"specialty": "cardiovascular", "study_id": "S1", "metric": "agatston_score",
                                "value": float("inf")}], replace_scope=("specialty", "study_id"))
     assert "not partitioned by loaded_at" in caplog.text
@@ -319,3 +378,27 @@ def test_a_reprocessed_study_left_without_rows_is_emptied_in_both_warehouses(bq,
         assert _keys(wh, "findings") == set()
         with pytest.raises(ValueError, match="scope"):
             wh.upsert("findings", [], replace_scope=scope, scopes=[("mammography",)])
+
+
+def test_open_warehouse_loads_into_bigquery_with_ambient_credentials(emulator, monkeypatch, tmp_path):
+    """What ``imaging-tasks run --warehouse bigquery://...`` gets: no Airflow, a client from Application Default
+    Credentials (anonymous here, for the emulator); the rows agree with DuckDB's."""
+    import google.auth
+    from google.auth.credentials import AnonymousCredentials
+
+    from imaging_tasks.warehouse import BigQueryWarehouse, open_warehouse
+
+    monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", emulator.endpoint)
+    monkeypatch.setattr(google.auth, "default", lambda *a, **k: (AnonymousCredentials(), emulator.project))
+    dataset = f"imaging_{uuid.uuid4().hex[:10]}"
+    bq = open_warehouse(f"bigquery://{emulator.project}/{dataset}")
+    assert isinstance(bq, BigQueryWarehouse) and bq.client.project == emulator.project
+    duck = open_warehouse(tmp_path / "w.duckdb")
+    rows = [{"specialty": SPECIALTY, "study_id": "S1", "metric": m, "value": float(i)}
+            for i, m in enumerate(("agatston_score", "calcium_volume_mm3"))]
+    for wh in (bq, duck):
+        for _ in range(2):  # a rerun converges
+            with wh.transaction() as tx:
+                assert tx.upsert("results", rows, replace_scope=("specialty", "study_id")) == 2
+        assert wh.count("results") == 2
+    assert _keys(bq, "results") == _keys(duck, "results")

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imaging_tasks import cardio
+from imaging_tasks.cardiovascular import calcium as cardio
 from imaging_tasks.device import pick_device
 from imaging_tasks.errors import BadInput
-from imaging_tasks.synth import cardiovascular as synth
+from imaging_tasks.cardiovascular import synth
 from imaging_tasks.synth import phi
 
 

@@ -11,7 +11,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DAG_IDS = {"neuroimaging", "cardiovascular", "pathology", "mammography"}
 HEAVY = ("torch", "SimpleITK", "openslide", "pydicom", "nibabel", "nilearn", "skimage", "duckdb", "scipy",
-         "tifffile", "imaging_tasks.neuro", "imaging_tasks.cardio", "imaging_tasks.pathology", "imaging_tasks.mammo")
+         "tifffile", "imaging_tasks.neuroimaging.structural", "imaging_tasks.cardiovascular.calcium",
+         "imaging_tasks.pathology.tiles", "imaging_tasks.mammography.calcifications")
 
 
 @pytest.fixture(scope="module")

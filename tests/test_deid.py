@@ -603,9 +603,9 @@ def test_unreadable_slide(tmp_path):
 
 def test_pathology_synth_slides_if_available(tmp_path):
     try:
-        from imaging_tasks.synth import pathology
+        from imaging_tasks.pathology import synth as pathology
     except ImportError:
-        pytest.skip("imaging_tasks.synth.pathology not written yet")
+        pytest.skip("imaging_tasks.pathology.synth not written yet")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         truths = pathology.synthesize(tmp_path / "in", studies=1, seed=3)

@@ -22,8 +22,7 @@ import test_deid_bad_inputs as tb
 import test_deid_stream as ts
 from imaging_tasks.deid import DeidOptions, deidentify_bytes
 from imaging_tasks.deid import allowlist
-from imaging_tasks.deid import dicom as ref
-from imaging_tasks.deid import profile
+from imaging_tasks.deid import profile, rules
 from imaging_tasks.phi_audit import DICOM_IDENTIFYING, dicom_identifying_values, find_leaks
 
 KEY = b"allow-list-test-key-01"
@@ -104,7 +103,7 @@ def test_unlisted_free_text_removed_unless_allow_listed():
     got = _both(data)
     for kw in ("AcquisitionContextDescription", "BeamName", "ImageID", "BodyPartExamined"):
         assert kw not in got, kw
-    assert got.ContentDescription == "" and got.SegmentLabel == ref.DUMMY_TEXT
+    assert got.ContentDescription == "" and got.SegmentLabel == rules.DUMMY_TEXT
     for kw in ("Manufacturer", "ManufacturerModelName", "SoftwareVersions", "RescaleType", "SequenceName",
                "ConvolutionKernel"):
         assert got[kw].value == src[kw].value, kw
@@ -118,13 +117,13 @@ def test_strict_mode_keeps_only_allow_listed_attributes():
     data, src = _ct_with_text()
     options = DeidOptions(strict=True)
     got = _both(data, options)
-    assert ref.STRICT_TEXT in got.DeidentificationMethod
+    assert rules.STRICT_TEXT in got.DeidentificationMethod
     assert "AcquisitionDuration" not in got and "AnatomicRegionSequence" in got
     kept_by_profile = {0x00100010, 0x00100020, 0x00120062, 0x00120063, 0x00120064, 0x00280303}
     for elem in got.iterall():
         tag = int(elem.tag)
         row = profile.by_tag().get(tag)
-        code = ref._code_for(tag, elem.VR, options.columns, options.retain_modified_dates, True)[0]
+        code = rules.code_for(tag, elem.VR, options.columns, options.retain_modified_dates, True)[0]
         if tag in kept_by_profile or (row is not None and code != "K") or tag in allowlist.TEXT_REQUIRED:
             continue  # written by the profile: pseudonyms, mapped UIDs, shifted dates, dummies, emptied
         if elem.VR in ("DA", "DT") and row is None:
@@ -148,10 +147,10 @@ def test_strict_mode_keeps_what_the_pipeline_reads():
         "NumberOfFrames", "PhotometricInterpretation", "PixelData", "PixelRepresentation", "PixelSpacing",
         "PresentationIntentType", "RescaleIntercept", "RescaleSlope", "SamplesPerPixel", "SequenceName",
         "SeriesNumber", "SliceThickness", "SOPClassUID", "ViewCodeSequence", "ViewPosition", "Rows", "Columns",
-        "CodeValue", "CodingSchemeDesignator", *ref.HEADER_FIELDS}
+        "CodeValue", "CodingSchemeDesignator", *rules.HEADER_FIELDS}
     for kw in sorted(read_by_pipeline):
         tag = int(tag_for_keyword(kw))
-        code = ref._code_for(tag, dictionary_VR(tag), DeidOptions().columns, True, True)[0]
+        code = rules.code_for(tag, dictionary_VR(tag), DeidOptions().columns, True, True)[0]
         assert code != "X" or profile.by_tag().get(tag) is not None, kw  # removed only where the table says so
     # on a real image, the header summary the warehouse stores is the same in strict mode
     data, _src = _ct_with_text()

@@ -293,7 +293,7 @@ def test_cut_at_every_element_boundary(name):
     attributes (an RT Plan's patient setups, its approval) leaves no trace and is published."""
     from pydicom.data import get_testdata_files
 
-    from imaging_tasks.deid.dicom import REQUIRED_CONTENT
+    from imaging_tasks.deid.rules import REQUIRED_CONTENT
 
     raw = Path(get_testdata_files(name)[0]).read_bytes()
     src = pydicom.dcmread(io.BytesIO(raw))
@@ -339,8 +339,7 @@ def test_group_length_reveals_a_cut_at_an_element_boundary():
 def test_unexpected_errors_become_bad_inputs(monkeypatch):
     """An exception nobody foresaw, on one file: BadInput("deid_error") naming its type and code location,
     never its message (which may quote a value); the fast path hands such files to the reference."""
-    from imaging_tasks.deid import dicom as ref
-    from imaging_tasks.deid import stream
+    from imaging_tasks.deid import reference, stream
 
     ds, study = _ct(22)
     data = _bytes(ds, enforce_file_format=True)
@@ -351,7 +350,7 @@ def test_unexpected_errors_become_bad_inputs(monkeypatch):
 
     monkeypatch.setattr(stream._Rewriter, "dataset", boom)
     assert deidentify_bytes(data, KEY)[0] == good  # the reference path wrote it, the same bytes
-    monkeypatch.setattr(ref, "_deidentify_inplace", boom)
+    monkeypatch.setattr(reference, "deidentify_inplace", boom)
     with pytest.raises(BadInput) as err:
         deidentify_bytes(data, KEY)
     assert err.value.reason == "deid_error" and "ValueError" in err.value.message

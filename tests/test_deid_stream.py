@@ -1,4 +1,4 @@
-"""The byte-level fast path (imaging_tasks.deid.stream) against the reference walker (dicom.py).
+"""The byte-level fast path (imaging_tasks.deid.stream) against the reference walker (reference.py).
 
 For every DICOM file of pydicom's test data and the synthetic files the other de-identification tests
 build, under several option sets: either both paths refuse with the same reason, or pydicom parses both
@@ -357,17 +357,41 @@ def test_structural_verification_catches_a_bad_length():
         stream._verify(out + b"\0\0\0\0", False, False, "iso8859")
 
 
-def test_fast_path_runs_every_refusal_check_of_the_reference():
-    """The fast path calls the reference's own check functions (stream._PRE_CHECKS, in order) with a small
-    data set of stream._SOURCE_TAGS: a check added to the reference, or one reading another attribute, must
-    show up here, or the fast path would pass what the reference refuses."""
-    import inspect
-    import re
+def test_fast_path_runs_every_refusal_check_of_the_reference(monkeypatch):
+    """Both paths iterate rules.REFUSAL_CHECKS, the one tuple of refusal functions (no names to keep in step):
+    every check runs on both, in the same order, and a check added there refuses on both.  Each check reads only
+    what the fast path gives it (rules.CHECK_TAGS values, rules.PRESENCE_TAGS presence): a check reading another
+    attribute must show up here, or the fast path would pass what the reference refuses."""
+    from imaging_tasks.deid import rules
 
-    calls = []
-    for fn in (ref._deidentify_reference, ref._deidentify_inplace):
-        calls += re.findall(r"\b(_check_\w+|check_required)\(", inspect.getsource(fn))
-    assert [c for c in calls if c != "check_required"] == list(stream._PRE_CHECKS), calls
+    ds, _ = tb._ct(13)
+    data = tb._bytes(ds, enforce_file_format=True)
+    checks = rules.REFUSAL_CHECKS
+    assert len(checks) >= 4 and all(callable(c) for c in checks)
+    paths = {"fast": lambda: stream.deidentify_stream(data, KEY, DeidOptions()),
+             "reference": lambda: ref.deidentify_bytes(data, KEY, fast=False)}
+    for name, run in paths.items():
+        calls = []
+
+        def spy(check, calls=calls):
+            def spied(d):
+                calls.append(check.__name__)
+                return check(d)
+            return spied
+
+        monkeypatch.setattr(rules, "REFUSAL_CHECKS", tuple(spy(c) for c in checks))
+        run()
+        assert calls == [c.__name__ for c in checks], (name, calls)
+
+    def check_added(_ds):
+        raise BadInput("added_check", "a refusal added to rules.REFUSAL_CHECKS")
+
+    monkeypatch.setattr(rules, "REFUSAL_CHECKS", checks + (check_added,))
+    for name, run in paths.items():
+        with pytest.raises(BadInput) as err:
+            run()
+        assert err.value.reason == "added_check", name
+    monkeypatch.setattr(rules, "REFUSAL_CHECKS", checks)
 
     class Spy:
         def __init__(self, ds):
@@ -395,14 +419,14 @@ def test_fast_path_runs_every_refusal_check_of_the_reference():
     allowed = set(stream._SOURCE_TAGS) | set(stream._PRESENCE_TAGS)
     datasets = [pydicom.dcmread(p) for p in get_testdata_files("CT_small.dcm") + get_testdata_files("rtplan.dcm")]
     datasets.append(pydicom.dcmread(io.BytesIO(tc._wsi(["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]))))
-    for name in stream._PRE_CHECKS:
+    for check in rules.REFUSAL_CHECKS:
         for ds in datasets:
             spy = Spy(ds)
             try:
-                getattr(ref, name)(spy)
+                check(spy)
             except BadInput:
                 pass
             read = {tag_for_keyword(k) if isinstance(k, str) else int(k) for k in spy.seen}
-            assert read <= allowed, (name, sorted(str(k) for k in spy.seen
+            assert read <= allowed, (check.__name__, sorted(str(k) for k in spy.seen
                                                   if (tag_for_keyword(k) if isinstance(k, str) else int(k))
                                                   not in allowed))

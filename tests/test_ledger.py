@@ -129,7 +129,7 @@ def test_dag_one_study_failing_after_its_retries_does_not_block_the_others(airfl
     studies = {s for (s,) in wh.query("SELECT study_id FROM studies")}
     assert len(studies) == 2 and victim["study"] not in studies  # ...and the other two were loaded in this run
     assert wh.query("SELECT state, step, reason, attempt FROM ledger WHERE study_id = ?", [victim["study"]]) == \
-        [("failed", "processing", "RuntimeError", 2)]
+        [("failed", "process_study", "RuntimeError", 2)]
     counts = {t: wh.count(t) for t in ("studies", "results", "findings", "instances")}
 
     # the fault is gone: the next plain run processes only the failed study, and nothing is loaded twice

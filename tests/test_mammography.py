@@ -19,8 +19,8 @@ import pydicom
 import pytest
 
 from imaging_tasks.errors import BadInput
-from imaging_tasks.mammo import CLUSTER_RADIUS_MM, cluster_calcifications, detect_calcifications, process_study
-from imaging_tasks.synth.mammography import MG_FOR_PRESENTATION, MG_FOR_PROCESSING, synthesize
+from imaging_tasks.mammography.calcifications import CLUSTER_RADIUS_MM, cluster_calcifications, detect_calcifications, process_study
+from imaging_tasks.mammography.synth import MG_FOR_PRESENTATION, MG_FOR_PROCESSING, synthesize
 from imaging_tasks.synth.phi import dicom_dataset, fake_study, new_uid, write_dicom
 
 

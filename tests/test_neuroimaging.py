@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from imaging_tasks.errors import BadInput
-from imaging_tasks.neuro import process_study, to_sitk
-from imaging_tasks.synth import neuroimaging as synth
+from imaging_tasks.neuroimaging.structural import process_study, to_sitk
+from imaging_tasks.neuroimaging import synth
 
 SEED = 5
 

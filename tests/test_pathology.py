@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from imaging_tasks.errors import BadInput
-from imaging_tasks.pathology import (RGB_FROM_HED, plan_tiles, process_study, stain_features, summarize,
+from imaging_tasks.pathology.tiles import (RGB_FROM_HED, plan_tiles, process_study, stain_features, summarize,
                                      tile_features)
-from imaging_tasks.synth.pathology import synthesize
+from imaging_tasks.pathology.synth import synthesize
 
 
 @pytest.fixture(scope="module")

@@ -197,7 +197,7 @@ def test_audit_study_passes_real_output_and_catches_a_raw_copy(tmp_path):
     """The pipeline's own output passes; a raw file slipped into anonymized/ is caught."""
     from imaging_tasks import pipeline
     from imaging_tasks.deid.keys import DEMO_KEY
-    from imaging_tasks.synth.cardiovascular import synthesize
+    from imaging_tasks.cardiovascular.synth import synthesize
 
     synthesize(tmp_path / "landing", 1, 5)
     lake = pipeline.Lake((tmp_path / "lake").as_uri(), "cardiovascular")
@@ -219,7 +219,7 @@ def test_dag_fails_closed_when_de_identification_leaks(airflow_db, buckets, monk
     """Break the de-identifier on purpose: the audit task fails, nothing is processed or loaded."""
     import imaging_tasks.deid.dicom as deid_dicom
     import imaging_tasks.phi_audit as phi_audit
-    from imaging_tasks.synth.cardiovascular import synthesize
+    from imaging_tasks.cardiovascular.synth import synthesize
 
     real = deid_dicom.deidentify_bytes
 

@@ -8,8 +8,8 @@ import pytest
 
 from imaging_tasks import storage
 from imaging_tasks.errors import BadInput
-from imaging_tasks.index import StudyEntry, _session_ready
-from imaging_tasks.pipeline import tile_batches
+from imaging_tasks.pathology.fanout import tile_batches
+from imaging_tasks.specialties import get
 from imaging_tasks.warehouse import DuckDBWarehouse
 
 UTC = dt.timezone.utc
@@ -55,14 +55,13 @@ def test_neuro_session_waits_for_pet_or_the_mr_only_delay():
     now = dt.datetime(2026, 3, 1, 12, tzinfo=UTC)
     fresh = (now - dt.timedelta(hours=1)).isoformat()
     old = (now - dt.timedelta(hours=7)).isoformat()
-    wait = dt.timedelta(hours=6)
-    assert _session_ready(StudyEntry("neuroimaging", "S", "P", modalities={"MR": 3, "PT": 2}, newest=fresh),
-                          now=now, wait=wait)
-    assert not _session_ready(StudyEntry("neuroimaging", "S", "P", modalities={"MR": 3}, newest=fresh), now=now,
-                              wait=wait)
-    assert _session_ready(StudyEntry("neuroimaging", "S", "P", modalities={"MR": 3}, newest=old), now=now, wait=wait)
-    assert not _session_ready(StudyEntry("neuroimaging", "S", "P", modalities={"PT": 3}, newest=old), now=now,
-                              wait=wait)
+    neuro = get("neuroimaging")  # the readiness rule lives in the specialty's record
+    assert neuro.is_ready({"MR": 3, "PT": 2}, fresh, now)
+    assert not neuro.is_ready({"MR": 3}, fresh, now)
+    assert neuro.is_ready({"MR": 3}, old, now)
+    assert not neuro.is_ready({"PT": 3}, old, now)
+    assert neuro.is_ready({"MR": 3}, fresh, now, {"mr_only_wait_hours": 0.5})  # the run's option
+    assert get("cardiovascular").is_ready({"CT": 30}, fresh, now)  # no rule: ready when indexed
 
 
 @pytest.mark.parametrize("tiles_per_slide,slides", [(10, 3), (5000, 4), (300_000, 2)])

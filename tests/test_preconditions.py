@@ -23,7 +23,7 @@ from imaging_tasks.synth import malformed
 
 
 def _cases(specialty: str, bad: bool) -> list[str]:
-    return [c for c, (_f, reason) in malformed.CASES[specialty].items() if (reason is not None) == bad]
+    return [c for c, (_f, reason) in malformed.cases(specialty).items() if (reason is not None) == bad]
 
 
 def _case_files(base: Path, tmp_path: Path, specialty: str, case: str) -> tuple[list[Path], str | None]:
@@ -53,8 +53,8 @@ def _metrics(result: dict) -> dict[str, float]:
 # --------------------------------------------------------------------------- cardiovascular
 @pytest.fixture(scope="module")
 def ct(tmp_path_factory):
-    from imaging_tasks import cardio
-    from imaging_tasks.synth import cardiovascular
+    from imaging_tasks.cardiovascular import calcium as cardio
+    from imaging_tasks.cardiovascular import synth as cardiovascular
 
     out = tmp_path_factory.mktemp("ct")
     record = json.loads(cardiovascular.synthesize(out, 1, seed=3, rows=128, slices=16)[0].read_text())
@@ -73,7 +73,7 @@ def test_good_ct_matches_its_truth(ct):
 
 @pytest.mark.parametrize("case", _cases("cardiovascular", bad=True))
 def test_unusable_ct_is_refused_with_its_reason(ct, tmp_path, case):
-    from imaging_tasks import cardio
+    from imaging_tasks.cardiovascular import calcium as cardio
 
     base, record, _m = ct
     files, reason = _case_files(base, tmp_path, "cardiovascular", case)
@@ -83,7 +83,7 @@ def test_unusable_ct_is_refused_with_its_reason(ct, tmp_path, case):
 @pytest.mark.parametrize("case", _cases("cardiovascular", bad=False))
 def test_repairable_ct_gives_the_same_scores(ct, tmp_path, case):
     """Shuffled instance numbers and files, a re-sent instance, no RescaleSlope, MONOCHROME1: same scores."""
-    from imaging_tasks import cardio
+    from imaging_tasks.cardiovascular import calcium as cardio
 
     base, _record, good = ct
     files, _ = _case_files(base, tmp_path, "cardiovascular", case)
@@ -98,7 +98,7 @@ def test_repairable_ct_gives_the_same_scores(ct, tmp_path, case):
 
 def test_a_bad_series_is_passed_over_for_a_good_one(ct, tmp_path):
     """A second copy of the series without PixelSpacing, ranked first (3 mm), loses to the good one (2.5 mm)."""
-    from imaging_tasks import cardio
+    from imaging_tasks.cardiovascular import calcium as cardio
 
     base, _record, good = ct
     files = malformed.copy_study(base, tmp_path / "study")
@@ -119,7 +119,8 @@ def test_a_bad_series_is_passed_over_for_a_good_one(ct, tmp_path):
 
 
 def test_computations_guard_degenerate_spacing():
-    from imaging_tasks import cardio, mammo
+    from imaging_tasks.cardiovascular import calcium as cardio
+    from imaging_tasks.mammography import calcifications as mammo
 
     vol = np.full((3, 16, 16), 40.0, np.float32)
     for spacing in ((3.0, 0.0, 0.5), (0.0, 0.5, 0.5), (3.0, float("nan"), 0.5), (3.0, -0.5, 0.5)):
@@ -136,7 +137,7 @@ def test_computations_guard_degenerate_spacing():
 # --------------------------------------------------------------------------- neuroimaging
 @pytest.fixture(scope="module")
 def mr(tmp_path_factory):
-    from imaging_tasks.synth import neuroimaging
+    from imaging_tasks.neuroimaging import synth as neuroimaging
 
     out = tmp_path_factory.mktemp("mr")
     record = json.loads(neuroimaging.synthesize(out, 1, 5, with_pet=False)[0].read_text())
@@ -145,7 +146,7 @@ def mr(tmp_path_factory):
 
 @pytest.mark.parametrize("case", _cases("neuroimaging", bad=True))
 def test_unusable_mr_is_refused_with_its_reason(mr, tmp_path, case):
-    from imaging_tasks import neuro
+    from imaging_tasks.neuroimaging import structural as neuro
 
     base, record = mr
     files, reason = _case_files(base, tmp_path, "neuroimaging", case)
@@ -155,7 +156,7 @@ def test_unusable_mr_is_refused_with_its_reason(mr, tmp_path, case):
 def test_shuffled_mr_loads_as_the_ordered_volume(mr, tmp_path):
     """Sorted from positions, the shuffled T1 is the same volume, voxel for voxel and in geometry, as the
     ordered series (``test_neuroimaging`` checks what processing that volume gives against its truth)."""
-    from imaging_tasks import neuro
+    from imaging_tasks.neuroimaging import structural as neuro
     from imaging_tasks.dicom_io import load_series
 
     base, _record = mr
@@ -171,8 +172,8 @@ def test_shuffled_mr_loads_as_the_ordered_volume(mr, tmp_path):
 # --------------------------------------------------------------------------- mammography
 @pytest.fixture(scope="module")
 def mg(tmp_path_factory):
-    from imaging_tasks import mammo
-    from imaging_tasks.synth import mammography
+    from imaging_tasks.mammography import calcifications as mammo
+    from imaging_tasks.mammography import synth as mammography
 
     out = tmp_path_factory.mktemp("mg")
     record = json.loads(mammography.synthesize(out, 1, 11, rows=700, cols=560, views=["L_CC", "R_MLO"],
@@ -197,7 +198,7 @@ def test_good_mammogram_finds_the_planted_clusters(mg):
 
 @pytest.mark.parametrize("case", _cases("mammography", bad=True))
 def test_unusable_mammogram_is_refused_with_its_reason(mg, tmp_path, case):
-    from imaging_tasks import mammo
+    from imaging_tasks.mammography import calcifications as mammo
 
     base, record, _doc = mg
     files, reason = _case_files(base, tmp_path, "mammography", case)
@@ -207,7 +208,7 @@ def test_unusable_mammogram_is_refused_with_its_reason(mg, tmp_path, case):
 @pytest.mark.parametrize("case", _cases("mammography", bad=False))
 def test_monochrome1_and_spacing_fallback_give_the_same_detections(mg, tmp_path, case):
     """MONOCHROME1 of the mirrored pixels is inverted back: the same calcifications and clusters, exactly."""
-    from imaging_tasks import mammo
+    from imaging_tasks.mammography import calcifications as mammo
 
     base, _record, good = mg
     files, _ = _case_files(base, tmp_path, "mammography", case)
@@ -225,7 +226,7 @@ def test_monochrome1_and_spacing_fallback_give_the_same_detections(mg, tmp_path,
 # --------------------------------------------------------------------------- pathology
 @pytest.fixture(scope="module")
 def wsi(tmp_path_factory):
-    from imaging_tasks.synth import pathology
+    from imaging_tasks.pathology import synth as pathology
 
     out = tmp_path_factory.mktemp("wsi")
     record = json.loads(pathology.synthesize(out, 1, 2, width=2048, height=1536)[0].read_text())
@@ -233,7 +234,7 @@ def wsi(tmp_path_factory):
 
 
 def test_good_slide_matches_its_truth(wsi, tmp_path):
-    from imaging_tasks import pathology
+    from imaging_tasks.pathology import tiles as pathology
 
     base, record = wsi
     result = pathology.process_study([base / "slide.svs"], tmp_path, device="cpu", target_mpp=0.5)
@@ -242,7 +243,7 @@ def test_good_slide_matches_its_truth(wsi, tmp_path):
 
 @pytest.mark.parametrize("case", _cases("pathology", bad=True))
 def test_uncalibrated_slide_is_refused_with_its_reason(wsi, tmp_path, case):
-    from imaging_tasks import pathology
+    from imaging_tasks.pathology import tiles as pathology
 
     base, record = wsi
     files, reason = _case_files(base, tmp_path, "pathology", case)
@@ -250,8 +251,8 @@ def test_uncalibrated_slide_is_refused_with_its_reason(wsi, tmp_path, case):
 
 
 def test_blank_and_tiny_slides_are_refused(tmp_path):
-    from imaging_tasks import pathology
-    from imaging_tasks.synth import pathology as synth
+    from imaging_tasks.pathology import tiles as pathology
+    from imaging_tasks.pathology import synth
 
     synth.synthesize(tmp_path / "blank", 1, 4, width=1024, height=768, fragments=0)
     synth.synthesize(tmp_path / "tiny", 1, 4, width=256, height=192, fragments=1)
@@ -268,7 +269,7 @@ def test_ct_without_pixel_spacing_is_quarantined_and_the_others_load(tmp_path):
     from imaging_tasks import pipeline
     from imaging_tasks.deid.keys import DEMO_KEY
     from imaging_tasks.deid.pseudonym import pseudo_id
-    from imaging_tasks.synth import cardiovascular
+    from imaging_tasks.cardiovascular import synth as cardiovascular
     from imaging_tasks.warehouse import DuckDBWarehouse
 
     landing = tmp_path / "landing"

@@ -70,7 +70,7 @@ def test_qc_pages_of_a_real_run(qc_client, buckets):
     from airflow.dag_processing.dagbag import DagBag
 
     from imaging_tasks.synth.bad_inputs import write_bad_inputs
-    from imaging_tasks.synth.cardiovascular import synthesize
+    from imaging_tasks.cardiovascular.synth import synthesize
     from imaging_tasks.warehouse import DuckDBWarehouse
 
     client, tokens = qc_client

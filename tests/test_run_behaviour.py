@@ -61,13 +61,28 @@ def test_out_of_range_values_are_refused_by_the_schema(dagbag, dag_id, name, bad
     assert param.resolve(good) == good
 
 
-def test_run_options_fall_back_to_the_nightly_defaults():
-    from imaging_dags.params import run_option
+def test_the_options_schema_is_one_for_params_cli_and_library():
+    """A specialty's options come from its record: the DAG's Params, the CLI's flags and the library's checks."""
+    from imaging_dags.params import run_options, specialty_params
+    from imaging_tasks.cli import build_parser
+    from imaging_tasks.specialties import get, names
 
-    assert run_option({"tile_px": None}, "tile_px", 256) == 256
-    assert run_option({"tile_px": ""}, "tile_px", 256) == 256
-    assert run_option({"tile_px": 512}, "tile_px", 256) == 512
-    assert run_option(None, "tile_px", 256) == 256
+    for name in names():
+        record = get(name)
+        params = specialty_params(name)
+        for o in record.options:
+            assert params[o.name].value == o.default and params[o.name].schema["title"] == o.title
+            if o.minimum is not None:
+                assert params[o.name].schema["minimum"] == o.minimum
+    pathology = get("pathology")
+    assert run_options("pathology", {"tile_px": 512, "target_mpp": None, "prefix": "x"}) == {"tile_px": 512}
+    assert pathology.options_for({"tile_px": 512})["target_mpp"] == 1.0  # missing: the default
+    with pytest.raises(ValueError, match="tile_px.*minimum 32"):
+        pathology.options_for({"tile_px": 10})
+    args = build_parser().parse_args(["run", "pathology", "--landing", "l", "--lake", "k", "--warehouse", "w",
+                                      "--tile-px", "512"])
+    assert args.tile_px == 512 and args.specialty == "pathology"
+    assert pathology.result_options({"tile_px": 256, "batch": 1}) == {}  # defaults hash like a default run
 
 
 # --------------------------------------------------------------------------- empty closed interval

@@ -383,7 +383,7 @@ def test_bigquery_dml_and_load_are_rerun_on_transient_errors_only(monkeypatch):
     key); a load job that failed server-side is run again with the whole NDJSON; bad SQL or 403 raise at once."""
     from google.api_core import exceptions as g
 
-    from imaging_dags import bigquery as bqmod
+    from imaging_tasks.warehouse import bigquery as bqmod
     from imaging_tasks import retry
 
     monkeypatch.setattr(retry.time, "sleep", lambda s: None)
@@ -398,8 +398,7 @@ def test_bigquery_dml_and_load_are_rerun_on_transient_errors_only(monkeypatch):
                 raise error  # jobs.insert itself failed
             return _Job(f"job{len(queries)}", error)  # the job failed (or not), seen by result()
 
-    wh = bqmod.BigQueryWarehouse(project="p", dataset="d")
-    wh._client_obj = Client()
+    wh = bqmod.BigQueryWarehouse(Client(), project="p", dataset="d")
     script[:] = [("insert", g.ServiceUnavailable("insert")), ("insert", ConnectionResetError()),
                  ("result", g.InternalServerError("job", errors=[{"reason": "backendError"}])), ("result", None)]
     wh._dml("MERGE x", "imaging_merge_results_")
@@ -434,7 +433,7 @@ def test_bigquery_dml_and_load_are_rerun_on_transient_errors_only(monkeypatch):
             loads.append(fh.read())
             return _Job(f"load{len(loads)}", outcomes.pop(0))
 
-    wh._client_obj = LoadClient()
+    wh.client = LoadClient()
     script[:] = [("result", None)]
     queries.clear()
     rows = [{"specialty": SPECIALTY, "study_id": "S1", "metric": "n", "value": 1.0}]

@@ -212,7 +212,7 @@ def test_out_of_range_number_never_reaches_a_run(ui):
         page.route(pattern, capture)
         try:
             dialog = _open_trigger_form(ui, "pathology")
-            tile_px = _open_section(dialog, "Pathology tiling").get_by_role("spinbutton", name="Tile size (pixels)")
+            tile_px = _open_section(dialog, "Pathology processing").get_by_role("spinbutton", name="Tile size (pixels)")
             tile_px.fill("10")
             submit = dialog.get_by_role("button", name="Trigger", exact=True)
             tile_px.blur()

@@ -4,14 +4,14 @@ Table E.1-1 lists the attributes known to carry identifying information; everyth
 That is right for geometry, pixel description and acquisition parameters, and wrong for free text: a
 DocumentTitle (0042,0010) of an encapsulated PDF, a ContentDescription, an AcquisitionContextDescription can
 hold a patient's name as easily as any comment the table lists.  Two rules, applied at every sequence depth
-by the reference walker and the byte-level fast path alike (both ask ``dicom._code_for``):
+by the reference walker and the byte-level fast path alike (both ask ``rules.code_for``):
 
 **Unlisted free text** (VR LO, SH, ST, LT, UT or UC, by the element's VR or by its dictionary VR): removed,
 unless the attribute is in :data:`TEXT_ALLOWED` (coded or technical values: code sequence contents, equipment
 make/model/software, pixel and LUT descriptions, acquisition parameter names, waveform channel labels...),
 or it is in :data:`TEXT_REQUIRED`: an attribute a common IOD requires, which gets a dummy (Type 1) or an empty
 value (Type 2) instead of being removed (SegmentLabel, DocumentTitle, ContentDescription).  The SR/graphic text
-values and a few worklist comments keep their own rules (``dicom._EXTRA_CODES``).
+values and a few worklist comments keep their own rules (``rules.EXTRA_CODES``).
 
 **Strict mode** (``DeidOptions(strict=True)``, CLI ``--option strict``): of everything the profile would keep
 verbatim (action K: unlisted attributes of any VR, and the table's K), only what :data:`STRICT_ALLOWED` names is
@@ -24,8 +24,8 @@ RT dose); an attribute missing from it is lost in strict mode, never leaked.
 
 How the lists were reviewed: every unlisted attribute found in pydicom's test files, the charset files and the
 synthetic studies of ``imaging_tasks.synth`` was classified by hand (what it means in the standard, whether a
-person or a site can be named in it); the processors (``cardio.py``, ``mammo.py``, ``neuro.py``,
-``pathology.py``), ``index.py`` and ``dicom.HEADER_FIELDS`` were grepped for the attributes they read.
+person or a site can be named in it); the specialties' processors, ``index.py`` and ``rules.HEADER_FIELDS``
+were grepped for the attributes they read.
 ``tests/test_deid_allowlist.py`` checks each keyword resolves, that no identifying attribute of the audit list
 is allowed, and that strict mode keeps what the processors read.
 """

@@ -4,7 +4,7 @@ Source: DICOM PS3.15 rev. 2024b, Table E.1-1, as extracted by the innolitics/dic
 (``standard/confidentiality_profile_attributes.json``); copied from ``shared/reference`` to
 ``imaging_tasks/data/dicom_ps3.15_table_e1-1.json``.  621 rows: 617 single attributes and 4 patterns.
 
-This module only reads the table.  What each action code *does* to a value lives in ``dicom.py``.
+This module only reads the table.  What each action code *does* to a value lives in ``rules.py``.
 """
 from __future__ import annotations
 

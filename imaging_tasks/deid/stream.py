@@ -1,16 +1,17 @@
-"""Byte-level fast path of the DICOM de-identifier: the same decisions as ``dicom._Deidentifier``, without
-building pydicom objects for the whole file.
+"""Byte-level fast path of the DICOM de-identifier: the decisions of ``rules.py``, as the reference walker
+(``reference.py``) takes them, without building pydicom objects for the whole file.
 
 The raw file (explicit VR little/big endian, implicit VR little endian; the meta group always explicit little
 endian) is walked element header by element header (``struct.unpack_from``): tags, VRs, 16/32-bit
 lengths, sequences and items of defined or undefined length, encapsulated Pixel Data fragments.  Every
-element's action comes from the reference's own tables and helpers (``dicom._code_for``, ``_resolve``,
-``_known_tag``, ``_shift_date``..., and ``_Deidentifier.apply`` itself for the rare actions not written out
+element's action comes from the shared rules (``rules.plan``, ``rules.code_for``, ``rules.resolve``,
+``rules.shift_date``..., and the reference's own ``Walker.apply`` for the rare actions not written out
 here); kept elements are copied as their original bytes, removed ones are skipped, and only the elements
 whose value changes are decoded and re-encoded.  Sequences that are kept are walked and re-emitted with
-undefined lengths.  The top-level additions (pseudonymous PatientName/PatientID, PatientIdentityRemoved,
-DeidentificationMethod (+ Code Sequence), LongitudinalTemporalInformationModified) are merged in tag order,
-and the file meta group is rebuilt as the reference rebuilds it.
+undefined lengths.  The top-level additions (pseudonymous PatientName/PatientID, and what
+``rules.mark_deidentified`` sets: PatientIdentityRemoved, DeidentificationMethod (+ Code Sequence),
+LongitudinalTemporalInformationModified) are merged in tag order, and the file meta group is rebuilt as the
+reference rebuilds it.
 
 Equivalence with the reference path: pydicom parses both outputs to equal data sets, element by element,
 and ``info`` is equal (``tests/test_deid_stream.py`` checks it over pydicom's test files and the synthetic
@@ -29,8 +30,10 @@ a decode/encode round trip in the file's character set, values pydicom might fai
 outside the plain number forms), and inputs the reference refuses for structural reasons (truncation,
 garbage: the reference gives its reason).  Refusals that depend only on values of a file
 that parsed completely (missing required attributes, missing pixels, slide labels, burned-in annotation,
-short Pixel Data) are raised here by the reference's own check functions, called with a small pydicom data
-set of the few top-level values they read.
+short Pixel Data) are raised here by the same functions as in the reference: every check of
+``rules.REFUSAL_CHECKS`` and ``pixels.clean_pixel_data``, called with a small pydicom data set of the few
+top-level values they read (``rules.CHECK_TAGS``) and placeholders telling which of ``rules.PRESENCE_TAGS``
+are present.
 
 ``FALLBACKS`` counts the fallbacks of this process by cause; ``HANDLED["ok"]`` the files done here.
 """
@@ -42,7 +45,7 @@ import warnings
 from collections import Counter
 from struct import Struct, pack, unpack_from
 
-from pydicom.datadict import get_entry, keyword_for_tag, private_dictionary_VR
+from pydicom.datadict import get_entry, keyword_for_tag, private_dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -51,11 +54,13 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
-from imaging_tasks.dicom_io import MAX_NESTING, check_required
+from imaging_tasks.dicom_io import MAX_NESTING
 from imaging_tasks.errors import BadInput
 
-from . import dicom as ref
+from . import rules
+from .pixels import clean_pixel_data
 from .pseudonym import pseudo_id, uid_for
+from .reference import Walker
 
 
 class Unsupported(Exception):
@@ -95,30 +100,26 @@ _ENCAP = "encapsulated"
 
 # Top-level attributes the reference adds (or overwrites) after its walk.
 _ADDED = (0x00100010, 0x00100020, 0x00120062, 0x00120063, 0x00120064, 0x00280303)
-# Source values read for the patient key, the refusal checks and the pixel check (all K in every option set,
-# so the values after the walk are the source values); final values read for ``info``.
-_KEY_TAGS = (0x00100010, 0x00100020, 0x00100030, 0x0020000D)
-_CHECK_TAGS = (0x00080008, 0x00080016, 0x00080018, 0x00080060, 0x0020000D, 0x0020000E, 0x00280010, 0x00280301,
-               0x00480010)  # ImageType, SOP Class/Instance, Modality, Study/Series, Rows, BIA, Specimen Label in Image
-_SOURCE_TAGS = tuple(sorted(set(_CHECK_TAGS) | set(_KEY_TAGS)))
+# Source values read for the patient key and the refusal checks (all K in every option set, so the values after
+# the walk are the source values).
+_SOURCE_TAGS = tuple(sorted(set(rules.CHECK_TAGS) | set(rules.PATIENT_KEY_TAGS)))
 # Top-level attributes whose presence (not value) the refusal checks read: pixel data, the pixel module,
-# the content each SOP class requires (dicom.REQUIRED_CONTENT).
-_PRESENCE_TAGS = ref.CONTENT_TAGS
-_PRESENCE_GROUPS = ref.CONTENT_GROUPS
-# The reference's refusal checks run after check_required, in this order (names looked up at call time).
-_PRE_CHECKS = ("_check_content_present", "_check_slide_label", "_check_burned_in")
+# the content each SOP class requires (rules.REQUIRED_CONTENT).
+_PRESENCE_TAGS = rules.PRESENCE_TAGS
+_PRESENCE_GROUPS = rules.PRESENCE_GROUPS
+# Read for the Pixel Data check and overlay clean-up (all K as well).
 _PIXEL_TAGS = (0x00280002, 0x00280004, 0x00280008, 0x00280010, 0x00280011, 0x00280100, 0x00280101, 0x00280102,
                0x00280103, 0x00280006)
 
 
 def _tag_of(keyword: str) -> int:
-    from pydicom.datadict import tag_for_keyword
     t = tag_for_keyword(keyword)
     assert t is not None, keyword
     return int(t)
 
 
-_INFO_TAGS = frozenset([_tag_of(kw) for kw in ref.HEADER_FIELDS]
+# Final values read for ``info``.
+_INFO_TAGS = frozenset([_tag_of(kw) for kw in rules.HEADER_FIELDS]
                        + [0x0020000D, 0x0020000E, 0x00080018, 0x00080060, 0x00080016])
 
 
@@ -136,25 +137,6 @@ def _private_vr(tag: int, creator: str) -> str:
         return private_dictionary_VR(tag, creator)
     except KeyError:
         return "UN"
-
-
-@functools.lru_cache(maxsize=16384)
-def _plan(tag: int, vr: str, columns: frozenset, retain_modified_dates: bool, strict: bool = False
-          ) -> tuple[str, object]:
-    """The depth-independent part of dicom._Deidentifier.walk for one element, in its order: "X" (removed),
-    "private", "patient_id" / "patient_name", or the action code and table row of ``_code_for``."""
-    group, element = tag >> 16, tag & 0xFFFF
-    if group == 0x0002 or element == 0x0000 or tag == ref.DATASET_TRAILING_PADDING:
-        return "X", None
-    if group & 1:
-        return "private", None
-    if tag == ref.PATIENT_ID:
-        return "patient_id", None
-    if tag == ref.PATIENT_NAME:
-        return "patient_name", None
-    if group & 0xFF00 in (0x5000, 0x6000) or not ref._known_tag(tag):
-        return "X", None
-    return ref._code_for(tag, vr, columns, retain_modified_dates, strict)
 
 
 def _hdr(tag: int, vr: str | None, length: int, implicit: bool, little: bool = True) -> bytes:
@@ -429,6 +411,7 @@ class _Rewriter:
         creator_values: dict[int, str] = {}
         ai, na = 0, len(additions) if additions else 0
         final = self.final if depth == 0 else None
+        plan, columns, rmd, strict = rules.plan, self.columns, self.rmd, self.strict
         for e in elems:
             tag = e[0]
             if ai < na:
@@ -442,7 +425,7 @@ class _Rewriter:
                     ai += 1
                 if ai < na and additions[ai][0] == tag:
                     continue  # overwritten by the reference after its walk
-            code, row = _plan(tag, e[1], self.columns, self.rmd, self.strict)
+            code, row = plan(tag, e[1], columns, rmd, strict)
             if code == "X":
                 continue
             if code == "K" and e[7] is None:
@@ -468,7 +451,7 @@ class _Rewriter:
                 v = str(self.convert(e).value or "").strip()
                 res = self.text(tag, e[1], pseudo_id(self.key, v, "patient") if v else "")
             elif code == "patient_name":
-                pid = next((x for x in elems if x[0] == ref.PATIENT_ID), None)
+                pid = next((x for x in elems if x[0] == rules.PATIENT_ID), None)
                 v = str(self.convert(pid).value or "").strip() if pid is not None else ""
                 res = self.text(tag, e[1], pseudo_id(self.key, v, "patient") if v else "")
             else:
@@ -520,9 +503,9 @@ class _Rewriter:
     def padded(self, e) -> bytes:
         """A kept element of odd length, padded as pydicom's writers pad it."""
         tag, vr = e[0], e[1]
-        pad = b"\0" if vr == "UI" or vr in ref._BINARY_VRS or vr in _AMBIGUOUS else b" "
+        pad = b"\0" if vr == "UI" or vr in rules.BINARY_VRS or vr in _AMBIGUOUS else b" "
         if vr in _AMBIGUOUS or (vr not in _PLAIN_TEXT_VRS and vr not in _CHARSET_TEXT_VRS and vr != "PN"
-                                and vr != "UI" and vr not in ref._BINARY_VRS):
+                                and vr != "UI" and vr not in rules.BINARY_VRS):
             raise Unsupported("odd_length")
         stored = e[2] if e[2] is not None else vr
         return _hdr(tag, stored, e[5] + 1, self.implicit, self.little) + self.buf[e[4]:e[6]] + pad
@@ -538,15 +521,15 @@ class _Rewriter:
         return raw.decode("ascii").rstrip("\0 ")
 
     def safe(self, e, creator_values: dict[int, str]) -> bool:
-        """dicom._Deidentifier._safe_private on the raw element."""
+        """reference.Walker._safe_private on the raw element."""
         tag, vr, stored = e[0], e[1], e[2]
-        if vr not in ref._SAFE_PRIVATE_VRS:
+        if vr not in rules.SAFE_PRIVATE_VRS:
             return False
         group, element = tag >> 16, tag & 0xFFFF
         creator = creator_values.get((group << 16) | (element >> 8))
         if not creator:
             return False
-        if (creator.strip().upper(), group, element & 0xFF) not in ref.SAFE_PRIVATE:
+        if (creator.strip().upper(), group, element & 0xFF) not in rules.SAFE_PRIVATE:
             return False
         if stored is not None and stored != vr:
             raise Unsupported("private_vr")  # kept, and the reference would write it with another VR
@@ -565,7 +548,7 @@ class _Rewriter:
         return chunks
 
     def apply(self, e, code: str, row, depth: int):
-        """Outcome of dicom._Deidentifier.apply for one element: None (removed), True (kept as it is),
+        """Outcome of reference.Walker.apply for one element: None (removed), True (kept as it is),
         bytes or a list of chunks (rewritten)."""
         tag, vr = e[0], e[1]
         if vr == "SQ":
@@ -588,12 +571,12 @@ class _Rewriter:
                 if vals:
                     return self.uids(tag, vals)
                 return self.text(tag, "UI", uid_for(self.key, f"dummy:{tag:08X}"))
-            if vr in ref._BINARY_VRS:
+            if vr in rules.BINARY_VRS:
                 return _hdr(tag, vr, 8, self.implicit, self.little) + b"\0" * 8
             if vr in _ZERO:
                 z = _ZERO[vr]
                 return _hdr(tag, vr, len(z), self.implicit, self.little) + z
-            return self.text(tag, vr, ref._DUMMY_BY_VR.get(vr, ref.DUMMY_TEXT))
+            return self.text(tag, vr, rules.DUMMY_BY_VR.get(vr, rules.DUMMY_TEXT))
         if code == "U":
             if vr == "UI":
                 vals = _split_multi(self.buf[e[4]:e[6]])
@@ -605,21 +588,20 @@ class _Rewriter:
                 return _hdr(tag, "UI", len(v), self.implicit, self.little) + v
             raise Unsupported("u_on_non_uid")
         if code == "C":
-            sources = {c for c in self.columns if row.options.get(c) == "C"} if row is not None \
-                else {ref._DATES_COLUMN}
-            if vr in ("DA", "DT", "TM") and ref._DATES_COLUMN in sources:
+            sources = rules.clean_sources(row, self.columns)
+            if vr in ("DA", "DT", "TM") and rules.DATES_COLUMN in sources:
                 if vr == "TM":
                     return True
-                shift = ref._shift_date if vr == "DA" else ref._shift_datetime
+                shift = rules.shift_date if vr == "DA" else rules.shift_datetime
                 days = self.walker.shift_days
                 vals = [shift(v, days) for v in _split_multi(self.buf[e[4]:e[6]])] or [""]
                 v = _string_value(vals, " ")
                 return _hdr(tag, vr, len(v), self.implicit, self.little) + v
             if vr == "CS":
                 return True
-            if vr == "AE" or (vr in ref._FREE_TEXT_VRS and sources - {ref._DATES_COLUMN}):
+            if vr == "AE" or (vr in rules.FREE_TEXT_VRS and sources - {rules.DATES_COLUMN}):
                 return self.generic(e, code, row, depth)
-            basic = ref._resolve(tag, row.basic) if row is not None else "X"
+            basic = rules.resolve(tag, row.basic) if row is not None else "X"
             return self.apply(e, "X" if basic == "C" else basic, row, depth)
         return True  # K, U* (and nothing else reaches here)
 
@@ -668,21 +650,16 @@ def _encoded_text(tag: int, vr: str, value: str, enc_key: tuple, implicit: bool,
 @functools.lru_cache(maxsize=256)
 def _dummy_code_sequence(tag: int, implicit: bool, enc_key: tuple, little: bool = True) -> bytes:
     fp = _writer(implicit, little)
-    write_data_element(fp, DataElement(tag, "SQ", Sequence([ref._dummy_code_item()])), _encodings_arg(enc_key))
+    write_data_element(fp, DataElement(tag, "SQ", Sequence([rules.dummy_code_item()])), _encodings_arg(enc_key))
     return fp.getvalue()
 
 
 @functools.lru_cache(maxsize=256)
 def _constant_additions(options, demo: bool, implicit: bool, enc_key: tuple, little: bool = True) -> tuple:
     """PatientIdentityRemoved, DeidentificationMethod (+ Code Sequence), LongitudinalTemporalInformationModified
-    as the reference sets them."""
-    enabled = [name for name in ref.OPTION_CODES if getattr(options, name)]
+    as the reference sets them (``rules.mark_deidentified``), written out."""
     ds = Dataset()
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = ref.method_values(options, demo)
-    ds.DeidentificationMethodCodeSequence = Sequence(
-        [ref._method_code_item(ref.BASIC_PROFILE_CODE)] + [ref._method_code_item(ref.OPTION_CODES[n]) for n in enabled])
-    ds.LongitudinalTemporalInformationModified = "MODIFIED" if options.retain_modified_dates else "REMOVED"
+    rules.mark_deidentified(ds, options, demo)
     out = []
     for elem in ds:
         fp = _writer(implicit, little)
@@ -698,7 +675,7 @@ def _meta_bytes(sop_class: str, sop_instance: str, ts: str) -> bytes:
             b += b"\0"
         return pack("<HH2sH", 2, el, b"UI", len(b)) + b
 
-    version = ref.IMPLEMENTATION_VERSION.encode()
+    version = rules.IMPLEMENTATION_VERSION.encode()
     if len(version) & 1:
         version += b" "
     body = (pack("<HH2sHL", 2, 1, b"OB", 0, 2) + b"\0\1" + ui(2, sop_class) + ui(3, sop_instance) + ui(0x10, ts)
@@ -784,15 +761,11 @@ def _read_meta(buf: bytes) -> tuple[int, dict[int, bytes]]:
     return pos, meta
 
 
-def deidentify_stream(data: bytes, key: bytes, options, *, demo: bool = False, checks=()) -> tuple[bytes, dict]:
-    """``dicom.deidentify_bytes`` on the raw bytes; raises Unsupported where the reference path must run.
-
-    ``checks``: extra refusal checks of the reference, each called with a small pydicom data set of the
-    source's top-level values (see _CHECK_TAGS), in the reference's order after the burned-in check.
-    """
+def deidentify_stream(data: bytes, key: bytes, options, *, demo: bool = False) -> tuple[bytes, dict]:
+    """``dicom.deidentify_bytes`` on the raw bytes; raises Unsupported where the reference path must run."""
     global LAST_FALLBACK
     try:
-        out, info = _deidentify(data, key, options, demo, checks)
+        out, info = _deidentify(data, key, options, demo)
     except Unsupported as exc:
         LAST_FALLBACK = str(exc) or "unsupported"
         FALLBACKS[LAST_FALLBACK] += 1
@@ -807,7 +780,7 @@ def deidentify_stream(data: bytes, key: bytes, options, *, demo: bool = False, c
     return out, info
 
 
-def _deidentify(data: bytes, key: bytes, options, demo: bool, checks) -> tuple[bytes, dict]:
+def _deidentify(data: bytes, key: bytes, options, demo: bool) -> tuple[bytes, dict]:
     if options.clean_descriptors or options.retain_patient_characteristics:
         raise Unsupported("option_scrub")
     if not isinstance(data, bytes):
@@ -857,21 +830,16 @@ def _deidentify(data: bytes, key: bytes, options, demo: bool, checks) -> tuple[b
             raise Unsupported("added_vr")
     enc_key = tuple(encodings) if isinstance(encodings, list) else (encodings,)
     pre = _small_dataset(src(_SOURCE_TAGS), implicit, enc_key, little)
-    check_required(pre)  # the whole file parsed and its values decode: the reference refuses here too
     store = pre._dict  # presence only (the checks ask which of these exist): one placeholder per any-of group
     for group in _PRESENCE_GROUPS:
         if not any(t in store for t in group):
             t = next((t for t in group if t in top), None)
             if t is not None:
                 store[Tag(t)] = RawDataElement(Tag(t), "UN", 0, b"", 0, implicit, little)
-    for name in _PRE_CHECKS:
-        check = getattr(ref, name, None)
-        if check is not None:
-            check(pre)
-    for check in checks:
+    for check in rules.REFUSAL_CHECKS:  # the whole file parsed and its values decode: the reference's checks now
         check(pre)
 
-    walker = ref._Deidentifier(key, options, pre)
+    walker = Walker(key, options, pre)
     rw = _Rewriter(data, key, options, implicit, encodings, walker, little)
     pseudo = walker.patient_pseudo
     additions = sorted([(0x00100010, _encoded_text(0x00100010, "PN", pseudo, enc_key, implicit, little)),
@@ -893,13 +861,13 @@ def _deidentify(data: bytes, key: bytes, options, demo: bool, checks) -> tuple[b
                 bits_alloc = bits_stored = None
             if bits_alloc in (8, 16, 32) and bits_stored is not None and bits_stored < bits_alloc:
                 raise Unsupported("encapsulated_overlay_bits")  # the reference decodes and may re-encode
-            ref._clean_pixel_data(pix, ts)  # missing_attribute as the reference
+            clean_pixel_data(pix, ts)  # missing_attribute as the reference
         else:
             if pix_elem[2] == "UN":
                 raise Unsupported("pixel_vr")
             raw = data[pix_elem[4]:pix_elem[6]]
             pix.add(DataElement(PIXEL_DATA, "OW" if pix_elem[1] != "OB" else "OB", raw))
-            if ref._clean_pixel_data(pix, ts):
+            if clean_pixel_data(pix, ts):
                 if rw.pixel_index < 0:
                     raise Unsupported("pixel_position")
                 new = pix.PixelData
@@ -921,7 +889,7 @@ def _deidentify(data: bytes, key: bytes, options, demo: bool, checks) -> tuple[b
 
     original_study = str(pre.get("StudyInstanceUID", "") or "").strip()
     info_ds.file_meta = _Values({"TransferSyntaxUID": ts})
-    info = ref.deid_info(info_ds, pseudo_patient=pseudo, pseudo_study=pseudo_id(key, original_study, "study"))
+    info = rules.deid_info(info_ds, pseudo_patient=pseudo, pseudo_study=pseudo_id(key, original_study, "study"))
     return result, info
 
 

@@ -19,32 +19,26 @@ Relative SRC, DST and quarantine paths are taken from the current directory.
 """
 from __future__ import annotations
 
+import gzip
 import logging
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
 from imaging_tasks import storage
+from imaging_tasks.dicom_io import read_header
 from imaging_tasks.errors import BadInput
+from imaging_tasks.formats import file_kind
+from imaging_tasks.phi_audit import PHILeak, assert_no_leaks, dicom_identifying_values, retained_by, values_of_input
 
-from .dicom import DeidOptions, _unexpected, deidentify_bytes
+from .dicom import DeidOptions, deidentify_bytes, unexpected
+from .nifti import deidentify_nifti
 from .pseudonym import pseudo_id
+from .slide import deidentify_svs
 
 log = logging.getLogger(__name__)
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 REPORT_NAME = "deidentify-report.json"
 HIDDEN_PREFIXES = (".", "_")
-
-
-def kind_of(relpath: str) -> str:
-    from imaging_tasks.index import SLIDE_SUFFIXES
-
-    name = relpath.lower()
-    if name.endswith(SLIDE_SUFFIXES):
-        return "slide"
-    if name.endswith(NIFTI_SUFFIXES):
-        return "nifti"
-    return "dicom"
 
 
 def _suffix(relpath: str, kind: str) -> str:
@@ -106,7 +100,7 @@ def deidentify_tree(src, dst, *, key: bytes, demo: bool, options: DeidOptions = 
     written: dict[str, str] = {}  # output -> sha256: two inputs never silently overwrite each other
     with tempfile.TemporaryDirectory(prefix="deid-tree-") as tmp:
         for n, obj in enumerate(objects):
-            kind = kind_of(obj.relpath)
+            kind = file_kind(obj.relpath)
             ident = pseudo_id(key, obj.relpath, "input")
             try:
                 data = storage.read_bytes(obj.uri)
@@ -146,13 +140,6 @@ def _one(data: bytes, obj: storage.ObjectInfo, kind: str, n: int, tmp: Path, dst
          options: DeidOptions):
     """One input, inside its own boundary: ``(target, bytes, None)`` to write, or ``(None, None, (reason,
     message, stage))`` to quarantine."""
-    from imaging_tasks.dicom_io import read_header
-    from imaging_tasks.phi_audit import (PHILeak, assert_no_leaks, dicom_identifying_values, retained_by,
-                                         values_of_input)
-
-    from .nifti import deidentify_nifti
-    from .slide import deidentify_svs
-
     folder = storage.join(dst, *pseudo_dirs(key, obj.relpath))
     try:
         if kind == "dicom":
@@ -175,7 +162,6 @@ def _one(data: bytes, obj: storage.ObjectInfo, kind: str, n: int, tmp: Path, dst
             target = storage.join(folder, stem + _suffix(obj.relpath, kind))
         blob = out
         if kind == "nifti" and target.name.endswith(".gz"):
-            import gzip
             blob = gzip.decompress(out)
         assert_no_leaks(values, blob, f"{kind} output {target.name}")
         return target, out, None
@@ -184,8 +170,8 @@ def _one(data: bytes, obj: storage.ObjectInfo, kind: str, n: int, tmp: Path, dst
     except PHILeak as exc:  # never expected: the profile failed on this input; keep it out of DST
         return None, None, ("phi_audit_failed", str(exc), "audit")
     except Exception as exc:  # noqa: BLE001 - the file boundary: one input never stops the batch
-        bad = _unexpected(exc, f"de-identification of a {kind} file")
+        bad = unexpected(exc, f"de-identification of a {kind} file")
         return None, None, (bad.reason, bad.message, "deidentify")
 
 
-__all__ = ["deidentify_tree", "list_inputs", "pseudo_dirs", "kind_of", "REPORT_NAME"]
+__all__ = ["deidentify_tree", "list_inputs", "pseudo_dirs", "REPORT_NAME"]

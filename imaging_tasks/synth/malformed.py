@@ -3,9 +3,9 @@
 Every edit keeps the files valid, parseable DICOM (or an OpenSlide-readable slide): what breaks is a
 processor's precondition (missing or zero spacing, too few slices, duplicate positions, a colour image...),
 or nothing at all for the variants a processor must cope with (shuffled order, MONOCHROME1, a missing
-RescaleSlope).  Use on a copy of a study written by :mod:`imaging_tasks.synth.cardiovascular`,
-:mod:`~imaging_tasks.synth.neuroimaging`, :mod:`~imaging_tasks.synth.mammography` or
-:mod:`~imaging_tasks.synth.pathology`:
+RescaleSlope).  Use on a copy of a study written by :mod:`imaging_tasks.cardiovascular.synth`,
+:mod:`~imaging_tasks.neuroimaging.synth`, :mod:`~imaging_tasks.mammography.synth` or
+:mod:`~imaging_tasks.pathology.synth`:
 
     files = malformed.copy_study(out / "cardiovascular" / "study-000", tmp / "case")
     reason = malformed.apply("cardiovascular", "zero_pixel_spacing", files)   # -> "invalid_pixel_spacing"
@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import importlib
+
 import pydicom
 
 CT_LOCALIZER = "LOCALIZER"
@@ -74,7 +76,7 @@ def image_series(files: list[Path], modality: str) -> list[Path]:
     return [p for _k, p in sorted(members)]
 
 
-def _remove(keywords: tuple[str, ...]) -> Callable[[pydicom.Dataset], None]:
+def remove(keywords: tuple[str, ...]) -> Callable[[pydicom.Dataset], None]:
     def change(ds):
         for k in keywords:
             if k in ds:
@@ -82,7 +84,7 @@ def _remove(keywords: tuple[str, ...]) -> Callable[[pydicom.Dataset], None]:
     return change
 
 
-def _set(keyword: str, value) -> Callable[[pydicom.Dataset], None]:
+def put(keyword: str, value) -> Callable[[pydicom.Dataset], None]:
     def change(ds):
         setattr(ds, keyword, value)
     return change
@@ -106,7 +108,7 @@ def duplicate_position(series: list[Path]) -> None:
     """Move one slice onto its neighbour's position (two instances at one place, as with two phases)."""
     k = len(series) // 2
     target = _read(series[k + 1]).ImagePositionPatient
-    edit([series[k]], _set("ImagePositionPatient", list(target)))
+    edit([series[k]], put("ImagePositionPatient", list(target)))
 
 
 def duplicate_instance(series: list[Path]) -> Path:
@@ -122,14 +124,14 @@ def shuffle_instance_numbers(series: list[Path], seed: int = 0) -> None:
     numbers = [int(_read(p).InstanceNumber) for p in series]
     perm = np.random.default_rng(seed).permutation(numbers)
     for p, n in zip(series, perm):
-        edit([p], _set("InstanceNumber", int(n)))
+        edit([p], put("InstanceNumber", int(n)))
 
 
 def tilt_one_slice(series: list[Path], degrees: float = 5.0) -> None:
     """One slice rotated about the patient x axis: two orientations in one series."""
     t = np.deg2rad(degrees)
     iop = ["1", "0", "0", "0", f"{np.cos(t):.6f}", f"{np.sin(t):.6f}"]
-    edit([series[len(series) // 2]], _set("ImageOrientationPatient", iop))
+    edit([series[len(series) // 2]], put("ImageOrientationPatient", iop))
 
 
 def crop_one_slice(series: list[Path], rows: int = 16) -> None:
@@ -158,7 +160,7 @@ def make_coronal(series: list[Path], step_mm: float = 3.0) -> None:
 
 
 def missing_position_on_one_slice(series: list[Path]) -> None:
-    edit([series[len(series) // 2]], _remove(("ImagePositionPatient",)))
+    edit([series[len(series) // 2]], remove(("ImagePositionPatient",)))
 
 
 # --------------------------------------------------------------------------- pixel representation
@@ -199,7 +201,7 @@ def to_monochrome1(paths: list[Path]) -> None:
 def relabel_monochrome1(paths: list[Path]) -> None:
     """MONOCHROME1 with the stored values untouched: for CT and MR the values keep their meaning (HU, signal);
     only the display inverts, so results must not change."""
-    edit(paths, _set("PhotometricInterpretation", "MONOCHROME1"))
+    edit(paths, put("PhotometricInterpretation", "MONOCHROME1"))
 
 
 def blank_pixels(paths: list[Path]) -> None:
@@ -232,89 +234,36 @@ def set_slide_mpp(slide: Path, text: str) -> None:
     slide.write_bytes(data.replace(field, new.ljust(len(field))))
 
 
-# --------------------------------------------------------------------------- the catalogue
-def _ct(files):
+# --------------------------------------------------------------------------- series pickers for the catalogues
+def ct_series(files):
     return image_series(files, "CT")
 
 
-def _mr(files):
+def mr_series(files):
     return image_series(files, "MR")
 
 
-def _mg(files):
+def mg_images(files):
     """Every MG image (one series per view), in file order."""
     return [p for p in files if p.suffix.lower() == ".dcm"
             and str(pydicom.dcmread(str(p), stop_before_pixels=True).get("Modality", "")) == "MG"]
 
 
-def _slide(files):
+def slide_file(files):
     return [p for p in files if p.suffix.lower() == ".svs"][0]
 
 
-CASES: dict[str, dict[str, tuple[Callable[[list[Path]], object], str | None]]] = {
-    "cardiovascular": {
-        "no_pixel_spacing": (lambda f: edit(_ct(f), _remove(("PixelSpacing",))), "missing_pixel_spacing"),
-        "zero_pixel_spacing": (lambda f: edit(_ct(f), _set("PixelSpacing", ["0", "0"])), "invalid_pixel_spacing"),
-        "negative_pixel_spacing": (lambda f: edit(_ct(f), _set("PixelSpacing", ["-0.75", "-0.75"])),
-                                   "invalid_pixel_spacing"),
-        "nan_pixel_spacing": (lambda f: edit(_ct(f), _set("PixelSpacing", ["nan", "nan"])), "invalid_pixel_spacing"),
-        "one_slice": (lambda f: keep_slices(_ct(f), 1), "too_few_slices"),
-        "two_slices": (lambda f: keep_slices(_ct(f), 2), "too_few_slices"),
-        "short_coverage": (lambda f: keep_slices(_ct(f), 8), "insufficient_coverage"),
-        "missing_slice": (lambda f: drop_middle_slice(_ct(f)), "irregular_slices"),
-        "duplicate_position": (lambda f: duplicate_position(_ct(f)), "duplicate_slice_positions"),
-        "no_position_on_a_slice": (lambda f: missing_position_on_one_slice(_ct(f)), "missing_position"),
-        "no_orientation": (lambda f: edit(_ct(f), _remove(("ImageOrientationPatient",))), "missing_orientation"),
-        "tilted_slice": (lambda f: tilt_one_slice(_ct(f)), "mixed_geometry"),
-        "cropped_slice": (lambda f: crop_one_slice(_ct(f)), "mixed_geometry"),
-        "coronal": (lambda f: make_coronal(_ct(f)), "not_axial"),
-        "rgb": (lambda f: to_rgb(_ct(f)), "unsupported_photometric"),
-        "no_rescale": (lambda f: edit(_ct(f), _remove(("RescaleSlope", "RescaleIntercept"))), "missing_rescale"),
-        "zero_rescale_slope": (lambda f: edit(_ct(f), _set("RescaleSlope", "0")), "invalid_rescale"),
-        # must still process, with the unedited study's scores
-        "shuffled": (lambda f: shuffle_instance_numbers(_ct(f)), None),
-        "resent_instance": (lambda f: duplicate_instance(_ct(f)), None),
-        "no_rescale_slope": (lambda f: edit(_ct(f), _remove(("RescaleSlope",))), None),
-        "monochrome1": (lambda f: relabel_monochrome1(_ct(f)), None),
-    },
-    "neuroimaging": {
-        "no_pixel_spacing": (lambda f: edit(_mr(f), _remove(("PixelSpacing",))), "missing_pixel_spacing"),
-        "zero_pixel_spacing": (lambda f: edit(_mr(f), _set("PixelSpacing", ["0", "0"])), "invalid_pixel_spacing"),
-        "nan_pixel_spacing": (lambda f: edit(_mr(f), _set("PixelSpacing", ["nan", "nan"])), "invalid_pixel_spacing"),
-        "few_slices": (lambda f: keep_slices(_mr(f), 12), "not_volumetric"),
-        "spacing_differs_on_a_slice": (lambda f: other_spacing_on_one_slice(_mr(f)), "mixed_geometry"),
-        "tilted_slice": (lambda f: tilt_one_slice(_mr(f)), "mixed_geometry"),
-        "duplicate_position": (lambda f: duplicate_position(_mr(f)), "duplicate_slice_positions"),
-        "missing_slice": (lambda f: drop_middle_slice(_mr(f)), "irregular_slices"),
-        "rgb": (lambda f: to_rgb(_mr(f)), "unsupported_photometric"),
-        "blank": (lambda f: blank_pixels(_mr(f)), "blank_image"),
-        "shuffled": (lambda f: shuffle_instance_numbers(_mr(f)), None),
-    },
-    "mammography": {
-        "no_pixel_spacing": (lambda f: edit(_mg(f), _remove(("ImagerPixelSpacing", "PixelSpacing"))),
-                             "missing_pixel_spacing"),
-        "zero_pixel_spacing": (lambda f: edit(_mg(f), _set("ImagerPixelSpacing", ["0", "0"])),
-                               "invalid_pixel_spacing"),
-        "nan_pixel_spacing": (lambda f: edit(_mg(f), _set("ImagerPixelSpacing", ["nan", "nan"])),
-                              "invalid_pixel_spacing"),
-        "rgb": (lambda f: to_rgb(_mg(f)[:1]), "unsupported_photometric"),
-        "thumbnail": (lambda f: crop_image(_mg(f)[:1], 48, 40), "image_too_small"),
-        "blank": (lambda f: blank_pixels(_mg(f)[-1:]), "blank_image"),
-        "monochrome1": (lambda f: to_monochrome1(_mg(f)), None),
-        "zero_pixel_spacing_with_detector_spacing": (
-            lambda f: edit(_mg(f), _set("PixelSpacing", ["0", "0"])), None),
-    },
-    "pathology": {
-        "zero_mpp": (lambda f: set_slide_mpp(_slide(f), "0"), "invalid_mpp"),
-        "nan_mpp": (lambda f: set_slide_mpp(_slide(f), "nan"), "invalid_mpp"),
-        "negative_mpp": (lambda f: set_slide_mpp(_slide(f), "-0.5"), "invalid_mpp"),
-        "no_mpp": (lambda f: set_slide_mpp(_slide(f), ""), "missing_mpp"),
-    },
-}
+def cases(specialty: str) -> dict[str, tuple[Callable[[list[Path]], object], str | None]]:
+    """The specialty's catalogue: ``MALFORMED`` in its synthesizer's module, {case: (edit, expected reason or
+    None for "must still process")}."""
+    from imaging_tasks.specialties import get as get_specialty
+
+    module = get_specialty(specialty).synthesizer.partition(":")[0]
+    return importlib.import_module(module).MALFORMED
 
 
 def apply(specialty: str, case: str, files: list[Path]) -> str | None:
     """Apply ``case`` to a study's files in place; returns the reason processing must give (None: none)."""
-    change, reason = CASES[specialty][case]
+    change, reason = cases(specialty)[case]
     change(files)
     return reason

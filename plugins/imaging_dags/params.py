@@ -45,26 +45,21 @@ def pipeline_params(**extra: Param) -> dict[str, Param]:
     }
 
 
-def neuroimaging_params() -> dict[str, Param]:
-    return pipeline_params(
-        mr_only_wait_hours=Param(6.0, type="number", minimum=0, maximum=168,
-                                 title="MR-only wait (hours)",
-                                 description="A session with MR but no PET yet is processed MR-only once nothing "
-                                             "new arrived for this many hours (0-168).",
-                                 section="Neuroimaging"))
+def specialty_params(specialty: str) -> dict[str, Param]:
+    """The common Params, then the specialty's options from its record, in a section of their own: the same
+    schema the CLI's flags and the library's keyword arguments come from."""
+    from imaging_tasks.specialties import get
 
-
-def pathology_params() -> dict[str, Param]:
-    return pipeline_params(
-        target_mpp=Param(1.0, type="number", minimum=0.1, maximum=16,
-                         title="Target resolution (µm per pixel)",
-                         description="Tiles are read at this resolution: 0.25 ≈ 40x, 0.5 ≈ 20x, 1.0 ≈ 10x "
-                                     "(0.1-16 µm/px).",
-                         section="Pathology tiling"),
-        tile_px=Param(256, type="integer", minimum=32, maximum=2048,
-                      title="Tile size (pixels)",
-                      description="Edge of a square tile at the target resolution (32-2048 px).",
-                      section="Pathology tiling"))
+    record = get(specialty)
+    extra = {}
+    for o in record.options:
+        schema = {k: v for k, v in (("minimum", o.minimum), ("maximum", o.maximum)) if v is not None}
+        if o.enum is not None:
+            schema["enum"] = list(o.enum)
+        extra[o.name] = Param(o.default, type=o.type, title=o.title, description=o.description,
+                              section=f"{record.title} processing" if o.stage == "process" else f"{record.title} "
+                                                                                                "inputs", **schema)
+    return pipeline_params(**extra)
 
 
 def run_option(params, name: str, default):
@@ -73,12 +68,8 @@ def run_option(params, name: str, default):
     return default if value is None or value == "" else value
 
 
-# Params that change a study's results, with their nightly defaults: a study loaded with other values is due again.
-PROCESSING_DEFAULTS = {"target_mpp": 1.0, "tile_px": 256}
+def run_options(specialty: str, params) -> dict:
+    """The run's values of the specialty's options (what the library steps take as ``options``)."""
+    from imaging_tasks.specialties import get
 
-
-def processing_options(params) -> dict:
-    """The run's result-changing options that differ from the defaults (so a default run, from the DAG or the
-    CLI, hashes the same)."""
-    return {k: params[k] for k, default in PROCESSING_DEFAULTS.items()
-            if (params or {}).get(k) is not None and params[k] != default}
+    return {o.name: params[o.name] for o in get(specialty).options if (params or {}).get(o.name) not in (None, "")}

@@ -112,7 +112,7 @@ class SpecialtySettings:
     def lake(self):
         from airflow.sdk import ObjectStoragePath
 
-        from imaging_tasks.pipeline import Lake
+        from imaging_tasks.lake import Lake
 
         return Lake(ObjectStoragePath(self.lake_uri), self.specialty)
 

@@ -10,7 +10,8 @@ from contextlib import contextmanager
 
 from airflow.sdk import Asset, TriggerRule, get_current_context, task
 
-from imaging_dags.params import processing_options, run_option
+from imaging_dags.params import run_options
+from imaging_tasks.contracts import is_ok
 from imaging_dags.settings import GPU_POOL, GPU_QUEUE, SENSOR_TIMEOUT_S
 
 log = logging.getLogger("imaging_dags")
@@ -129,8 +130,7 @@ def index_studies(specialty: str, arrived: dict | None = None) -> list[dict]:
                  "public DEMO key" if demo else "configured key")
         summary = index_landing(settings.landing, settings.lake, key=key, prefix=params.get("prefix") or "",
                                 since=since, until=until, reprocess=bool(params.get("reprocess")),
-                                mr_only_wait_hours=float(run_option(params, "mr_only_wait_hours", 6.0)),
-                                options=processing_options(params), run=_run())
+                                options=run_options(specialty, params), run=_run())
     counts = {"objects": summary["objects"], "to_process": len(summary["studies"]),
               "already_done": len(summary["skipped_done"]), "waiting": len(summary["waiting"]),
               "quarantined": summary["quarantined"], "quarantined_new": summary["quarantined_new"]}
@@ -168,7 +168,7 @@ def audit_phi(specialty: str, study: dict) -> dict:
     from imaging_tasks.pipeline import audit_deidentified
 
     label_study(study)
-    if study.get("status") != "ok":
+    if not is_ok(study):
         log.info("PHI audit %s study %s: nothing to audit (status %s)", specialty, study.get("study"),
                  study.get("status"))
         return study
@@ -182,8 +182,8 @@ def audit_phi(specialty: str, study: dict) -> dict:
 @task
 def ready_for_processing(specialty: str, audited: list[dict]) -> list[dict]:
     """Only de-identified, audited studies go on: a quarantined study never takes a GPU slot."""
-    ready = [s for s in audited if s and s.get("status") == "ok"]
-    held = [s for s in audited if s and s.get("status") != "ok"]
+    ready = [s for s in audited if is_ok(s)]
+    held = [s for s in audited if s and not is_ok(s)]
     log.info("%s: %d stud(ies) ready for processing%s", specialty, len(ready),
              "" if not held else f"; {len(held)} held back (quarantined at de-identification): "
              + ", ".join(str(s.get("study")) for s in held[:50]))
@@ -195,57 +195,70 @@ def gpu_task(**kwargs):
     return task(queue=GPU_QUEUE, pool=GPU_POOL, **kwargs)
 
 
-@gpu_task(map_index_template=STUDY_LABEL)
-def process_study(specialty: str, study: dict) -> dict:
+@task(map_index_template=STUDY_LABEL)
+def _study_step(specialty: str, step: str, study: dict) -> dict:
+    """One processing step of the specialty's record on one study (the last one publishes it)."""
     from imaging_tasks.pipeline import process_study as run_step
 
     label_study(study)
-    with naming_study(specialty, study, "processing"):
-        return run_step(study, _lake(specialty), run=_run())
+    params = get_current_context()["params"]
+    with naming_study(specialty, study, step):
+        return run_step(study, _lake(specialty), step=step, options=run_options(specialty, params), run=_run())
 
 
+def study_step(specialty: str, name: str):
+    """The task of processing step ``name`` of the specialty's record, to ``.expand(study=...)``: its task id is the
+    step's name, and a GPU step runs on the GPU queue and pool (CPU fallback inside the step when no CUDA)."""
+    from imaging_tasks.specialties import get
+
+    step = get(specialty).step(name)
+    routing = {"queue": GPU_QUEUE, "pool": GPU_POOL} if step.gpu else {}
+    return _study_step.override(task_id=step.name, **routing).partial(specialty=specialty, step=step.name)
+
+
+# --------------------------------------------------------------------------- tile fan-out (whole-slide specialties)
 @task(map_index_template=STUDY_LABEL)
-def plan_tiles(study: dict) -> dict:
-    """Tissue detection and tile list at the run's ``target_mpp`` / ``tile_px`` Params."""
-    from imaging_tasks.pipeline import plan_slide
+def plan_tiles(specialty: str, study: dict) -> dict:
+    """Tissue detection and tile list at the run's options (e.g. ``target_mpp`` / ``tile_px``)."""
+    from imaging_tasks.specialties import get
 
     label_study(study)
     params = get_current_context()["params"]
-    target_mpp, tile_px = float(run_option(params, "target_mpp", 1.0)), int(run_option(params, "tile_px", 256))
-    with naming_study("pathology", study, "tile planning"):
-        plan = plan_slide(study, _lake("pathology"), target_mpp=target_mpp, tile_px=tile_px, run=_run())
-    log.info("plan pathology study %s at %.3g µm/px, %d px tiles: %d tile(s) on tissue, status %s", study["study"],
-             target_mpp, tile_px, plan.get("n_tiles", 0), plan.get("status"))
+    with naming_study(specialty, study, "tile planning"):
+        plan = get(specialty).fan_out_step("plan_slide")(study, _lake(specialty),
+                                                          options=run_options(specialty, params), run=_run())
+    log.info("plan %s study %s: %d tile(s) on tissue, status %s", specialty, study["study"], plan.get("n_tiles", 0),
+             plan.get("status"))
     return plan
 
 
 @task
-def tile_batches(plans: list[dict], max_batches: int = 1000) -> list[dict]:
+def tile_batches(specialty: str, plans: list[dict], max_batches: int = 1000) -> list[dict]:
     """Never more than ``max_batches`` mapped feature tasks, however many tiles arrive."""
-    from imaging_tasks.pipeline import tile_batches as split
+    from imaging_tasks.specialties import get
 
-    batches = split(list(plans), max_batches=max_batches)
-    log.info("pathology: %d tile(s) of %d slide(s) in %d batch(es)", sum(b["stop"] - b["start"] for b in batches),
+    batches = get(specialty).fan_out_step("tile_batches")(list(plans), max_batches=max_batches)
+    log.info("%s: %d tile(s) of %d stud(ies) in %d batch(es)", specialty, sum(b["stop"] - b["start"] for b in batches),
              len({b["study"] for b in batches}), len(batches))
     return batches
 
 
 @gpu_task(map_index_template=STUDY_LABEL)
-def tile_features(batch: dict) -> dict:
-    from imaging_tasks.pipeline import tile_features_batch
+def tile_features(specialty: str, batch: dict) -> dict:
+    from imaging_tasks.specialties import get
 
     label_study(batch, f"tiles {batch['start']}-{batch['stop']}")
-    with naming_study("pathology", batch, f"tile features {batch['start']}-{batch['stop']}"):
-        return tile_features_batch(batch, _lake("pathology"), run=_run())
+    with naming_study(specialty, batch, f"tile features {batch['start']}-{batch['stop']}"):
+        return get(specialty).fan_out_step("tile_features_batch")(batch, _lake(specialty), run=_run())
 
 
 @task(trigger_rule=TriggerRule.NONE_FAILED, map_index_template=STUDY_LABEL)
-def finish_slide(plan: dict, features: list[dict] | None = None) -> dict:
-    from imaging_tasks.pipeline import finish_slide as finish
+def finish_slide(specialty: str, plan: dict, features: list[dict] | None = None) -> dict:
+    from imaging_tasks.specialties import get
 
     label_study(plan)
-    with naming_study("pathology", plan, "slide summary"):
-        return finish(plan, list(features or []), _lake("pathology"), run=_run())
+    with naming_study(specialty, plan, "slide summary"):
+        return get(specialty).fan_out_step("finish_slide")(plan, list(features or []), _lake(specialty), run=_run())
 
 
 @task(task_id="load_metadata", trigger_rule=TriggerRule.ALL_DONE)

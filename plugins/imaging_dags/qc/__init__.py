@@ -25,14 +25,29 @@ from __future__ import annotations
 from urllib.parse import quote
 
 URL_PREFIX = "/imaging"
-# mapped tasks whose instances each hold one study (tile_features: one tile batch of one slide)
-STUDY_TASKS = ("deidentify", "audit_phi", "process_study", "plan_tiles", "tile_features", "finish_slide")
+# mapped tasks whose instances each hold one study (tile_features: one tile batch of one slide), besides the
+# processing steps the specialties' records declare
+COMMON_STUDY_TASKS = ("deidentify", "audit_phi", "plan_tiles", "tile_features", "finish_slide")
 
 
 def specialties() -> tuple[str, ...]:
-    from imaging_tasks.specialties import SPECIALTIES
+    from imaging_tasks.specialties import names
 
-    return SPECIALTIES
+    return names()
+
+
+def study_tasks() -> tuple[str, ...]:
+    from imaging_tasks.specialties import get
+
+    steps = {s.name for name in specialties() for s in get(name).steps}
+    return (*COMMON_STUDY_TASKS, *sorted(steps - set(COMMON_STUDY_TASKS)))
+
+
+def final_tasks() -> tuple[str, ...]:
+    """The tasks that publish a study: each record's last step, and the tile fan-out's per-study summary."""
+    from imaging_tasks.specialties import get
+
+    return ("finish_slide", *sorted({get(name).steps[-1].name for name in specialties()}))
 
 
 def api_root_path() -> str:

@@ -21,7 +21,7 @@ from airflow.api_fastapi.app import get_auth_manager
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
 from airflow.api_fastapi.common.db.common import SessionDep
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
-from imaging_dags.qc import STUDY_TASKS, URL_PREFIX, api_root_path, specialties
+from imaging_dags.qc import URL_PREFIX, study_tasks, api_root_path, specialties
 from imaging_dags.qc import render
 from imaging_dags.qc.lake import LakeView, is_pseudonym
 from imaging_dags.qc.runs import dag_run, recent_runs, resolve_study, run_studies
@@ -220,10 +220,10 @@ def create_app() -> FastAPI:
         run_link = [("the run's studies and quarantine reasons", render.run_url(base, dag_id, run_id))]
         crumbs = [("Imaging QC", f"{base}/"), (dag_id, None), (run_id, render.run_url(base, dag_id, run_id)),
                   (f"{task_id} [{index}]" if index >= 0 else task_id, None)]
-        if task_id not in STUDY_TASKS or index < 0:
+        if task_id not in study_tasks() or index < 0:
             return _html(render.message_page(
                 base, f"{task_id} holds no single study",
-                f"{task_id} is not a mapped study task of {dag_id} (those are {', '.join(STUDY_TASKS)}): "
+                f"{task_id} is not a mapped study task of {dag_id} (those are {', '.join(study_tasks())}): "
                 "its results are on the run's page.", run_link, crumbs=crumbs))
         found = lake_call(resolve_study, session, dag_id, run_id, task_id, index, _lake(dag_id))
         if not found["exists"]:

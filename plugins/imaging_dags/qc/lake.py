@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from imaging_tasks import storage
-from imaging_tasks.pipeline import DEID_MANIFEST, Lake
+from imaging_tasks.lake import Lake
+from imaging_tasks.pipeline import DEID_MANIFEST
 
 PATIENT = re.compile(r"^P[A-Za-z0-9]{4,64}$")
 STUDY = re.compile(r"^S[A-Za-z0-9]{4,64}$")

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from airflow.sdk import BaseOperatorLink
 
-from imaging_dags.qc import STUDY_TASKS, URL_PREFIX, api_root_path, specialties, task_instance_path
+from imaging_dags.qc import URL_PREFIX, study_tasks, api_root_path, specialties, task_instance_path
 
 
 def study_task_url(dag_id: str, run_id: str, task_id: str, map_index: int) -> str:
     """The resolver URL of a study task instance, or ``""`` when the task holds no single study."""
-    if dag_id not in specialties() or task_id not in STUDY_TASKS or map_index is None or map_index < 0:
+    if dag_id not in specialties() or task_id not in study_tasks() or map_index is None or map_index < 0:
         return ""
     return api_root_path() + URL_PREFIX + task_instance_path(dag_id, run_id, task_id, map_index)
 

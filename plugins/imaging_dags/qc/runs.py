@@ -11,10 +11,9 @@ from typing import Any
 
 from sqlalchemy import select
 
-from imaging_dags.qc import STUDY_TASKS
+from imaging_dags.qc import final_tasks, study_tasks
 from imaging_dags.qc.lake import PATIENT, STUDY, LakeView
 
-FINAL_TASKS = ("process_study", "finish_slide")
 STEP_ORDER = {t: n for n, t in enumerate(("index_studies", "deidentify", "audit_phi", "ready_for_processing",
                                           "plan_tiles", "tile_batches", "tile_features", "process_study",
                                           "finish_slide", "load_metadata"))}
@@ -123,7 +122,7 @@ def run_studies(session, dag_id: str, run_id: str, lake: LakeView) -> list[Study
     def row(study: str) -> StudyRow:
         return studies.setdefault(study, StudyRow(study=study))
 
-    values = return_values(session, dag_id, run_id, ("index_studies", *STUDY_TASKS))
+    values = return_values(session, dag_id, run_id, ("index_studies", *study_tasks()))
     for task_id, map_index, value in values:
         if task_id == "index_studies" and isinstance(value, list):
             for n, item in enumerate(value):
@@ -132,7 +131,7 @@ def run_studies(session, dag_id: str, run_id: str, lake: LakeView) -> list[Study
                     r.order = min(r.order, n)
                     r.patient = r.patient or _patient(item)
     by_key: dict[tuple[str, int], Any] = {(t, m): v for t, m, v in values if t != "index_studies"}
-    for ti in task_instances(session, dag_id, run_id, STUDY_TASKS):
+    for ti in task_instances(session, dag_id, run_id, study_tasks()):
         value = by_key.pop((ti["task_id"], ti["map_index"]), None)
         study = (value.get("study") if isinstance(value, dict) else None) or study_of_label(ti["label"])
         if not study or not STUDY.match(str(study)):
@@ -160,12 +159,12 @@ def run_studies(session, dag_id: str, run_id: str, lake: LakeView) -> list[Study
         study = str(rec.get("study_id") or "")
         if STUDY.match(study):
             r = row(study)
-            if rec.get("task_id") in STUDY_TASKS and rec["task_id"] not in r.steps:  # e.g. XComs cleared
+            if rec.get("task_id") in study_tasks() and rec["task_id"] not in r.steps:  # e.g. XComs cleared
                 status = "ok" if rec.get("status") == "success" else rec.get("status")
                 r.steps[rec["task_id"]] = {"state": None, "map_index": rec.get("map_index"), "status": status}
-            if rec.get("task_id") in FINAL_TASKS or (r.device is None and rec.get("device")):
+            if rec.get("task_id") in final_tasks() or (r.device is None and rec.get("device")):
                 r.device = rec.get("device") or r.device
-                r.duration_s = rec.get("duration_s") if rec.get("task_id") in FINAL_TASKS else r.duration_s
+                r.duration_s = rec.get("duration_s") if rec.get("task_id") in final_tasks() else r.duration_s
     for r in studies.values():
         _settle(r)
         if r.patient is None and r.status == "published":
@@ -188,7 +187,7 @@ def _patient(value: dict) -> str | None:
 def _settle(r: StudyRow) -> None:
     """One status per study, from its steps: published > quarantined > failed > running > skipped > pending."""
     steps = sorted(r.steps.items(), key=lambda kv: STEP_ORDER.get(kv[0], 99))
-    final = [s for t, s in steps if t in FINAL_TASKS]
+    final = [s for t, s in steps if t in final_tasks()]
     quarantined = [(t, s) for t, s in steps if s.get("status") == "quarantined"]
     failed = [(t, s) for t, s in steps if s.get("state") in FAILED]
     running = [(t, s) for t, s in steps if s.get("state") in UNFINISHED]
@@ -229,7 +228,7 @@ def resolve_study(session, dag_id: str, run_id: str, task_id: str, map_index: in
     if out["study"] is None and ti is not None:
         out["study"] = study_of_label(ti["label"])
     if out["study"] and not out["patient"]:
-        for _t, _m, other in return_values(session, dag_id, run_id, ("index_studies", *STUDY_TASKS)):
+        for _t, _m, other in return_values(session, dag_id, run_id, ("index_studies", *study_tasks())):
             for item in other if isinstance(other, list) else [other]:
                 if isinstance(item, dict) and item.get("study") == out["study"] and _patient(item):
                     out["patient"] = _patient(item)

@@ -33,6 +33,7 @@ from pydicom.sequence import Sequence
 from scipy import ndimage as ndi
 
 from imaging_tasks.synth import phi
+from imaging_tasks.synth import malformed as mf
 
 SPECIALTY = "neuroimaging"
 MR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.4"
@@ -440,3 +441,22 @@ def synthesize(out: pathlib.Path, studies: int, seed: int, *, with_pet: bool | l
 
 __all__ = ["SPECIALTY", "bias_field_at", "head_phantom", "image_points_mm", "pose_transform", "synthesize",
            "synthesize_study", "truth_on_grid"]
+
+
+# --------------------------------------------------------------------------- malformed-but-readable cases
+# {case: (edit of a copy of a study written here, reason processing must give; None: must still process)}
+MALFORMED = {
+    "no_pixel_spacing": (lambda f: mf.edit(mf.mr_series(f), mf.remove(("PixelSpacing",))), "missing_pixel_spacing"),
+    "zero_pixel_spacing": (lambda f: mf.edit(mf.mr_series(f), mf.put("PixelSpacing", ["0", "0"])),
+                           "invalid_pixel_spacing"),
+    "nan_pixel_spacing": (lambda f: mf.edit(mf.mr_series(f), mf.put("PixelSpacing", ["nan", "nan"])),
+                          "invalid_pixel_spacing"),
+    "few_slices": (lambda f: mf.keep_slices(mf.mr_series(f), 12), "not_volumetric"),
+    "spacing_differs_on_a_slice": (lambda f: mf.other_spacing_on_one_slice(mf.mr_series(f)), "mixed_geometry"),
+    "tilted_slice": (lambda f: mf.tilt_one_slice(mf.mr_series(f)), "mixed_geometry"),
+    "duplicate_position": (lambda f: mf.duplicate_position(mf.mr_series(f)), "duplicate_slice_positions"),
+    "missing_slice": (lambda f: mf.drop_middle_slice(mf.mr_series(f)), "irregular_slices"),
+    "rgb": (lambda f: mf.to_rgb(mf.mr_series(f)), "unsupported_photometric"),
+    "blank": (lambda f: mf.blank_pixels(mf.mr_series(f)), "blank_image"),
+    "shuffled": (lambda f: mf.shuffle_instance_numbers(mf.mr_series(f)), None),
+}

@@ -12,15 +12,26 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-SPECIALTIES = ("neuroimaging", "cardiovascular", "pathology", "mammography")
-PROCESS_TASK = {"pathology": "finish_slide"}
+REPO = Path(__file__).resolve().parents[1]
+for _path in (str(REPO / "plugins"), str(REPO)):  # run as a script: the glue package and the library
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+
+def final_task(specialty: str) -> str:
+    """The task that publishes a study: the fan-out's per-study summary, else the record's last step."""
+    from imaging_tasks.specialties import get
+
+    record = get(specialty)
+    return "finish_slide" if record.fan_out else record.steps[-1].name
 
 
 def synthesize(landing: Path, studies: int, seed: int) -> None:
     from imaging_tasks.cli import main as cli
 
-    for specialty in SPECIALTIES:
+    from imaging_tasks.specialties import names
+
+    for specialty in names():
         if not (landing / specialty).exists():
             cli(["synth", "--specialty", specialty, "--out", str(landing), "--studies", str(studies),
                  "--seed", str(seed), "--bad-inputs"])
@@ -53,7 +64,7 @@ def summarize(dag_id: str, run, seconds: float, warehouse: Path) -> dict:
             "found": index.get("to_process", 0) + index.get("already_done", 0),
             "done_before": index.get("already_done", 0), "waiting": index.get("waiting", 0),
             "deidentified": ok("deidentify"),
-            "processed": ok(PROCESS_TASK.get(dag_id, "process_study")),
+            "processed": ok(final_task(dag_id)),
             "quarantined": wh.count("quarantine", "WHERE specialty = ?", [dag_id]),
             "rows": sum(loaded.values()), "seconds": seconds}
 
@@ -86,7 +97,9 @@ def main() -> int:
         print("DAG import errors:", bag.import_errors, file=sys.stderr)
         return 1
     rows = []
-    for dag_id in SPECIALTIES:
+    from imaging_tasks.specialties import names
+
+    for dag_id in names():
         started = time.time()
         run = bag.dags[dag_id].test()
         rows.append(summarize(dag_id, run, time.time() - started, data / "warehouse.duckdb"))

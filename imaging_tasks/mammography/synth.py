@@ -16,7 +16,8 @@ by ``<laterality>_<view>`` (``views``), the calcification centres and the cluste
 Coordinates: ``*_xy_px`` are (column, row) of the pixel grid of the stored image; ``*_xy_mm`` are the
 same times ImagerPixelSpacing, i.e. millimetres in the detector plane from the top-left pixel centre.
 
-Cluster rule (the one :func:`imaging_tasks.mammo.cluster_calcifications` applies by default): at least
+Cluster rule (the one :func:`~imaging_tasks.mammography.calcifications.cluster_calcifications` applies by
+default): at least
 3 calcifications within 1 cm^2 (a disc of radius 5.64 mm), the classic CAD definition.  Planted clusters
 have 5-15 members inside a disc of radius <= 4.5 mm, so they also meet the stricter BI-RADS 5th-edition
 "grouped" rule (>= 5 within 1 cm).  Planted isolated specks (singles and sub-threshold pairs) are at least
@@ -31,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from imaging_tasks.synth.phi import dicom_dataset, fake_study, new_uid, phi_values, write_dicom
+from imaging_tasks.synth import malformed as mf
 
 SPECIALTY = "mammography"
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
@@ -438,3 +440,21 @@ def _mg_attributes(ds, rng, lat, view, pixels, spacing, bits, kvp, anatomy) -> N
     ds.WindowWidth = f"{max(hi - lo, 1):.0f}"
     ds.VOILUTFunction = "LINEAR"
     ds.PixelData = pixels.astype("<u2").tobytes()
+
+
+# --------------------------------------------------------------------------- malformed-but-readable cases
+# {case: (edit of a copy of a study written here, reason processing must give; None: must still process)}
+MALFORMED = {
+    "no_pixel_spacing": (lambda f: mf.edit(mf.mg_images(f), mf.remove(("ImagerPixelSpacing", "PixelSpacing"))),
+                         "missing_pixel_spacing"),
+    "zero_pixel_spacing": (lambda f: mf.edit(mf.mg_images(f), mf.put("ImagerPixelSpacing", ["0", "0"])),
+                           "invalid_pixel_spacing"),
+    "nan_pixel_spacing": (lambda f: mf.edit(mf.mg_images(f), mf.put("ImagerPixelSpacing", ["nan", "nan"])),
+                          "invalid_pixel_spacing"),
+    "rgb": (lambda f: mf.to_rgb(mf.mg_images(f)[:1]), "unsupported_photometric"),
+    "thumbnail": (lambda f: mf.crop_image(mf.mg_images(f)[:1], 48, 40), "image_too_small"),
+    "blank": (lambda f: mf.blank_pixels(mf.mg_images(f)[-1:]), "blank_image"),
+    "monochrome1": (lambda f: mf.to_monochrome1(mf.mg_images(f)), None),
+    "zero_pixel_spacing_with_detector_spacing": (
+        lambda f: mf.edit(mf.mg_images(f), mf.put("PixelSpacing", ["0", "0"])), None),
+}

@@ -24,6 +24,7 @@ import tifffile
 from PIL import Image, ImageDraw, ImageFont
 
 from imaging_tasks.synth.phi import fake_study, phi_values
+from imaging_tasks.synth import malformed as mf
 
 SPECIALTY = "pathology"
 TILE = 256
@@ -337,3 +338,13 @@ def synthesize(out: Path, studies: int, seed: int, *, width: int = 6144, height:
         tpath.write_text(json.dumps(truth, indent=2, sort_keys=True))
         truths.append(tpath)
     return truths
+
+
+# --------------------------------------------------------------------------- malformed-but-readable cases
+# {case: (edit of a copy of a study written here, reason processing must give; None: must still process)}
+MALFORMED = {
+    "zero_mpp": (lambda f: mf.set_slide_mpp(mf.slide_file(f), "0"), "invalid_mpp"),
+    "nan_mpp": (lambda f: mf.set_slide_mpp(mf.slide_file(f), "nan"), "invalid_mpp"),
+    "negative_mpp": (lambda f: mf.set_slide_mpp(mf.slide_file(f), "-0.5"), "invalid_mpp"),
+    "no_mpp": (lambda f: mf.set_slide_mpp(mf.slide_file(f), ""), "missing_mpp"),
+}

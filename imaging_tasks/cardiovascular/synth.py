@@ -6,7 +6,7 @@ lesion area is an integer multiple of 0.5625 mm2 — exactly representable in bi
 Agatston score (area x density weight of the slice's peak HU), the volume score (voxels x voxel volume) and
 the mass score (calibration x HU x volume) follow by arithmetic, not by measurement.  Everything else in
 the phantom is kept below the 130 HU threshold (noise is clipped) except bone, which sits outside the heart
-or in large connected structures (spine, sternum, ribs) that :func:`imaging_tasks.cardio.heart_roi`
+or in large connected structures (spine, sternum, ribs) that :func:`imaging_tasks.cardiovascular.calcium.heart_roi`
 excludes, plus one calcified lung granuloma that must be excluded because it is inside a lung.
 
 Slice indices in the truth count from the most inferior slice (ascending patient z), the order
@@ -21,6 +21,7 @@ import pathlib
 import numpy as np
 
 from imaging_tasks.synth import phi
+from imaging_tasks.synth import malformed as mf
 
 SPECIALTY = "cardiovascular"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -348,3 +349,36 @@ def synthesize(out: pathlib.Path, studies: int, seed: int, *, rows: int = 192, s
         tpath.write_text(json.dumps(record, indent=1))
         truth_paths.append(tpath)
     return truth_paths
+
+
+# --------------------------------------------------------------------------- malformed-but-readable cases
+# {case: (edit of a copy of a study written here, reason processing must give; None: must still process)}
+MALFORMED = {
+    "no_pixel_spacing": (lambda f: mf.edit(mf.ct_series(f), mf.remove(("PixelSpacing",))), "missing_pixel_spacing"),
+    "zero_pixel_spacing": (lambda f: mf.edit(mf.ct_series(f), mf.put("PixelSpacing", ["0", "0"])),
+                           "invalid_pixel_spacing"),
+    "negative_pixel_spacing": (lambda f: mf.edit(mf.ct_series(f), mf.put("PixelSpacing", ["-0.75", "-0.75"])),
+                               "invalid_pixel_spacing"),
+    "nan_pixel_spacing": (lambda f: mf.edit(mf.ct_series(f), mf.put("PixelSpacing", ["nan", "nan"])),
+                          "invalid_pixel_spacing"),
+    "one_slice": (lambda f: mf.keep_slices(mf.ct_series(f), 1), "too_few_slices"),
+    "two_slices": (lambda f: mf.keep_slices(mf.ct_series(f), 2), "too_few_slices"),
+    "short_coverage": (lambda f: mf.keep_slices(mf.ct_series(f), 8), "insufficient_coverage"),
+    "missing_slice": (lambda f: mf.drop_middle_slice(mf.ct_series(f)), "irregular_slices"),
+    "duplicate_position": (lambda f: mf.duplicate_position(mf.ct_series(f)), "duplicate_slice_positions"),
+    "no_position_on_a_slice": (lambda f: mf.missing_position_on_one_slice(mf.ct_series(f)), "missing_position"),
+    "no_orientation": (lambda f: mf.edit(mf.ct_series(f), mf.remove(("ImageOrientationPatient",))),
+                       "missing_orientation"),
+    "tilted_slice": (lambda f: mf.tilt_one_slice(mf.ct_series(f)), "mixed_geometry"),
+    "cropped_slice": (lambda f: mf.crop_one_slice(mf.ct_series(f)), "mixed_geometry"),
+    "coronal": (lambda f: mf.make_coronal(mf.ct_series(f)), "not_axial"),
+    "rgb": (lambda f: mf.to_rgb(mf.ct_series(f)), "unsupported_photometric"),
+    "no_rescale": (lambda f: mf.edit(mf.ct_series(f), mf.remove(("RescaleSlope", "RescaleIntercept"))),
+                   "missing_rescale"),
+    "zero_rescale_slope": (lambda f: mf.edit(mf.ct_series(f), mf.put("RescaleSlope", "0")), "invalid_rescale"),
+    # must still process, with the unedited study's scores
+    "shuffled": (lambda f: mf.shuffle_instance_numbers(mf.ct_series(f)), None),
+    "resent_instance": (lambda f: mf.duplicate_instance(mf.ct_series(f)), None),
+    "no_rescale_slope": (lambda f: mf.edit(mf.ct_series(f), mf.remove(("RescaleSlope",))), None),
+    "monochrome1": (lambda f: mf.relabel_monochrome1(mf.ct_series(f)), None),
+}

@@ -1,4 +1,8 @@
-"""BigQuery backend: the same schema and upsert keys as DuckDB, through the google provider's hook.
+"""BigQuery store: the same schema, upsert keys and API as :class:`~imaging_tasks.warehouse.DuckDBWarehouse`.
+
+Plain Python: the caller passes a ``google.cloud.bigquery.Client`` in.  Airflow builds it from its connection
+(``imaging_dags.warehouse_hook.WarehouseHook``, through the google provider's ``BigQueryHook``); outside Airflow,
+:func:`imaging_tasks.warehouse.open_warehouse` builds it from ambient credentials.
 
 A load of one table is
 
@@ -14,6 +18,10 @@ A load of one table is
 
 Tables are created from :data:`imaging_tasks.warehouse.TABLES` (the DuckDB default's definitions):
 partitioned by the day of ``loaded_at`` and clustered by specialty / modality / study where they have them.
+
+There is no multi-table transaction in BigQuery: :meth:`BigQueryWarehouse.transaction` yields the store
+itself, and each upsert (one MERGE) applies on its own; each MERGE converges when rerun, so a load interrupted
+between two tables is completed by running it again.
 
 Transient faults: google-cloud-bigquery already retries every API call (job insert, polling, table calls) on
 429/5xx/connection errors for up to 10 minutes, and re-runs a query job (the MERGE/DELETE) that failed for a
@@ -32,11 +40,15 @@ import logging
 import math
 import time  # noqa: F401 - tests stub time.sleep through this module (the retry waits use it)
 import uuid
-from typing import Iterable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from imaging_tasks import retry
 from imaging_tasks.errors import ConfigError
 from imaging_tasks.warehouse.schema import TABLES, Table, prepare_rows, replaced_scopes
+
+if TYPE_CHECKING:
+    from google.cloud.bigquery import Client
 
 log = logging.getLogger(__name__)
 
@@ -149,29 +161,25 @@ def to_ndjson(table: Table, rows: Iterable[dict]) -> bytes:
 
 # --------------------------------------------------------------------------- warehouse
 class BigQueryWarehouse:
-    """``upsert(table, rows, replace_scope=...)`` like :class:`~imaging_tasks.warehouse.DuckDBWarehouse`."""
+    """The warehouse in a BigQuery dataset, through ``client`` (a ``google.cloud.bigquery.Client``).
 
-    def __init__(self, *, project: str, dataset: str, gcp_conn_id: str = "google_cloud_default",
-                 location: str | None = None):
+    ``upsert(table, rows, replace_scope=..., scopes=...)``, ``transaction()``, ``query``, ``count``: the
+    :class:`~imaging_tasks.warehouse.Warehouse` API.  Tables are ``project.dataset.<table>``; a missing
+    dataset is created in ``location`` (the client's default location when ``None``).
+    """
+
+    def __init__(self, client: "Client", *, project: str, dataset: str, location: str | None = None):
         if not project or not dataset:
-            raise ConfigError("imaging_warehouse must look like bigquery://PROJECT/DATASET")
-        self.project, self.dataset, self.gcp_conn_id, self.location = project, dataset, gcp_conn_id, location
-        self._client_obj = None
+            raise ConfigError("a BigQuery warehouse needs a project and a dataset: bigquery://PROJECT/DATASET")
+        self.client = client
+        self.project, self.dataset, self.location = project, dataset, location
         self._ready: set[str] = set()
         self.jobs: list[str] = []  # ids of the jobs this warehouse ran (load, merge), for logs and tests
 
-    # ---------------------------------------------------------------- client and tables
-    @property
-    def client(self):
-        """The google-cloud-bigquery client of the Airflow connection, from the google provider's BigQueryHook."""
-        if self._client_obj is None:
-            from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
+    def __repr__(self) -> str:
+        return f"BigQueryWarehouse({self._where!r})"
 
-            kwargs = {"location": self.location} if self.location else {}
-            hook = BigQueryHook(gcp_conn_id=self.gcp_conn_id, use_legacy_sql=False, **kwargs)
-            self._client_obj = hook.get_client(project_id=self.project, location=self.location or hook.location)
-        return self._client_obj
-
+    # ---------------------------------------------------------------- tables
     def table_id(self, name: str) -> str:
         return f"{self.project}.{self.dataset}.{name}"
 
@@ -290,6 +298,14 @@ class BigQueryWarehouse:
 
         retry.call(run_once, operation=job_id_prefix.rstrip("_"), target=self._where, policy=DML_POLICY,
                    retry_if=dml_retryable)
+
+    @contextmanager
+    def transaction(self) -> Iterator["BigQueryWarehouse"]:
+        """``with wh.transaction() as tx: tx.upsert(...)``, as with DuckDB, but not atomic across tables:
+        yields the store itself, and each upsert is one MERGE that applies on its own.  Each MERGE converges
+        when rerun (it matches on the table key; scope replacement is part of the same statement), so a load
+        that stopped half-way is completed, not duplicated, by running it again."""
+        yield self
 
     def query(self, sql: str, params: list | None = None) -> list[tuple]:
         """Run a GoogleSQL query; ``?`` placeholders take ``params`` (as in the DuckDB warehouse)."""

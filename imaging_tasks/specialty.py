@@ -1,0 +1,151 @@
+"""What a specialty is, as data: the one record generic code (index, pipeline, CLI, demo, Airflow glue) reads.
+
+A specialty lives in one package, ``imaging_tasks/<name>/`` (or any installed package, see
+:mod:`imaging_tasks.specialties`), whose ``__init__`` defines ``SPECIALTY = Specialty(...)``: accepted inputs, how
+files group into a study and when a study is ready, its ordered processing steps, its options (one schema that
+becomes the DAG's Params, the CLI's flags and the library's keyword arguments alike), what it writes, and where its
+synthetic data with ground truth comes from.  The record names functions as ``"module:attribute"`` strings, so
+reading it (at DAG parse time) imports nothing heavy.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+FILE_KINDS = ("dicom", "slide")
+
+
+def load_callable(ref: str) -> Callable:
+    """``"package.module:attribute"`` -> the attribute (imported on first use, not when the record is read)."""
+    module, _, attribute = ref.partition(":")
+    if not module or not attribute:
+        raise ValueError(f"{ref!r} is not a 'module:attribute' reference")
+    return getattr(importlib.import_module(module), attribute)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One processing or indexing option, with its type, default, bounds and meaning (units in the title)."""
+
+    name: str
+    type: str  # "number" | "integer" | "boolean" | "string"
+    default: Any
+    title: str
+    description: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    enum: tuple | None = None
+    stage: str = "process"  # "process": passed to the steps; "index": used to decide when a study is ready
+    affects_results: bool = True  # part of the options hash: a study loaded with other values is due again
+
+    def check(self, value: Any) -> Any:
+        """The value, converted to the option's type, or a ValueError saying what is allowed."""
+        if value is None:
+            return self.default
+        try:
+            value = {"number": float, "integer": int, "boolean": _boolean, "string": str}[self.type](value)
+        except (TypeError, ValueError):
+            raise ValueError(f"option {self.name}: {value!r} is not a{'n' if self.type[0] in 'ai' else ''} "
+                             f"{self.type}") from None
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"option {self.name}: {value} is below the minimum {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"option {self.name}: {value} is above the maximum {self.maximum}")
+        if self.enum is not None and value not in self.enum:
+            raise ValueError(f"option {self.name}: {value!r} is not one of {', '.join(map(str, self.enum))}")
+        return value
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, str):
+        if value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(value)
+    return bool(value)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One processing step: ``function(files, out_dir, *, device=None, **options) -> {"metrics", "findings",
+    "outputs"}`` on the study's de-identified files; its task id is ``name``; ``gpu`` routes it to the GPU
+    queue and pool."""
+
+    name: str
+    function: str  # "module:attribute"
+    gpu: bool = True
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Specialty:
+    name: str
+    title: str
+    summary: str
+    file_kind: str  # "dicom": DICOM files grouped by StudyInstanceUID; "slide": one whole-slide file per study
+    modalities: frozenset = frozenset()  # accepted DICOM modalities; anything else is quarantined
+    steps: tuple[Step, ...] = ()
+    options: tuple[Option, ...] = ()
+    synthesizer: str = ""  # "module:attribute": synthesize(out, studies, seed, **size_options) -> [truth paths]
+    ready: str | None = None  # "module:attribute": ready(modalities: dict, newest: datetime, now, options) -> bool
+    results: str = ""  # what the warehouse holds for it (doc text)
+    bad_modality: str = "CT"  # a modality it refuses (synthetic bad inputs)
+    fan_out: str | None = None  # module with plan_slide / tile_batches / tile_features_batch / finish_slide: the
+    #                             DAG maps the features over tile batches of all studies instead of one step each
+    order: int = 100  # position in listings; ``imaging-tasks synth`` seeds it with seed + 1000 x order
+    extras: dict = field(default_factory=dict)  # anything else a specialty wants to declare
+
+    def __post_init__(self):
+        if self.file_kind not in FILE_KINDS:
+            raise ValueError(f"specialty {self.name}: file_kind must be one of {FILE_KINDS}")
+        if self.file_kind == "dicom" and not self.modalities:
+            raise ValueError(f"specialty {self.name}: a DICOM specialty must accept at least one modality")
+
+    # ------------------------------------------------------------------ options
+    def option(self, name: str) -> Option:
+        for o in self.options:
+            if o.name == name:
+                return o
+        raise KeyError(f"specialty {self.name} has no option {name!r}")
+
+    def options_for(self, values: dict | None, stage: str = "process") -> dict[str, Any]:
+        """Checked values of the options of ``stage`` (defaults where a value is missing or None)."""
+        values = values or {}
+        return {o.name: o.check(values.get(o.name)) for o in self.options if o.stage == stage}
+
+    def result_options(self, values: dict | None) -> dict[str, Any]:
+        """The result-changing options that differ from their defaults (a default run hashes the same anywhere)."""
+        values = values or {}
+        out = {}
+        for o in self.options:
+            if o.affects_results and values.get(o.name) is not None:
+                value = o.check(values[o.name])
+                if value != o.default:
+                    out[o.name] = value
+        return out
+
+    # ------------------------------------------------------------------ behaviour
+    def is_ready(self, modalities: dict[str, int], newest: str | None, now: dt.datetime | None,
+                 options: dict | None = None) -> bool:
+        if self.ready is None:
+            return True
+        return load_callable(self.ready)(modalities, newest, now, self.options_for(options, "index"))
+
+    def step(self, name: str) -> Step:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(f"specialty {self.name} has no step {name!r}; steps: {[s.name for s in self.steps]}")
+
+    def fan_out_step(self, name: str) -> Callable:
+        """One function of the fan-out module (``plan_slide``, ``tile_batches``, ``tile_features_batch``,
+        ``finish_slide``); a specialty without a fan-out has none."""
+        if not self.fan_out:
+            raise ValueError(f"specialty {self.name} has no tile fan-out; its steps are {[s.name for s in self.steps]}")
+        return load_callable(f"{self.fan_out}:{name}")
+
+    def synthesize(self, out, studies: int, seed: int, **size_options):
+        return load_callable(self.synthesizer)(out, studies, seed, **size_options)
