@@ -76,7 +76,7 @@ def prepare_ui() -> int:
     key = "your IMAGING_DEID_KEY" if os.environ.get("IMAGING_DEID_KEY") else "the public DEMO key (IMAGING_DEID_DEMO=1)"
     print(f"make up: synthetic studies under {data / 'landing'}; de-identified with {key}.\n"
           "  Open http://localhost:8080, log in as admin (password above, also in .airflow/), open a DAG and press\n"
-          "  Trigger: the defaults process everything not yet done. Results: Browse > Imaging QC.")
+          "  Trigger: the defaults process everything not yet done. Results: 'Imaging QC' in the navigation bar.")
     return 0
 
 

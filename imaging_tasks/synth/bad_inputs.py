@@ -37,12 +37,13 @@ def write_bad_inputs(out: Path, specialty: str, seed: int = 0) -> dict[str, str]
     folder = Path(out) / specialty / "bad-inputs"
     folder.mkdir(parents=True, exist_ok=True)
     record = get_specialty(specialty)
+    # drawn first whatever the specialty, so every specialty's bad inputs stay the same for a seed
+    good = _small_image(sorted(record.modalities & set(SOP_CLASSES))[0] if record.modalities else "CT", rng)
     if record.file_kind == "slide":
         files = {"empty.svs": (b"", "empty_file"),
                  "truncated.svs": (b"II*\x00" + bytes(rng.integers(0, 256, 4000, dtype=np.uint8)), "unreadable_slide"),
                  "notes.txt": (b"slide list for the tumour board\n", "not_a_slide")}
     else:
-        good = _small_image(sorted(record.modalities & set(SOP_CLASSES))[0], rng)
         files = {"empty.dcm": (b"", "empty_file"),
                  "report.dcm": (b"%PDF-1.4 not an image\n" * 20, "not_dicom"),
                  "truncated.dcm": (good[: len(good) - 1000], "truncated_pixels"),

@@ -28,8 +28,8 @@ Every field can be left as it is: the defaults are what the nightly run uses.
 {_param_rows(params)}
 
 ### Outputs
-- **Results and QC pictures**: the *Imaging QC* page (menu *Browse* / *Imaging QC*, the *QC* tab of a run, or the
-  *Study QC* link of each mapped study task), read from the lake.
+- **Results and QC pictures**: the *Imaging QC* pages (*Imaging QC* in the navigation bar, the *Imaging QC*
+  tab of a run, or the *Study QC* link of each mapped study task), read from the lake.
 - **Lake**: `derived/{specialty}/<patient P…>/<study S…>/` holds `results.json`, QC PNGs, tables and
   `_MANIFEST.json` (written last); `anonymized/{specialty}/…` the de-identified copies; `quarantine/{specialty}/…`
   what was refused, with `reason.json`.
