@@ -4,8 +4,9 @@ Locations are ``upath.UPath`` objects (fsspec underneath).  Airflow's ``ObjectSt
 so the glue can pass one carrying connection credentials and the domain code stays the same.  URIs travel
 between steps as text (XCom, manifests); a remote one may name the connection it is read with, the
 ObjectStoragePath way (``s3://aws_default@bucket/key``).  Outside Airflow such a URI has no meaning: the
-glue installs a resolver (:func:`set_uri_resolver`) that turns URI text back into an authenticated path,
-and without one a URI naming a connection is refused with a clear error.
+glue runs each task (and each QC page request) inside :func:`resolving_uris`, which turns URI text back into an
+authenticated path for that context only (no process-wide state); without it a URI naming a connection is
+refused with a clear error.
 
 "Upload finished" is decided by :class:`QuietPeriod` over :func:`arrivals` (counts, newest time and a
 fingerprint of a listing): something arrived and nothing changed for a quiet period.
@@ -31,6 +32,8 @@ import re
 import socket
 import time
 import uuid
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -44,17 +47,20 @@ from imaging_tasks.errors import ConfigError
 MANIFEST = "_MANIFEST.json"
 CHUNK = 8 * 1024 * 1024
 LOCAL_PROTOCOLS = ("", "file", "local")
-_uri_resolver: Callable[[str], UPath] | None = None
+_RESOLVER: ContextVar[Callable[[str], UPath] | None] = ContextVar("imaging_uri_resolver", default=None)
 
 
-def set_uri_resolver(resolver: Callable[[str], UPath] | None) -> None:
-    """Turn remote URI text (``s3://``, ``gs://``, ...) into paths with ``resolver`` (None: plain UPath).
-
-    The Airflow glue installs ``ObjectStoragePath`` here so a URI read back from XCom or a manifest is opened
-    with the connection it names.  Local paths never go through the resolver.
-    """
-    global _uri_resolver
-    _uri_resolver = resolver
+@contextmanager
+def resolving_uris(resolver: Callable[[str], UPath] | None):
+    """Within the block, remote URI text (``s3://``, ``gs://``, ...) is opened with ``resolver`` (None: plain
+    UPath): the Airflow glue passes ``ObjectStoragePath`` so a URI read back from XCom or a manifest is opened with
+    the connection it names.  Scoped to the current context (task, request, thread), never process-wide; local
+    paths never go through the resolver."""
+    token = _RESOLVER.set(resolver)
+    try:
+        yield
+    finally:
+        _RESOLVER.reset(token)
 
 
 def _scheme(text: str) -> str:
@@ -67,12 +73,13 @@ def as_path(location: Any) -> UPath:
         return location
     text = os.fspath(location) if isinstance(location, os.PathLike) else str(location)
     if _scheme(text) not in LOCAL_PROTOCOLS:
-        if _uri_resolver is not None:
-            return _uri_resolver(text)
+        resolver = _RESOLVER.get()
+        if resolver is not None:
+            return resolver(text)
         if "@" in urlsplit(text).netloc:
             conn = urlsplit(text).netloc.rpartition("@")[0]
             raise ValueError(f"{_scheme(text)}:// URI names the Airflow connection {conn!r}: it can only be opened "
-                             "inside Airflow (or after storage.set_uri_resolver); outside Airflow use "
+                             "inside Airflow (or within storage.resolving_uris); outside Airflow use "
                              f"{_scheme(text)}://<bucket>/... with the ambient cloud credentials")
     if not _scheme(text):  # a relative local path (the CLI's arguments): anchor it, listings are absolute
         text = os.path.abspath(text)

@@ -39,7 +39,10 @@ class QCApp:
         return self._app
 
     async def __call__(self, scope, receive, send):
-        await self.app(scope, receive, send)
+        from imaging_dags.settings import object_storage
+
+        with object_storage():  # lake URIs (with the connection they name) open for this request only
+            await self.app(scope, receive, send)
 
 
 qc_app = QCApp()

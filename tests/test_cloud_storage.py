@@ -88,7 +88,7 @@ def test_quiet_seconds_come_from_config_and_a_run_param_wins(monkeypatch):
 def test_a_uri_naming_a_connection_is_refused_outside_airflow_with_a_clear_error(monkeypatch):
     from imaging_tasks import storage
 
-    monkeypatch.setattr(storage, "_uri_resolver", None)  # as in the CLI: no Airflow glue installed
+    assert storage._RESOLVER.get() is None  # as in the CLI: no Airflow glue around
     with pytest.raises(ValueError, match="names the Airflow connection 'aws_default'"):
         storage.as_path("s3://aws_default@bucket/lake/x.json")
     assert str(storage.as_path("s3://bucket/lake/x.json")) == "s3://bucket/lake/x.json"

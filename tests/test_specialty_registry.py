@@ -39,7 +39,11 @@ import pydicom
 
 
 def measure(files, out_dir, *, device=None, scale=2.0):
+    from imaging_tasks.errors import BadInput
+
     means = [float(pydicom.dcmread(str(f)).pixel_array.mean()) for f in files]
+    if np.mean(means) > 1000:
+        raise BadInput("too_bright", "the toy measure is defined below 1000; re-acquire")
     (Path(out_dir) / "measure.json").write_text(json.dumps({"mean": float(np.mean(means)), "n": len(means)}))
     return {"metrics": [{"name": "mean_scaled", "value": float(np.mean(means)) * scale, "unit": "1"}],
             "findings": [], "outputs": ["measure.json"]}
@@ -74,7 +78,8 @@ def synthesize(out, studies, seed, **_ignored):
             ds = dicom_dataset(study, modality="DX", sop_class_uid="1.2.840.10008.5.1.4.1.1.1", series_uid=series,
                                sop_uid=new_uid(rng), series_number=1, instance_number=i + 1,
                                series_description="toy")
-            pixels = rng.integers(100 * (n + 1), 100 * (n + 1) + 50, size=(16, 16), dtype=np.uint16)
+            base = 100 * (n + 1) if n < 2 else 2000  # the third study is too bright for the toy measure
+            pixels = rng.integers(base, base + 50, size=(16, 16), dtype=np.uint16)
             ds.Rows = ds.Columns = 16
             ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
             ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
@@ -168,7 +173,8 @@ def test_an_installed_toy_specialty_runs_its_two_step_dag_end_to_end(toy_package
     from imaging_tasks.specialties import synthesizer
     from imaging_tasks.warehouse import DuckDBWarehouse
 
-    truths = [json.loads(p.read_text()) for p in synthesizer("toy")(buckets["landing"], 2, 5)]
+    truths = [json.loads(p.read_text()) for p in synthesizer("toy")(buckets["landing"], 3, 5)]
+    bright = truths.pop()  # its first step quarantines it: the second step is skipped, the others load
     dags = tmp_path / "dags"
     dags.mkdir()
     (dags / "toy.py").write_text(TOY_DAG)
@@ -191,7 +197,13 @@ def test_an_installed_toy_specialty_runs_its_two_step_dag_end_to_end(toy_package
     want = {pseudo_id(DEMO_KEY, t["study_uid"], "study"): t["mean"] * 3.0 for t in truths}
     assert got == pytest.approx(want)
     assert {v for (v,) in wh.query("SELECT value FROM results WHERE metric = 'n_images'")} == {3.0}
-    assert wh.query("SELECT DISTINCT state FROM ledger WHERE specialty = 'toy'") == [("loaded",)]
+    bright_study = pseudo_id(DEMO_KEY, bright["study_uid"], "study")
+    assert sorted(wh.query("SELECT state, reason FROM ledger WHERE specialty = 'toy'")) == \
+        [("loaded", None), ("loaded", None), ("quarantined", "too_bright")]
+    assert wh.query("SELECT reason FROM ledger WHERE study_id = ?", [bright_study]) == [("too_bright",)]
+    from test_run_behaviour import _states
+
+    assert _states("toy", run.run_id)["report"] == {"success", "skipped"}  # Airflow's own skip for that one
     # the published study holds both steps' outputs
     derived = buckets["lake"] / "derived" / "toy"
     assert len(list(derived.rglob("measure/measure.json"))) == 2 and len(list(derived.rglob("report.txt"))) == 2

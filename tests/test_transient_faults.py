@@ -47,11 +47,10 @@ def _aws_conn(monkeypatch, proxy, *, sdk_retries: bool) -> str:
 @pytest.fixture()
 def object_storage(monkeypatch):
     """URI text opens as ObjectStoragePath (the DAG glue), restored afterwards."""
-    from imaging_dags.settings import use_object_storage
-    from imaging_tasks import storage
+    from imaging_dags.settings import object_storage as glue
 
-    monkeypatch.setattr(storage, "_uri_resolver", None)
-    use_object_storage()
+    with glue():
+        yield
 
 
 @pytest.fixture()

@@ -35,12 +35,12 @@ def _summarise(uri: str, since: str | None, until: str | None):
     """The window's arrivals under ``uri`` (an ``imaging_tasks.storage.Arrivals``: counts, newest time, fingerprint)."""
     from airflow.sdk import ObjectStoragePath
 
-    from imaging_dags.settings import use_object_storage
+    from imaging_dags.settings import object_storage
     from imaging_tasks.storage import arrivals, list_objects
 
-    use_object_storage()
     parse = lambda s: dt.datetime.fromisoformat(s) if s else None  # noqa: E731
-    return arrivals(list_objects(ObjectStoragePath(uri), since=parse(since), until=parse(until)))
+    with object_storage():
+        return arrivals(list_objects(ObjectStoragePath(uri), since=parse(since), until=parse(until)))
 
 
 def _check_local_root(uri: str) -> None:

@@ -123,12 +123,24 @@ def _object_storage_path(uri: str):
     return ObjectStoragePath(uri)
 
 
-def use_object_storage() -> None:
-    """Make ``imaging_tasks.storage`` open remote URI text (from XCom, manifests) as ``ObjectStoragePath``,
-    so the connection a URI names is used.  Idempotent; called at run time by every task via :func:`for_specialty`."""
+def object_storage():
+    """``with object_storage(): ...``: inside, ``imaging_tasks.storage`` opens remote URI text (from XCom, manifests)
+    as ``ObjectStoragePath``, so the connection a URI names is used.  Every task body and QC request runs in one."""
     from imaging_tasks import storage
 
-    storage.set_uri_resolver(_object_storage_path)
+    return storage.resolving_uris(_object_storage_path)
+
+
+def in_object_storage(fn):
+    """Decorator: run ``fn`` inside :func:`object_storage` (put it under ``@task``; the signature is kept)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with object_storage():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def with_connection(uri: str, *, get=None) -> str:
@@ -155,7 +167,6 @@ def for_specialty(specialty: str, *, get=None) -> SpecialtySettings:
     plugin in the api-server) passes :func:`server_variable`.
     """
     var = get or _var
-    use_object_storage()
     landing_root = var("imaging_landing_uri", (DATA / "landing").as_uri())
     landing = var(f"imaging_landing_uri_{specialty}", landing_root.rstrip("/") + f"/{specialty}")
     lake = var(f"imaging_lake_uri_{specialty}", var("imaging_lake_uri", (DATA / "lake").as_uri()))

@@ -12,7 +12,7 @@ from airflow.sdk import Asset, TriggerRule, get_current_context, task
 
 from imaging_dags.params import run_options
 from imaging_tasks.contracts import is_ok
-from imaging_dags.settings import GPU_POOL, GPU_QUEUE, SENSOR_TIMEOUT_S
+from imaging_dags.settings import GPU_POOL, GPU_QUEUE, SENSOR_TIMEOUT_S, in_object_storage
 
 log = logging.getLogger("imaging_dags")
 STUDY_LABEL = "{{ study_label }}"  # map_index_template: each mapped instance named by the study it holds
@@ -113,6 +113,7 @@ def landing_sensor(specialty: str):
 
 
 @task
+@in_object_storage
 def index_studies(specialty: str, arrived: dict | None = None) -> list[dict]:
     """Headers only; groups files into studies, quarantines unreadable ones, skips studies already done."""
     from imaging_dags.settings import deid_key, for_specialty
@@ -142,6 +143,7 @@ def index_studies(specialty: str, arrived: dict | None = None) -> list[dict]:
 
 
 @task(max_active_tis_per_dagrun=4, map_index_template=STUDY_LABEL)
+@in_object_storage
 def deidentify(specialty: str, study: dict) -> dict:
     """PS3.15 basic profile with keyed pseudonyms; outputs audited for PHI before they are written."""
     from imaging_dags.settings import deid_key
@@ -156,6 +158,7 @@ def deidentify(specialty: str, study: dict) -> dict:
 
 
 @task(max_active_tis_per_dagrun=4, map_index_template=STUDY_LABEL)
+@in_object_storage
 def audit_phi(specialty: str, study: dict) -> dict:
     """Independent, fail-closed PHI audit of a de-identified study: the raw inputs' identifying values are
     re-read and searched for in every byte written to the lake and in the XCom; returns the study unchanged.
@@ -196,14 +199,26 @@ def gpu_task(**kwargs):
 
 
 @task(map_index_template=STUDY_LABEL)
+@in_object_storage
 def _study_step(specialty: str, step: str, study: dict) -> dict:
     """One processing step of the specialty's record on one study (the last one publishes it)."""
     from imaging_tasks.pipeline import process_study as run_step
 
     label_study(study)
+    _skip_unless_ok(specialty, study, step)
     params = get_current_context()["params"]
     with naming_study(specialty, study, step):
         return run_step(study, _lake(specialty), step=step, options=run_options(specialty, params), run=_run())
+
+
+def _skip_unless_ok(specialty: str, study: dict, step: str) -> None:
+    """A study an earlier step quarantined has nothing left to do here: this instance is skipped (Airflow's own
+    state, shown as such in the grid), not run for nothing."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    if not is_ok(study):
+        raise AirflowSkipException(f"{specialty} study {study.get('study')}: {step} skipped, the study was "
+                                   f"{study.get('status')} at an earlier step ({study.get('reason') or 'no reason'})")
 
 
 def study_step(specialty: str, name: str):
@@ -218,6 +233,7 @@ def study_step(specialty: str, name: str):
 
 # --------------------------------------------------------------------------- tile fan-out (whole-slide specialties)
 @task(map_index_template=STUDY_LABEL)
+@in_object_storage
 def plan_tiles(specialty: str, study: dict) -> dict:
     """Tissue detection and tile list at the run's options (e.g. ``target_mpp`` / ``tile_px``)."""
     from imaging_tasks.specialties import get
@@ -244,6 +260,7 @@ def tile_batches(specialty: str, plans: list[dict], max_batches: int = 1000) -> 
 
 
 @gpu_task(map_index_template=STUDY_LABEL)
+@in_object_storage
 def tile_features(specialty: str, batch: dict) -> dict:
     from imaging_tasks.specialties import get
 
@@ -253,15 +270,18 @@ def tile_features(specialty: str, batch: dict) -> dict:
 
 
 @task(trigger_rule=TriggerRule.NONE_FAILED, map_index_template=STUDY_LABEL)
+@in_object_storage
 def finish_slide(specialty: str, plan: dict, features: list[dict] | None = None) -> dict:
     from imaging_tasks.specialties import get
 
     label_study(plan)
+    _skip_unless_ok(specialty, plan, "slide summary")
     with naming_study(specialty, plan, "slide summary"):
         return get(specialty).fan_out_step("finish_slide")(plan, list(features or []), _lake(specialty), run=_run())
 
 
 @task(task_id="load_metadata", trigger_rule=TriggerRule.ALL_DONE)
+@in_object_storage
 def _load_metadata(specialty: str, processed: list[dict] | None = None) -> dict:
     """Load every pending study (this run's and any earlier run's that never reached the warehouse), then fail the
     run if one of its studies or tasks failed: the others are loaded first, the failure stays visible."""
