@@ -50,9 +50,6 @@ class Lake:
     def runs(self, run_id: str):
         return storage.join(self.root, "runs", self.specialty, safe_name(run_id))
 
-    def quarantine(self):
-        return storage.join(self.root, "quarantine", self.specialty)
-
     @property
     def ledger(self) -> Ledger:
         return Ledger(self.root, self.specialty)

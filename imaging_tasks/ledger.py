@@ -87,10 +87,6 @@ class Ledger:
                     self._drop_pending(info.relpath[:-5])
         return sorted(out, key=lambda r: r.get("updated_at") or "")
 
-    def records(self) -> list[dict]:
-        folder = storage.join(self.root, "ledger", self.specialty, "studies")
-        return [storage.read_json(o.uri) for o in storage.list_objects(folder) if o.relpath.endswith(".json")]
-
     # ------------------------------------------------------------------ writing
     def mark(self, study: dict, state: str, *, step: str, run_id: str, reason: str | None = None,
              message: str | None = None, attempt: int | None = None, **facts: Any) -> dict:

@@ -78,9 +78,3 @@ def processor(specialty: str) -> Callable:
 def synthesizer(specialty: str) -> Callable:
     """The specialty's ``synthesize(out, studies, seed, **size_options)``."""
     return load_callable(get(specialty).synthesizer)
-
-
-def __getattr__(attr: str):
-    if attr == "SPECIALTIES":  # the names, for code written before the registry could grow
-        return names()
-    raise AttributeError(attr)

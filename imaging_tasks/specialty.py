@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 FILE_KINDS = ("dicom", "slide")
@@ -96,7 +96,6 @@ class Specialty:
     fan_out: str | None = None  # module with plan_slide / tile_batches / tile_features_batch / finish_slide: the
     #                             DAG maps the features over tile batches of all studies instead of one step each
     order: int = 100  # position in listings; ``imaging-tasks synth`` seeds it with seed + 1000 x order
-    extras: dict = field(default_factory=dict)  # anything else a specialty wants to declare
 
     def __post_init__(self):
         if self.file_kind not in FILE_KINDS:
@@ -105,12 +104,6 @@ class Specialty:
             raise ValueError(f"specialty {self.name}: a DICOM specialty must accept at least one modality")
 
     # ------------------------------------------------------------------ options
-    def option(self, name: str) -> Option:
-        for o in self.options:
-            if o.name == name:
-                return o
-        raise KeyError(f"specialty {self.name} has no option {name!r}")
-
     def options_for(self, values: dict | None, stage: str = "process") -> dict[str, Any]:
         """Checked values of the options of ``stage`` (defaults where a value is missing or None)."""
         values = values or {}

@@ -62,12 +62,6 @@ def specialty_params(specialty: str) -> dict[str, Param]:
     return pipeline_params(**extra)
 
 
-def run_option(params, name: str, default):
-    """A Param's value at run time; a missing or empty (None) value falls back to the nightly default."""
-    value = (params or {}).get(name)
-    return default if value is None or value == "" else value
-
-
 def run_options(specialty: str, params) -> dict:
     """The run's values of the specialty's options (what the library steps take as ``options``)."""
     from imaging_tasks.specialties import get
