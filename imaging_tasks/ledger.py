@@ -109,10 +109,15 @@ class Ledger:
         record["history"] = [*history, {"state": state, "step": step, "run_id": run_id, "at": now,
                                         **({"reason": reason} if reason else {}),
                                         **({"attempt": attempt} if attempt else {})}]
-        if state in PENDING:  # marker first: a kill before the record leaves a marker the next run drops or uses
-            storage.write_json(self._pending_uri(study["study"]), {"study": study["study"], "state": state})
+        self.ensure_pending(record)  # marker first: a kill before the record leaves one the next run drops or uses
         storage.write_json(self._record_uri(study["study"]), record)
         return record
+
+    def ensure_pending(self, record: dict) -> None:
+        """The pending marker of a record whose state the warehouse must still be told about (re-made by the index
+        for a study published whose marker a concurrent load dropped)."""
+        if record.get("state") in PENDING:
+            storage.write_json(self._pending_uri(record["study"]), {"study": record["study"], "state": record["state"]})
 
     def mark_loaded(self, records: Iterable[dict], *, run_id: str) -> None:
         """After the warehouse committed: published studies become loaded; every marker is removed."""

@@ -53,7 +53,8 @@ def record_lineage(lake: Lake, run: RunContext, *, study: str, inputs: list[dict
            "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
            "ended_at": dt.datetime.fromtimestamp(ended, dt.timezone.utc).isoformat(),
            "duration_s": round(ended - started, 3), "status": status}
-    storage.write_json(storage.join(lake.runs(run.run_id), f"{safe_name(run.task_id)}.{run.map_index}.{study}.json"), row)
+    name = f"{safe_name(run.task_id)}.{run.map_index}.{study}.json"
+    storage.write_json(storage.join(lake.runs(run.run_id), name), row)
 
 
 def _quarantine(lake: Lake, data: bytes, exc: BadInput, *, stage: str, source_uri: str, suffix: str = "") -> dict:
@@ -100,8 +101,8 @@ def index_landing(landing: Any, lake: Lake, *, key: bytes, prefix: str = "", sin
             continue
         if not reprocess and record and record.get("state") == "published" and \
                 record.get("fingerprint") == entry.fingerprint:
-            ledger.mark(record, "published", step=record.get("step") or "publish", run_id=record["run_id"])
-            skipped.append(entry.study)  # its outputs exist: the load step loads it (marker re-made above)
+            ledger.ensure_pending(record)
+            skipped.append(entry.study)  # its outputs exist: the load step loads it
             continue
         manifest_uri = lake.work("studies", f"{entry.study}.json")
         storage.write_json(manifest_uri, entry_to_manifest(entry))
@@ -484,13 +485,10 @@ def load(processed: list[dict], lake: Lake, warehouse, *, run: RunContext = RunC
         rows = {t: [r for r in rs if r.get("study_id") not in leaked] for t, rs in rows.items()}
         items = {k: v for k, v in items.items() if k not in leaked}
     loaded_states = {**{r["study"]: r for r in pending}, **leaked}
+    # studies reloaded on request (reprocess/retry) that were not pending: their rows say loaded too
+    reloaded = [r for r in (ledger.get(s) for s in items if s not in loaded_states) if r]
     rows["ledger"] = [warehouse_row({**r, "state": "loaded" if r["study"] in items else r["state"]})
-                      for r in loaded_states.values()]
-    for study, item in items.items():
-        if study not in loaded_states:  # reloaded on request (reprocess/retry): its row says loaded too
-            rec = ledger.get(study)
-            if rec:
-                rows["ledger"].append(warehouse_row({**rec, "state": "loaded"}))
+                      for r in (*loaded_states.values(), *reloaded)]
     scoped = {"series", "instances", "results", "findings"}
     # every loaded study's per-study rows are replaced, even where it now has none (e.g. no findings)
     studies = [(lake.specialty, s) for s in items]
@@ -501,8 +499,7 @@ def load(processed: list[dict], lake: Lake, warehouse, *, run: RunContext = RunC
                 counts[table] = tx.upsert(table, table_rows, replace_scope=("specialty", "study_id"), scopes=studies)
             else:
                 counts[table] = tx.upsert(table, table_rows)
-    reloaded = [ledger.get(s) for s in items if s not in loaded_states]
-    ledger.mark_loaded([*pending, *(r for r in reloaded if r)], run_id=run.run_id)
+    ledger.mark_loaded([*pending, *reloaded], run_id=run.run_id)
     failed = sorted({r["study"] for r in loaded_states.values() if r["state"] == "failed"})
     log.info("loaded %s into the warehouse: %d stud(ies) (%d from earlier runs), %d quarantined, %d failed; rows: %s",
              lake.specialty, len(items), sum(1 for r in pending if r["state"] == "published"

@@ -128,18 +128,16 @@ class LandingSensor(BaseSensorOperator):
 
     def _check(self, context, target: tuple[str, str | None, str | None]) -> tuple[Any, float, float]:
         """List the target once: (arrivals, seconds still to wait, the quiet period in seconds)."""
-        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+        from airflow.sdk.exceptions import AirflowSkipException
 
         from imaging_dags.settings import landing_quiet_seconds
-        from imaging_tasks.errors import ConfigError
+        from imaging_dags.tasks import failing_fast
         from imaging_tasks.storage import QuietPeriod
 
-        try:
+        with failing_fast(f"landing {self.specialty}"):
             quiet_s = landing_quiet_seconds(context["params"])
             _check_local_root(target[0])
             found = _summarise(*target)
-        except ConfigError as exc:
-            raise AirflowFailException(f"landing {self.specialty}: configuration error, not retried: {exc}") from None
         if self._quiet is None or self._quiet.quiet_s != quiet_s:
             self._quiet = QuietPeriod(quiet_s)
         until = target[2]

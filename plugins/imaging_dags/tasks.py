@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from airflow.sdk import Asset, TriggerRule, get_current_context, task
 
 from imaging_dags.params import run_options
-from imaging_tasks.contracts import is_ok
 from imaging_dags.settings import GPU_POOL, GPU_QUEUE, SENSOR_TIMEOUT_S, in_object_storage
+from imaging_tasks.contracts import is_ok
 
 log = logging.getLogger("imaging_dags")
 STUDY_LABEL = "{{ study_label }}"  # map_index_template: each mapped instance named by the study it holds
@@ -74,13 +74,11 @@ def naming_study(specialty: str, study: dict, step: str, *, detail: bool = True)
     """
     from airflow.sdk.exceptions import AirflowFailException
 
-    from imaging_tasks.errors import ConfigError
-
     try:
-        yield
-    except ConfigError as exc:
-        raise AirflowFailException(f"{specialty} study {study.get('study', '?')}: {step}: configuration error, "
-                                   f"not retried: {exc}") from None
+        with failing_fast(f"{specialty} study {study.get('study', '?')}: {step}"):
+            yield
+    except AirflowFailException:
+        raise
     except Exception as exc:
         _record_failure(specialty, study, step, exc, detail=detail)
         what = f"{type(exc).__name__}: {exc}" if detail else type(exc).__name__
@@ -193,9 +191,12 @@ def ready_for_processing(specialty: str, audited: list[dict]) -> list[dict]:
     return ready
 
 
+GPU_ROUTING = {"queue": GPU_QUEUE, "pool": GPU_POOL}  # GPU steps; CPU fallback inside the step when no CUDA
+
+
 def gpu_task(**kwargs):
-    """A task routed to the GPU queue and pool (CPU fallback inside the step when no CUDA)."""
-    return task(queue=GPU_QUEUE, pool=GPU_POOL, **kwargs)
+    """A task routed to the GPU queue and pool."""
+    return task(**GPU_ROUTING, **kwargs)
 
 
 @task(map_index_template=STUDY_LABEL)
@@ -227,7 +228,7 @@ def study_step(specialty: str, name: str):
     from imaging_tasks.specialties import get
 
     step = get(specialty).step(name)
-    routing = {"queue": GPU_QUEUE, "pool": GPU_POOL} if step.gpu else {}
+    routing = GPU_ROUTING if step.gpu else {}
     return _study_step.override(task_id=step.name, **routing).partial(specialty=specialty, step=step.name)
 
 
