@@ -1,8 +1,11 @@
-"""## Neuroimaging: T1 MRI (+ PET) sessions
-N4 bias correction, brain extraction, brain and intracranial volume per MRI/PET session.
+"""## Neuroimaging: MRI + PET sessions, DICOM or NIfTI uploads, to ROI features
+The session chain: N4 bias correction → brain extraction (GM/WM/CSF, parenchyma, intracranial volume) → PET
+frame averaging → PET-to-T1 registration → MNI152 atlas registration → SUVR → ROI features (`roi_features.json`
+and the `roi_features` table).
 
 **Chain**: landing bucket → index (a session is ready with MR + PET, or MR alone after a wait) → de-identify
-(DICOM PS3.15) → PHI audit (fail closed) → only audited sessions → N4 + brain extraction (GPU queue) → warehouse.
+(DICOM PS3.15, NIfTI headers and sidecars) → PHI audit (fail closed) → only audited sessions → the seven steps,
+one task each (brain extraction on the GPU queue) → warehouse.
 """
 # An Airflow DAG file (Airflow parses files naming both "airflow" and "dag"): the chain, top to bottom.
 from imaging_dags import (audit_phi, deidentify, imaging_dag, index_studies, landing_sensor, load_metadata,
@@ -18,8 +21,14 @@ def neuroimaging():
     clean = deidentify.partial(specialty=SPECIALTY).expand(study=sessions)
     audited = audit_phi.partial(specialty=SPECIALTY).expand(study=clean)   # fail closed
     ready = ready_for_processing(SPECIALTY, audited)                       # quarantined sessions stop here
-    processed = study_step(SPECIALTY, "process_study").expand(study=ready)
-    load_metadata(SPECIALTY, processed)
+    n4 = study_step(SPECIALTY, "n4_bias").expand(study=ready)
+    brain = study_step(SPECIALTY, "brain_extraction").expand(study=n4)                 # GPU
+    pet = study_step(SPECIALTY, "pet_average").expand(study=brain)
+    pet_t1 = study_step(SPECIALTY, "pet_to_t1").expand(study=pet)
+    atlas = study_step(SPECIALTY, "atlas_registration").expand(study=pet_t1)
+    suvr = study_step(SPECIALTY, "suvr").expand(study=atlas)
+    features = study_step(SPECIALTY, "roi_features").expand(study=suvr)
+    load_metadata(SPECIALTY, features)
 
 
 neuroimaging()

@@ -67,7 +67,7 @@ def _run(args) -> int:
     for study in summary["studies"]:
         step = "deidentify"
         try:
-            clean = pipeline.deidentify_study(study, lake, key=key, demo=demo, run=run)
+            clean = pipeline.deidentify_study(study, lake, key=key, demo=demo, options=options, run=run)
             if not is_ok(clean):
                 continue
             step = "audit_phi"
@@ -144,7 +144,8 @@ def _process(args) -> int:
     options = record.options_for(_options(args, record))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = specialties.processor(args.specialty)([Path(f) for f in args.files], out, device=args.device, **options)
+    result = specialties.run_steps(args.specialty, [Path(f) for f in args.files], out, device=args.device,
+                                   step=args.step, options=options)
     print(json.dumps({"metrics": result["metrics"], "outputs": result["outputs"]}, indent=2))
     return 0
 
@@ -192,6 +193,8 @@ def _process_arguments(p) -> None:
     p.add_argument("files", nargs="+")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default=None)
+    p.add_argument("--step", default=None, help="run only this step (the earlier steps' outputs must be in "
+                                                "OUT/<step>/ from an earlier run); default: all steps in order")
 
 
 def build_parser() -> argparse.ArgumentParser:

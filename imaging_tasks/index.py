@@ -3,12 +3,30 @@
 The index is the one place that sees raw identifiers: it keys each study by a keyed pseudonym and
 writes the list of raw inputs to a study manifest in the lake's PHI zone (``work/``).  Downstream
 tasks get only the pseudonyms and the manifest URI.
+
+NIfTI uploads (a specialty whose record has ``nifti_uploads``, e.g. neuroimaging ``{"mri": "MR", "pet": "PT"}``)
+are laid out as ``<patient>/<session>/<stem>.nii[.gz]`` under the specialty's landing folder, with optional
+``<stem>.json`` sidecars beside them.  One patient/session folder is one study: study =
+``pseudo_id(key, "<patient>/<session>", "study")``, patient = ``pseudo_id(key, "<patient>", "patient")`` (so a
+patient folder named by its PatientID gets the same pseudonym as that patient's DICOM studies).  The raw folder
+names stay in the work manifest (``upload`` of each file row), where the PHI audit reads them back as values that
+must not survive.  The path counts from the specialty's landing folder whatever the run's ``prefix`` (the prefix
+is put back in front of the listed path), so a run limited to one patient folder names the study alike.  A
+study is either DICOM or NIfTI: DICOM files in the same folder make their own study, keyed by
+StudyInstanceUID as always.  Refused, each with a reason that spells the layout: a NIfTI or sidecar at another
+depth (``nifti_layout``), under a file name the specialty does not know (``nifti_unknown_name``), two NIfTI of
+one name in a session (``duplicate_nifti``: ``mri.nii`` and ``mri.nii.gz``), a file whose header is not a
+single-file NIfTI-1/2 (``unreadable_nifti``), and any NIfTI in a specialty without NIfTI uploads (``not_dicom``,
+as before, now saying where NIfTI is taken).
 """
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import hashlib
+import zlib
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
 from typing import Any, Callable
 
 from imaging_tasks import retry, storage
@@ -18,7 +36,11 @@ from imaging_tasks.deid.slide import read_description, slide_pseudonyms
 from imaging_tasks.dicom_io import read_header
 from imaging_tasks.errors import BadInput
 from imaging_tasks.formats import SLIDE_SUFFIXES  # defined below index and deid; still index.SLIDE_SUFFIXES
+from imaging_tasks.formats import file_kind
 from imaging_tasks.specialties import get as get_specialty
+from imaging_tasks.specialties import names as specialty_names
+
+SIDECAR_SUFFIX = ".json"
 
 
 @dataclass
@@ -54,10 +76,12 @@ Quarantine = Callable[[storage.ObjectInfo, BadInput], dict]
 
 
 def index_objects(objects: list[storage.ObjectInfo], *, specialty: str, key: bytes, quarantine: Quarantine,
-                  now: dt.datetime | None = None, options: dict | None = None) -> IndexResult:
-    """Group objects into studies as the specialty's record says (DICOM by StudyInstanceUID, or one slide per
-    study), refuse modalities it does not accept, hold studies it does not call ready yet (``options``: its
-    index-stage options, e.g. how long to wait for a PET); bad files go to ``quarantine`` and the rest carry on."""
+                  now: dt.datetime | None = None, options: dict | None = None, prefix: str = "") -> IndexResult:
+    """Group objects into studies as the specialty's record says (DICOM by StudyInstanceUID, NIfTI uploads by
+    patient/session folder, or one slide per study), refuse modalities it does not accept, hold studies it does
+    not call ready yet (``options``: its index-stage options, e.g. how long to wait for a PET); bad files go to
+    ``quarantine`` and the rest carry on.  ``prefix``: the run's sub-folder of the landing folder the objects were
+    listed under (their ``relpath`` is relative to it); NIfTI layouts count from the landing folder."""
     record = get_specialty(specialty)
     if record.file_kind == "slide":
         return _index_slides(objects, specialty=specialty, key=key, quarantine=quarantine)
@@ -68,6 +92,10 @@ def index_objects(objects: list[storage.ObjectInfo], *, specialty: str, key: byt
         try:
             if obj.size == 0:
                 raise BadInput("empty_file", "the file is empty (0 bytes); re-export it from the source system")
+            upload = _upload_of(obj, prefix, record)  # None: not a NIfTI upload, read as DICOM
+            if upload is not None:
+                _add_upload(studies, obj, upload, specialty=specialty, key=key)
+                continue
             ds = retry.call(_read_header, obj.uri, operation="read header", target=storage.where(obj.uri))
             modality = str(ds.Modality)
             if modality not in accepted:
@@ -90,6 +118,85 @@ def index_objects(objects: list[storage.ObjectInfo], *, specialty: str, key: byt
             continue
         ready.append(entry)
     return IndexResult(studies=sorted(ready, key=lambda e: e.study), quarantined=quarantined, waiting=waiting)
+
+
+def _upload_name(relpath: str) -> tuple[str, str] | None:
+    """``(stem, "nifti" | "sidecar")`` for a NIfTI or JSON file name, else None."""
+    name = PurePosixPath(relpath).name
+    if file_kind(name) == "nifti":
+        return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[:-len(".nii")], "nifti"
+    if name.lower().endswith(SIDECAR_SUFFIX):
+        return name[: -len(SIDECAR_SUFFIX)], "sidecar"
+    return None
+
+
+def _layout(record) -> str:
+    stems = sorted(record.nifti_uploads)
+    return (f"<patient>/<session>/{{{','.join(stems)}}}.nii.gz (or .nii), each with an optional "
+            f"{{{','.join(stems)}}}.json sidecar, directly under the {record.name} landing folder")
+
+
+def _upload_of(obj: storage.ObjectInfo, prefix: str, record) -> dict | None:
+    """The upload row of a NIfTI or sidecar file (raw patient/session names, stem, kind, modality); None for
+    anything else (read as DICOM).  Raises BadInput for NIfTI where none is taken, a wrong depth or name, or a
+    NIfTI header that does not parse."""
+    named = _upload_name(obj.relpath)
+    if named is None:
+        return None
+    stem, kind = named
+    if not record.nifti_uploads:
+        if kind == "sidecar":
+            return None  # a .json in a DICOM-only landing: refused by the DICOM reader, as before
+        takers = [n for n in specialty_names() if get_specialty(n).nifti_uploads]
+        raise BadInput("not_dicom", f"a NIfTI file: the {record.name} pipeline takes DICOM only; NIfTI uploads "
+                       f"belong to {', '.join(takers) or 'no installed specialty'}, laid out as "
+                       "<patient>/<session>/<name>.nii.gz under that specialty's landing folder")
+    parts = PurePosixPath(*(p for p in (prefix.strip("/"), obj.relpath) if p)).parts
+    if len(parts) != 3:
+        raise BadInput("nifti_layout", f"a {'NIfTI' if kind == 'nifti' else 'JSON sidecar'} file {len(parts) - 1} "
+                       f"folder(s) below the landing folder; NIfTI uploads are laid out as {_layout(record)}; "
+                       "move it there")
+    if stem.lower() not in record.nifti_uploads:
+        raise BadInput("nifti_unknown_name", f"a {'NIfTI' if kind == 'nifti' else 'JSON sidecar'} file whose name "
+                       f"is not one the {record.name} pipeline knows ({', '.join(sorted(record.nifti_uploads))}); "
+                       f"NIfTI uploads are laid out as {_layout(record)}; rename it")
+    stem = stem.lower()
+    if kind == "nifti":
+        retry.call(_check_nifti_header, obj.uri, operation="read header", target=storage.where(obj.uri))
+    return {"patient": parts[0], "session": parts[1], "stem": stem, "kind": kind,
+            "modality": record.nifti_uploads[stem]}
+
+
+def _check_nifti_header(uri: str) -> None:
+    """The first bytes must be a single-file NIfTI-1 or NIfTI-2 header (headers only, like DICOM)."""
+    with storage.as_path(uri).open("rb") as raw:
+        try:
+            head = (gzip.open(raw) if str(uri).lower().endswith(".gz") else raw).read(540)
+        except (gzip.BadGzipFile, EOFError, zlib.error):  # a storage fault (other OSError) is retried, not refused
+            head = b""
+    sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")} if len(head) >= 4 else set()
+    ok = (348 in sizes and len(head) >= 348 and head[344:348] == b"n+1\0") or \
+        (540 in sizes and len(head) >= 540 and head[4:8] == b"n+2\0")
+    if not ok:
+        raise BadInput("unreadable_nifti", "the file is not a readable single-file NIfTI-1/2 (no NIfTI header at "
+                       "its start, or a broken gzip stream); re-export it as .nii or .nii.gz")
+
+
+def _add_upload(studies: dict[str, "StudyEntry"], obj: storage.ObjectInfo, upload: dict, *, specialty: str,
+                key: bytes) -> None:
+    study = pseudo_id(key, f"{upload['patient']}/{upload['session']}", "study")
+    entry = studies.setdefault(study, StudyEntry(specialty=specialty, study=study,
+                                                 patient=pseudo_id(key, upload["patient"], "patient")))
+    twin = [f for f in entry.files if (f.get("upload") or {}).get("stem") == upload["stem"]
+            and f["upload"]["kind"] == upload["kind"]]
+    if twin:
+        raise BadInput("duplicate_nifti", f"a second {upload['stem']} {upload['kind']} file in one session folder "
+                       f"(e.g. {upload['stem']}.nii and {upload['stem']}.nii.gz); keep one of them and re-upload")
+    entry.files.append({**_file_row(obj), "upload": upload})
+    if upload["kind"] == "nifti":
+        entry.modalities[upload["modality"]] = entry.modalities.get(upload["modality"], 0) + 1
+    if obj.modified:
+        entry.newest = max(entry.newest or "", obj.modified.isoformat())
 
 
 def _read_header(uri: str):

@@ -243,7 +243,8 @@ def scan_stream(values: dict[str, set[str]], fh, *, chunk: int = _CHUNK) -> list
 
 
 def values_of_input(uri: str) -> dict[str, set[str]]:
-    """Identifying values held by one raw input (DICOM header, slide description, NIfTI text fields).
+    """Identifying values held by one raw input (DICOM header, slide description, NIfTI text fields, JSON
+    sidecar values).
 
     Reads headers only where the format allows; an input that cannot be parsed yields nothing (it was
     quarantined, and quarantine is the PHI zone).
@@ -261,6 +262,8 @@ def values_of_input(uri: str) -> dict[str, set[str]]:
         if kind == "nifti":
             data = path.read_bytes()
             return nifti_identifying_values(gzip.decompress(data) if str(uri).lower().endswith(".gz") else data)
+        if str(uri).lower().endswith(".json"):  # a NIfTI upload's sidecar (DICOM landings refuse .json at the index)
+            return sidecar_identifying_values(path.read_bytes())
         with path.open("rb") as fh:
             return dicom_identifying_values(read_header(fh))
     except Exception:  # noqa: BLE001 - BadInput, OSError, or what tifffile/nibabel raise on garbled input
@@ -289,6 +292,65 @@ def nifti_identifying_values(data: bytes) -> dict[str, set[str]]:
         runs = re.findall(rb"[\x20-\x7e]{%d,}" % MIN_LEN, bytes(ext.content))  # raw bytes, whatever the code
         found.setdefault("extension", set()).update(r.decode("ascii").strip() for r in runs[:200])
     return {k: v for k, v in found.items() if v}
+
+
+# Sidecar keys whose values identify (DICOM_IDENTIFYING's attributes as converters name them, and their kin):
+# matched anywhere in a top-level key, case-insensitive.  Technical words (``iterations``, ``dcm2niix``) are not
+# searched: they may legitimately appear in derived outputs.
+SIDECAR_IDENTIFYING_KEY = re.compile(
+    r"name|id$|uid|date|time|birth|address|institution|physician|operator|performing|referring|requesting|station|"
+    r"serial|description|comment|accession|patient|protocol|location|department|contact|phone|mail|subject|"
+    r"session|participant|device", re.IGNORECASE)
+
+
+def sidecar_identifying_values(data: bytes) -> dict[str, set[str]]:
+    """Values of a JSON sidecar's identifying keys (:data:`SIDECAR_IDENTIFYING_KEY`) that the sidecar
+    de-identifier keeps under no option (``deid.sidecar.ALL_KEPT``), at any depth below them, plus any string
+    anywhere that holds a date: strings, and integers of 6+ digits (IDs, serial numbers).  A value that is also
+    the value of a kept key of the same file is left out (it is in the output on purpose).  Attribute:
+    ``sidecar:<key>``."""
+    import json
+
+    from imaging_tasks.deid.sidecar import ALL_KEPT
+
+    try:
+        doc = json.loads(data.decode("utf-8-sig"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    if not isinstance(doc, dict):
+        doc = {"": doc}
+    found: dict[str, set[str]] = {}
+    kept: set[str] = set()
+    for top, value in doc.items():
+        flat = value if isinstance(value, list) else [value]
+        if top in ALL_KEPT and all(not isinstance(v, (dict, list)) for v in flat):
+            kept.update(str(v).strip() for v in flat)
+            continue
+        identifying = bool(SIDECAR_IDENTIFYING_KEY.search(str(top)))
+        person = re.search(r"(patient|physician|operator|referring|requesting)\w*name", str(top), re.IGNORECASE)
+        stack = [value]
+        while stack:  # what identifies under a key not kept, at any depth
+            item = stack.pop()
+            if isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+            elif isinstance(item, (str, int)) and not isinstance(item, bool):
+                text = str(item).strip()
+                if not (identifying or (isinstance(item, str) and _DATE.search(text.replace("-", "")))):
+                    continue
+                if isinstance(item, str) or len(text.lstrip("-")) >= MIN_LEN:
+                    parts = _name_parts(text) if person and isinstance(item, str) else {text}  # as a DICOM PN
+                    found.setdefault(f"sidecar:{top}", set()).update(p for p in parts if long_enough(p))
+    found = {k: v - kept for k, v in found.items()}
+    return {k: v for k, v in found.items() if v}
+
+
+def upload_identifying_values(upload: dict) -> dict[str, set[str]]:
+    """The raw patient and session folder names of a NIfTI upload (the index's ``upload`` row): they name
+    the patient as well as any header does."""
+    found = {f"upload_{part}_folder": {str(upload.get(part) or "").strip()} for part in ("patient", "session")}
+    return {k: {t for t in v if long_enough(t)} for k, v in found.items() if any(long_enough(t) for t in v)}
 
 
 def audit(values: dict[str, set[str]], *, files=(), payloads=()) -> dict:

@@ -26,7 +26,9 @@ from imaging_tasks.specialties import get as get_specialty
 log = logging.getLogger(__name__)
 CODE_VERSION = imaging_tasks.__version__
 DEID_MANIFEST = "_DEID.json"
-STEP_RESULT = "step-result.json"  # an intermediate step's metrics and findings, merged when the study publishes
+STEP_RESULT = "step-result.json"  # an intermediate step's metrics, findings, tables; merged when the study publishes
+# Per-study warehouse tables a step may fill through ``result["tables"]`` (beyond metrics and findings).
+STUDY_TABLES = ("roi_features",)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,11 @@ def _quarantine(lake: Lake, data: bytes, exc: BadInput, *, stage: str, source_ur
     return row
 
 
+def _suffix(name: str) -> str:
+    """A file's suffix for its quarantined copy, ``.nii.gz`` whole."""
+    return ".nii.gz" if str(name).lower().endswith(".nii.gz") else Path(str(name)).suffix
+
+
 # --------------------------------------------------------------------------- index
 def index_landing(landing: Any, lake: Lake, *, key: bytes, prefix: str = "", since: dt.datetime | None = None,
                   until: dt.datetime | None = None, reprocess: bool = False, now: dt.datetime | None = None,
@@ -87,10 +94,10 @@ def index_landing(landing: Any, lake: Lake, *, key: bytes, prefix: str = "", sin
 
     def quarantine(obj: storage.ObjectInfo, exc: BadInput) -> dict:
         return _quarantine(lake, storage.read_bytes(obj.uri), exc, stage="index", source_uri=obj.uri,
-                           suffix=Path(obj.relpath).suffix)
+                           suffix=_suffix(obj.relpath))
 
     result = index_objects(objects, specialty=lake.specialty, key=key, quarantine=quarantine, now=now,
-                           options=options)
+                           options=options, prefix=prefix)
     ledger = lake.ledger
     opts = options_hash(get_specialty(lake.specialty).result_options(options))
     studies, skipped = [], []
@@ -136,13 +143,22 @@ def deidentify_study(study: dict, lake: Lake, *, key: bytes, demo: bool, options
                      run: RunContext = RunContext()) -> dict:
     """De-identify one study's raw files into ``anonymized/``; bad files go to quarantine, the rest go on.
 
-    Every output is audited against the identifying values of its own input before it is written.
+    Every output is audited against the identifying values of its own input before it is written.  ``options``:
+    the run's option values (the specialty's ``deidentify``-stage options become PS3.15 options), or a
+    ``DeidOptions``.
     """
     started = time.time()
+    if options is None or isinstance(options, dict):  # the run's option values: the specialty's PS3.15 choices
+        from imaging_tasks.deid.dicom import DeidOptions
+
+        options = DeidOptions(**get_specialty(lake.specialty).options_for(options, "deidentify"))
     manifest = storage.read_json(study["manifest"])
     dest = lake.anonymized(study["patient"], study["study"])
     if get_specialty(lake.specialty).file_kind == "slide":
         instances, quarantined = _deidentify_slides(manifest["files"], dest, lake, key=key)
+    elif any(f.get("upload") for f in manifest["files"]):  # a NIfTI-upload session (the index never mixes)
+        instances, quarantined = _deidentify_uploads(manifest["files"], dest, lake, study=study["study"],
+                                                     options=options)
     else:
         instances, quarantined = _deidentify_dicoms(manifest["files"], dest, lake, key=key, demo=demo,
                                                     options=options, what=f"de-identify {lake.specialty} study "
@@ -197,6 +213,60 @@ def _deidentify_dicoms(files: list[dict], dest, lake: Lake, *, key: bytes, demo:
     return instances, quarantined
 
 
+def _deidentify_uploads(files: list[dict], dest, lake: Lake, *, study: str, options) -> tuple[list, int]:
+    """A NIfTI-upload session: each NIfTI loses its header text and extensions (voxels byte-identical,
+    ``deid.nifti``) and is written as ``<stem>.nii.gz``; each JSON sidecar keeps only allow-listed acquisition facts
+    (``deid.sidecar``; body weight only with the Retain Patient Characteristics option) as ``<stem>.json``.
+
+    Every output is audited before it is written against the identifying values of all the session's inputs
+    and the raw patient/session folder names (from the work manifest).  Instances carry no DICOM UIDs: series
+    ``<study>-<stem>``, SOP ``nifti-``/``sidecar-`` + the output's sha256 prefix.
+    """
+    import gzip
+
+    from imaging_tasks.deid.nifti import deidentify_nifti, nifti_facts
+    from imaging_tasks.deid.sidecar import deidentify_sidecar
+    from imaging_tasks.phi_audit import assert_no_leaks, merge, upload_identifying_values, values_of_input
+
+    values = merge(*(values_of_input(f["uri"]) for f in files),
+                   *(upload_identifying_values(f["upload"]) for f in files if f.get("upload")))
+    retain = bool(getattr(options, "retain_patient_characteristics", False))
+    instances, quarantined = [], 0
+    ordered = sorted(files, key=lambda f: (f["upload"]["kind"] != "nifti", f["upload"]["stem"]))
+    with tempfile.TemporaryDirectory(prefix="deid-nifti-") as tmp:
+        for i, f in enumerate(ordered):
+            up = f["upload"]
+            data = storage.read_bytes(f["uri"])
+            try:
+                if up["kind"] == "nifti":
+                    src = Path(tmp) / f"in-{i}{_suffix(f['uri'])}"
+                    src.write_bytes(data)
+                    dst = Path(tmp) / f"out-{i}.nii.gz"
+                    info = deidentify_nifti(src, dst)
+                    out, name, kind = dst.read_bytes(), f"{up['stem']}.nii.gz", "nifti"
+                    blob = gzip.decompress(out)
+                    header = {"SeriesDescription": up["stem"], "format": "nifti", **nifti_facts(dst),
+                              "cleared_fields": info["cleared_fields"],
+                              "removed_extensions": info["removed_extensions"]}
+                else:
+                    out, info = deidentify_sidecar(data, retain_patient_characteristics=retain)
+                    blob, name, kind = out, f"{up['stem']}.json", "sidecar"
+                    header = {"SeriesDescription": up["stem"], "format": "json", "kept": info["kept"],
+                              "dropped": info["dropped"], "derived": info["derived"]}
+            except BadInput as exc:
+                _quarantine(lake, data, exc, stage="deidentify", source_uri=f["uri"], suffix=_suffix(f["uri"]))
+                quarantined += 1
+                continue
+            assert_no_leaks(values, blob, f"study {study} {name}")
+            uri = storage.join(dest, name)
+            sha = storage.write_bytes(uri, out)
+            instances.append({"uri": str(uri), "sha256": sha, "bytes": len(out),
+                              "source_sha256": storage.sha256_bytes(data), "study_uid": None,
+                              "series_uid": f"{study}-{up['stem']}", "sop_uid": f"{kind}-{sha[:16]}",
+                              "modality": up["modality"], "sop_class_uid": None, "header": header})
+    return instances, quarantined
+
+
 def _deidentify_slides(files: list[dict], dest, lake: Lake, *, key: bytes) -> tuple[list, int]:
     from imaging_tasks.deid.slide import TECHNICAL_FIELDS, deidentify_svs, read_description
     from imaging_tasks.phi_audit import assert_no_leaks, slide_identifying_values
@@ -228,10 +298,11 @@ def _deidentify_slides(files: list[dict], dest, lake: Lake, *, key: bytes) -> tu
 
 # --------------------------------------------------------------------------- PHI audit
 def _input_values(study: dict, lake: Lake) -> dict[str, set[str]]:
-    from imaging_tasks.phi_audit import merge, values_of_input
+    from imaging_tasks.phi_audit import merge, upload_identifying_values, values_of_input
 
     manifest = storage.read_json(study.get("manifest") or lake.work("studies", f"{study['study']}.json"))
-    return merge(*(values_of_input(f["uri"]) for f in manifest["files"]))
+    return merge(*(values_of_input(f["uri"]) for f in manifest["files"]),
+                 *(upload_identifying_values(f["upload"]) for f in manifest["files"] if f.get("upload")))
 
 
 def _files_under(root) -> list[str]:
@@ -330,7 +401,8 @@ def _run_step(record, name: str, study: dict, lake: Lake, *, device: str | None,
             return quarantine_study(study, deid, lake, exc, run=run, started=started)
         if index < len(order) - 1:  # an intermediate step: keep its outputs for the next
             storage.write_json(out_dir / STEP_RESULT, {"metrics": result.get("metrics", []),
-                                                          "findings": result.get("findings", [])})
+                                                          "findings": result.get("findings", []),
+                                                          "tables": result.get("tables") or {}})
             outputs = storage.upload_dir(out_dir, _step_dir(lake, study, name))
             record_lineage(lake, run, study=study["study"],
                            inputs=[{"uri": i["uri"], "sha256": i["sha256"]} for i in deid["instances"]],
@@ -341,8 +413,11 @@ def _run_step(record, name: str, study: dict, lake: Lake, *, device: str | None,
             return with_facts(study, steps_done=[*study.get("steps_done", []), name])
         for earlier, folder in previous.items():  # the published study holds every step's outputs and numbers
             partial = storage.read_json(folder / STEP_RESULT) if (folder / STEP_RESULT).exists() else {}
+            tables = dict(partial.get("tables") or {})
+            for table, table_rows in (result.get("tables") or {}).items():
+                tables[table] = [*tables.get(table, []), *table_rows]
             result = {**result, "metrics": [*partial.get("metrics", []), *result.get("metrics", [])],
-                      "findings": [*partial.get("findings", []), *result.get("findings", [])]}
+                      "findings": [*partial.get("findings", []), *result.get("findings", [])], "tables": tables}
             for f in folder.rglob("*"):
                 if f.is_file() and f.name != STEP_RESULT:
                     target = out_dir / earlier / f.relative_to(folder)
@@ -356,13 +431,22 @@ def _step_dir(lake: Lake, study: dict, step: str):
 
 
 def fetch_instances(instances: list[dict], local: Path) -> list[Path]:
-    return [storage.download(inst["uri"], local / f"{n:05d}{Path(inst['uri']).suffix}")
-            for n, inst in enumerate(instances)]
+    """The study's de-identified files in a local folder, numbered in instance order: DICOM as ``00001.dcm``,
+    anything else keeps its name after the number (``00001-pet.nii.gz``, ``00002-pet.json``), so a step can
+    tell the MR from the PET NIfTI and find a sidecar."""
+    out = []
+    for n, inst in enumerate(instances):
+        name = Path(inst["uri"]).name
+        target = f"{n:05d}.dcm" if name.lower().endswith(".dcm") else f"{n:05d}-{name}"
+        out.append(storage.download(inst["uri"], local / target))
+    return out
 
 
 def publish(study: dict, deid: dict, lake: Lake, result: dict, out_dir: Path, *, run: RunContext, started: float,
              device: str) -> dict:
     results = {"metrics": result.get("metrics", []), "findings": result.get("findings", [])}
+    if result.get("tables"):
+        results["tables"] = result["tables"]
     storage.write_json(out_dir / "results.json", results)
     dest = lake.derived(study["patient"], study["study"])
     outputs = storage.upload_dir(out_dir, dest)
@@ -400,7 +484,8 @@ def warehouse_rows(processed: list[dict], lake: Lake, *, run: RunContext,
                    lineage_runs: Any = ()) -> dict[str, list[dict]]:
     """Rows for every table from the published manifests, the quarantine folder and the lineage of this run
     (and of ``lineage_runs``: earlier runs whose studies are loaded now)."""
-    rows: dict[str, list[dict]] = {t: [] for t in ("studies", "series", "instances", "results", "findings")}
+    rows: dict[str, list[dict]] = {t: [] for t in ("studies", "series", "instances", "results", "findings",
+                                                   *STUDY_TABLES)}
     for item in processed:
         if not is_ok(item):
             continue
@@ -436,6 +521,11 @@ def warehouse_rows(processed: list[dict], lake: Lake, *, run: RunContext,
         for n, f in enumerate(results["findings"]):
             rows["findings"].append({"specialty": spec, "study_id": study, "kind": f.get("kind", "finding"),
                                      "finding_index": f.get("index", n), "properties": f})
+        for table, table_rows in (results.get("tables") or {}).items():
+            if table not in STUDY_TABLES:
+                raise ValueError(f"{spec} study {study}: results.json names table {table!r}, which is not a per-study "
+                                 f"table of the warehouse schema ({', '.join(STUDY_TABLES)})")
+            rows[table].extend({**r, "specialty": spec, "study_id": study} for r in table_rows)
     rows["quarantine"] = storage.quarantine_rows(lake.root, lake.specialty)
     rows["processing_runs"] = [storage.read_json(o.uri) for rid in sorted({run.run_id, *lineage_runs})
                                for o in storage.list_objects(lake.runs(rid))]
@@ -489,7 +579,7 @@ def load(processed: list[dict], lake: Lake, warehouse, *, run: RunContext = RunC
     reloaded = [r for r in (ledger.get(s) for s in items if s not in loaded_states) if r]
     rows["ledger"] = [warehouse_row({**r, "state": "loaded" if r["study"] in items else r["state"]})
                       for r in (*loaded_states.values(), *reloaded)]
-    scoped = {"series", "instances", "results", "findings"}
+    scoped = {"series", "instances", "results", "findings", *STUDY_TABLES}
     # every loaded study's per-study rows are replaced, even where it now has none (e.g. no findings)
     studies = [(lake.specialty, s) for s in items]
     counts: dict[str, Any] = {}

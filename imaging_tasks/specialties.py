@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Callable
 
 from imaging_tasks.errors import ConfigError
@@ -70,9 +71,38 @@ def get(name: str) -> Specialty:
     return registry[name]
 
 
-def processor(specialty: str) -> Callable:
-    """The first (for one-step specialties: the only) step's function, ``(files, out_dir, *, device, **options)``."""
-    return load_callable(get(specialty).steps[0].function)
+def run_steps(specialty: str, files: list[Path], out: Path, *, device: str | None = None, step: str | None = None,
+              options: dict | None = None) -> dict:
+    """Run the specialty's steps on local files (the CLI's ``process``), without a lake: each step but the last
+    writes to ``out/<step>/``, the last to ``out``; ``step`` runs one step, reading the earlier ones' folders.
+
+    ``options``: checked values of the process-stage options; each step gets those its function accepts.
+    Returns the merged metrics, findings and tables of the steps run, and every output path relative to ``out``.
+    """
+    import inspect
+
+    record = get(specialty)
+    order = [s.name for s in record.steps]
+    chosen = order if step is None else [record.step(step).name]
+    merged: dict = {"metrics": [], "findings": [], "outputs": [], "tables": {}}
+    for name in chosen:
+        index = order.index(name)
+        fn = load_callable(record.steps[index].function)
+        params = inspect.signature(fn).parameters
+        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        kwargs = {k: v for k, v in (options or {}).items() if takes_all or k in params}
+        last = index == len(order) - 1
+        step_out = Path(out) if last else Path(out) / name
+        step_out.mkdir(parents=True, exist_ok=True)
+        if index:
+            kwargs["previous"] = {earlier: Path(out) / earlier for earlier in order[:index]}
+        result = fn(list(files), step_out, device=device, **kwargs)
+        merged["metrics"] += result.get("metrics", [])
+        merged["findings"] += result.get("findings", [])
+        merged["outputs"] += [o if last else f"{name}/{o}" for o in result.get("outputs", [])]
+        for table, rows in (result.get("tables") or {}).items():
+            merged["tables"].setdefault(table, []).extend(rows)
+    return merged
 
 
 def synthesizer(specialty: str) -> Callable:

@@ -37,7 +37,8 @@ class Option:
     minimum: float | None = None
     maximum: float | None = None
     enum: tuple | None = None
-    stage: str = "process"  # "process": passed to the steps; "index": used to decide when a study is ready
+    stage: str = "process"  # "process": passed to the steps; "index": used to decide when a study is ready;
+    #                         "deidentify": a PS3.15 option of the de-identifier (a ``DeidOptions`` field)
     affects_results: bool = True  # part of the options hash: a study loaded with other values is due again
 
     def check(self, value: Any) -> Any:
@@ -96,12 +97,26 @@ class Specialty:
     fan_out: str | None = None  # module with plan_slide / tile_batches / tile_features_batch / finish_slide: the
     #                             DAG maps the features over tile batches of all studies instead of one step each
     order: int = 100  # position in listings; ``imaging-tasks synth`` seeds it with seed + 1000 x order
+    nifti_uploads: dict | None = None  # NIfTI file stem -> modality (e.g. {"mri": "MR", "pet": "PT"}): a DICOM
+    #   specialty that also takes NIfTI uploads laid out as <patient>/<session>/<stem>.nii[.gz] (+ <stem>.json
+    #   sidecars) under its landing folder; each patient/session folder is one study (see imaging_tasks.index)
 
     def __post_init__(self):
         if self.file_kind not in FILE_KINDS:
             raise ValueError(f"specialty {self.name}: file_kind must be one of {FILE_KINDS}")
         if self.file_kind == "dicom" and not self.modalities:
             raise ValueError(f"specialty {self.name}: a DICOM specialty must accept at least one modality")
+        if self.nifti_uploads is not None:
+            if self.file_kind != "dicom":
+                raise ValueError(f"specialty {self.name}: NIfTI uploads need file_kind 'dicom' (series grouping)")
+            bad = {s: m for s, m in self.nifti_uploads.items()
+                   if m not in self.modalities or not s or not s.replace("_", "").isalnum() or s != s.lower()}
+            if bad:
+                raise ValueError(f"specialty {self.name}: nifti_uploads {bad} must map lower-case file stems to "
+                                 f"accepted modalities ({', '.join(sorted(self.modalities))})")
+
+    def __hash__(self) -> int:  # a frozen record holding a dict: hashed by name (one record per name)
+        return hash(self.name)
 
     # ------------------------------------------------------------------ options
     def options_for(self, values: dict | None, stage: str = "process") -> dict[str, Any]:

@@ -36,11 +36,26 @@ def test_every_task_has_owner_retries_and_timeout(dagbag):
 
 
 def test_processing_runs_on_gpu_queue_and_pool(dagbag):
-    gpu_tasks = {"cardiovascular": "process_study", "neuroimaging": "process_study",
+    gpu_tasks = {"cardiovascular": "process_study", "neuroimaging": "brain_extraction",
                  "mammography": "process_study", "pathology": "tile_features"}
     for dag_id, task_id in gpu_tasks.items():
         t = dagbag.dags[dag_id].get_task(task_id)
         assert (t.queue, t.pool) == ("gpu", "gpu"), dag_id
+    # CPU steps of a chain stay off the GPU pool
+    assert dagbag.dags["neuroimaging"].get_task("pet_to_t1").pool != "gpu"
+
+
+def test_neuro_chain_is_one_task_per_step_in_order(dagbag):
+    from imaging_tasks.specialties import get
+
+    dag = dagbag.dags["neuroimaging"]
+    steps = [s.name for s in get("neuroimaging").steps]
+    assert steps == ["n4_bias", "brain_extraction", "pet_average", "pet_to_t1", "atlas_registration", "suvr",
+                     "roi_features"]
+    assert dag.get_task(steps[0]).upstream_task_ids == {"ready_for_processing"}
+    for earlier, later in zip(steps, steps[1:]):
+        assert dag.get_task(later).upstream_task_ids == {earlier}
+    assert steps[-1] in dag.get_task("load_metadata").upstream_task_ids
 
 
 def test_pathology_fans_out_over_tile_batches(dagbag):

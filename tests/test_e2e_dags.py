@@ -9,6 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +56,9 @@ def _pseudo_study(truth: dict) -> str:
     from imaging_tasks.deid.keys import DEMO_KEY
     from imaging_tasks.deid.pseudonym import pseudo_id
 
+    if truth.get("layout") == "nifti":  # an upload session: <patient>/<session>/ names the study
+        patient, session = truth["session_folder"].split("/")[-2:]
+        return pseudo_id(DEMO_KEY, f"{patient}/{session}", "study")
     return pseudo_id(DEMO_KEY, truth["study_uid"], "study")
 
 
@@ -76,8 +80,16 @@ def check_results(specialty: str, wh, truths: list[dict]) -> None:
             assert m["calcium_volume_mm3"] == pytest.approx(t["truth"]["volume_mm3"], abs=1e-6)
     elif specialty == "neuroimaging":
         for t in truths:
-            m = metrics[_pseudo_study(t)]
-            assert m["brain_volume_ml"] == pytest.approx(t["truth"]["brain_volume_ml"], rel=0.10)
+            study = _pseudo_study(t)
+            m = metrics[study]
+            assert m["brain_volume_ml"] == pytest.approx(t["truth"]["parenchyma_volume_ml"], rel=0.03)
+            assert m["intracranial_volume_ml"] == pytest.approx(t["truth"]["intracranial_volume_ml"], rel=0.03)
+            # the whole chain ran: ROI rows of the default atlas (Seitzman-300) with SUVR, and whole-brain rows
+            rows = wh.query("SELECT roi, metric, value FROM roi_features WHERE specialty = ? AND study_id = ?",
+                            ["neuroimaging", study])
+            assert len({r[0] for r in rows}) == 301
+            suvr = [v for roi, metric, v in rows if metric == "mean_suvr"]
+            assert len(suvr) >= 290 and 0.3 < float(np.median(suvr)) < 3.0
     elif specialty == "mammography":
         for t in truths:
             planted = sum(len(v["clusters"]) for v in t["truth"]["views"].values())
@@ -92,11 +104,15 @@ def check_results(specialty: str, wh, truths: list[dict]) -> None:
 
 @pytest.mark.parametrize("specialty", ["cardiovascular", "mammography", "neuroimaging", "pathology"])
 def test_dag_end_to_end(specialty, airflow_db, buckets, monkeypatch):
+    from imaging_tasks.specialties import get as get_specialty
     from imaging_tasks.specialties import synthesizer
     from imaging_tasks.synth.bad_inputs import write_bad_inputs
     from imaging_tasks.warehouse import DuckDBWarehouse
 
-    synthesizer(specialty)(buckets["landing"], 1, 11)
+    if specialty == "neuroimaging":  # one DICOM session, one NIfTI-upload session
+        synthesizer(specialty)(buckets["landing"], 2, 11, layout=["dicom", "nifti"])
+    else:
+        synthesizer(specialty)(buckets["landing"], 1, 11)
     expected_bad = write_bad_inputs(buckets["landing"], specialty, seed=3)
     truths = _truths(buckets, specialty)
     raw_before = _snapshot(buckets["landing"])
@@ -123,7 +139,8 @@ def test_dag_end_to_end(specialty, airflow_db, buckets, monkeypatch):
 
     # lineage: what each step read and wrote, with device and timings
     steps = {r[0] for r in wh.query("SELECT task_id FROM processing_runs WHERE specialty = ?", [specialty])}
-    assert {"deidentify", "process_study" if specialty != "pathology" else "finish_slide"} <= steps
+    last = get_specialty(specialty).steps[-1].name if specialty != "pathology" else "finish_slide"
+    assert {"deidentify", last} <= steps
     assert wh.query("SELECT count(*) FROM processing_runs WHERE device IS NOT NULL AND specialty = ?",
                     [specialty])[0][0] > 0
 

@@ -86,29 +86,38 @@ def test_pet_carries_the_planted_regional_uptake(session):
     assert truth["pet"]["reference_region"] == "cerebellum"
 
 
-def test_brain_and_intracranial_volume_match_truth(session, processed):
-    """Volumes within 5 % (brain) and 6 % (intracranial), and the brain mask on the right voxels.
+def _parenchyma_truth(truth: dict, reference) -> tuple[float, np.ndarray]:
+    """Planted parenchyma (GM + WM partial-volume sum, ml) and its fractions on the T1 grid."""
+    fraction = synth.truth_on_grid(truth, reference, "gm") + synth.truth_on_grid(truth, reference, "wm")
+    ml = truth.get("parenchyma_volume_ml") or float(fraction.sum()) * float(np.prod(reference.GetSpacing())) / 1000
+    return ml, fraction
 
-    Why these tolerances: moving the whole truth brain surface in or out by one 2 mm voxel changes the volume
-    by 8-9 % (folded cortex, 1.2-1.7 l), so 5 % allows about a 1.2 mm systematic boundary error and no
-    more; measured error is under 1 %.  Counting the CSF as brain would read +12 %, the scalp far more.  The
-    intracranial estimate trims part of the ~1.3-voxel CSF rim on purpose (measured -3 to -3.6 %) and must
-    still differ from the brain volume (-11 %).  Truth volumes differ per subject (head size), so no constant
-    passes.
+
+def test_brain_and_intracranial_volume_match_truth(session, processed):
+    """``brain_volume_ml`` is the parenchyma (GM + WM), ``intracranial_volume_ml`` brain + CSF to the skull.
+
+    Against the planted GM + WM partial-volume sum and intracranial space; the brain mask against GM + WM >=
+    0.5 (Dice).  Held to 3 %, as on the independent phantoms (tests/test_brain_extraction_phantoms.py).  (With
+    the generator's CSF envelope once darker than its sulci, CSF_T1 = 0.12, sulcal CSF read as partly
+    parenchyma: +3.7 to +4.2 %; with one CSF brightness, +0.6 %.)  Counting the CSF envelope as brain
+    (issue 20) reads +27 %, the MNI brain mask (ventricles and sulcal CSF in) +13 %.  The tissue volumes add
+    up to the intracranial volume.
     """
     import SimpleITK as sitk
 
     _folder, record = session
     out, _result, m = processed
     truth = record["truth"]
-    assert m["brain_volume_ml"] == pytest.approx(truth["brain_volume_ml"], rel=0.05)
-    assert m["intracranial_volume_ml"] == pytest.approx(truth["intracranial_volume_ml"], rel=0.06)
-    assert m["brain_volume_ml"] < m["intracranial_volume_ml"]
     mask_img = sitk.ReadImage(str(out / "brain_mask.nii.gz"))
+    parenchyma_ml, parenchyma = _parenchyma_truth(truth, mask_img)
+    assert m["brain_volume_ml"] == pytest.approx(parenchyma_ml, rel=0.03)
+    assert m["intracranial_volume_ml"] == pytest.approx(truth["intracranial_volume_ml"], rel=0.03)
+    assert m["brain_volume_ml"] < 0.9 * m["intracranial_volume_ml"]
+    assert m["grey_matter_volume_ml"] + m["white_matter_volume_ml"] == pytest.approx(m["brain_volume_ml"])
+    assert m["brain_volume_ml"] + m["csf_volume_ml"] == pytest.approx(m["intracranial_volume_ml"], rel=1e-4)
     mask = sitk.GetArrayFromImage(mask_img) > 0
-    true = synth.truth_on_grid(truth, mask_img, "brain") > 0.5
-    dice = 2 * (mask & true).sum() / (mask.sum() + true.sum())
-    assert dice > 0.985  # measured 0.993; the truth mask shifted by one 2 mm voxel scores 0.972
+    true = parenchyma >= 0.5
+    assert 2 * (mask & true).sum() / (mask.sum() + true.sum()) >= 0.95
 
 
 def test_n4_recovers_the_planted_bias_field(session, processed):
@@ -140,7 +149,8 @@ def test_outputs_and_no_phi(session, processed):
 
     _folder, record = session
     out, result, m = processed
-    assert {"t1_n4.nii.gz", "brain_mask.nii.gz", "qc_brain.png"} <= set(result["outputs"])
+    assert {"t1_n4.nii.gz", "brain_mask.nii.gz", "intracranial_mask.nii.gz", "gm_fraction.nii.gz",
+            "wm_fraction.nii.gz", "csf_fraction.nii.gz", "qc_brain.png"} <= set(result["outputs"])
     assert all((out / name).is_file() for name in result["outputs"])
     assert Image.open(out / "qc_brain.png").size[0] > 300
     assert m["n_pet_series"] == 1 and m["n_mr_series"] == 1

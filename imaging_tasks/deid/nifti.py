@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import numpy as np
+
 from imaging_tasks.errors import BadInput
 
 TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name")
@@ -33,6 +35,10 @@ def deidentify_nifti(src: Path, dst: Path) -> dict:
     except Exception as exc:
         raise BadInput("unreadable_nifti", f"the file is not a readable single-file NIfTI ({type(exc).__name__}); "
                        "re-export it as .nii or .nii.gz") from None
+    expected = int(np.prod(img.header.get_data_shape(), dtype=np.int64)) * img.header.get_data_dtype().itemsize
+    if len(data) - int(img.dataobj.offset) < expected:  # the copy below would pass a cut file on unnoticed
+        raise BadInput("unreadable_nifti", f"the file is cut short: {max(len(data) - int(img.dataobj.offset), 0)} "
+                       f"bytes of voxel data where its header declares {expected}; re-send the whole file")
     header = img.header.copy()
     # nibabel moves scaling and offset out of the loaded header into the data proxy: put them back
     header["scl_slope"], header["scl_inter"] = img.dataobj.slope, img.dataobj.inter
@@ -50,3 +56,15 @@ def deidentify_nifti(src: Path, dst: Path) -> dict:
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_bytes(gzip.compress(out, mtime=0) if _is_gz(dst) else out)
     return {"cleared_fields": removed, "removed_extensions": n_ext, "voxel_bytes": len(data) - old_offset}
+
+
+def nifti_facts(path: Path) -> dict:
+    """Small technical facts of a (de-identified) NIfTI for the warehouse instances table: shape, voxel size,
+    data type, frames and which of qform/sform is set.  No text field is read."""
+    import nibabel as nib
+
+    header = nib.load(str(path)).header
+    shape = [int(n) for n in header.get_data_shape()]
+    return {"shape": shape, "voxel_mm": [round(float(z), 6) for z in header.get_zooms()[:3]],
+            "datatype": str(header.get_data_dtype()), "n_frames": shape[3] if len(shape) > 3 else 1,
+            "qform_code": int(header["qform_code"]), "sform_code": int(header["sform_code"])}

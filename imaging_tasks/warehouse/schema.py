@@ -82,6 +82,12 @@ _TABLES: list[Table] = [
         _c("specialty", "STRING", True), _c("study_id", "STRING", True), _c("kind", "STRING", True),
         _c("finding_index", "INT64", True), _c("properties", "JSON"),
     ), "per-lesion / per-cluster / per-tile-summary rows"),
+    Table("roi_features", ("specialty", "study_id", "atlas", "roi", "metric"), (
+        _c("specialty", "STRING", True), _c("study_id", "STRING", True),
+        _c("atlas", "STRING", True, "atlas the ROI belongs to (a built-in name or the bring-your-own atlas's name)"),
+        _c("roi", "STRING", True, "ROI label name; 'whole_brain' for whole-brain values"),
+        _c("metric", "STRING", True), _c("value", "FLOAT64"), _c("unit", "STRING"),
+    ), "per-ROI features of a study (neuroimaging: GM volume, SUVR, normalised T1 per atlas ROI)"),
     Table("quarantine", ("specialty", "input_sha256"), (
         _c("specialty", "STRING", True), _c("input_sha256", "STRING", True), _c("stage", "STRING"),
         _c("reason", "STRING"), _c("message", "STRING"), _c("quarantine_uri", "STRING"), _c("input_bytes", "INT64"),

@@ -56,9 +56,10 @@ def specialty_params(specialty: str) -> dict[str, Param]:
         schema = {k: v for k, v in (("minimum", o.minimum), ("maximum", o.maximum)) if v is not None}
         if o.enum is not None:
             schema["enum"] = list(o.enum)
-        extra[o.name] = Param(o.default, type=o.type, title=o.title, description=o.description,
-                              section=f"{record.title} processing" if o.stage == "process" else f"{record.title} "
-                                                                                                "inputs", **schema)
+        section = {"process": "processing", "deidentify": "de-identification"}.get(o.stage, "inputs")
+        # an option without a default is optional: typed nullable, else the form calls it required
+        extra[o.name] = Param(o.default, type=o.type if o.default is not None else ["null", o.type], title=o.title,
+                              description=o.description, section=f"{record.title} {section}", **schema)
     return pipeline_params(**extra)
 
 

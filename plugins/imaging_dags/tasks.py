@@ -151,8 +151,9 @@ def deidentify(specialty: str, study: dict) -> dict:
     with failing_fast(f"de-identify {specialty} study {study.get('study')}"):
         key, demo = deid_key()
         lake = _lake(specialty)
+    options = run_options(specialty, get_current_context()["params"])  # the specialty's PS3.15 option choices
     with naming_study(specialty, study, "de-identification", detail=False):
-        return deidentify_study(study, lake, key=key, demo=demo, run=_run())
+        return deidentify_study(study, lake, key=key, demo=demo, options=options, run=_run())
 
 
 @task(max_active_tis_per_dagrun=4, map_index_template=STUDY_LABEL)

@@ -1,0 +1,80 @@
+"""QC pictures of a neuro session: three orthogonal slices through the brain with contours, labels or a heat map.
+
+One function for every picture the chain writes (brain mask over T1, PET over T1, atlas over T1, SUVR map), so
+they all look alike: axial, coronal and sagittal views through the brain's centre of mass, resampled to square
+millimetres, head up.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+MM_PER_PIXEL = 0.75
+
+
+def _views(shape, centre, spacing_zyx):
+    dz, dy, dx = spacing_zyx
+    c = centre
+    return [  # (slice selector, pixel height mm, pixel width mm); flipped so the head is up in coronal/sagittal
+        (lambda a: a[c[0]], dy, dx),
+        (lambda a: a[:, c[1], :][::-1], dz, dx),
+        (lambda a: a[:, :, c[2]][::-1], dz, dy),
+    ]
+
+
+def _heat_rgb(values: np.ndarray, vmax: float) -> np.ndarray:
+    """A black-body-like colour map (black, red, yellow, white) without matplotlib."""
+    t = np.clip(values / max(vmax, 1e-9), 0, 1)
+    return np.stack([np.clip(3 * t, 0, 1), np.clip(3 * t - 1, 0, 1), np.clip(3 * t - 2, 0, 1)], -1) * 255
+
+
+def _label_rgb(labels: np.ndarray) -> np.ndarray:
+    """A stable pseudo-random colour per label (0 stays black)."""
+    rng = np.random.default_rng(7)
+    palette = rng.integers(60, 256, size=(int(labels.max()) + 1, 3))
+    palette[0] = 0
+    return palette[labels]
+
+
+def overlay_png(image_zyx: np.ndarray, spacing_zyx, path: Path, *, centre_mask: np.ndarray | None = None,
+                contours: tuple = (), heat: np.ndarray | None = None, heat_max: float | None = None,
+                labels: np.ndarray | None = None, alpha: float = 0.5) -> Path:
+    """Write ``path``: the grey image with mask ``contours`` ``[(mask, (r, g, b)), ...]`` drawn on it, and
+    optionally a ``heat`` map (PET, SUVR) or a ``labels`` image blended over it at ``alpha``."""
+    from PIL import Image
+
+    mask = centre_mask if centre_mask is not None and centre_mask.any() else None
+    centre = [round(float(v)) for v in ndi.center_of_mass(mask)] if mask is not None else \
+        [n // 2 for n in image_zyx.shape]
+    inside = image_zyx[mask] if mask is not None else image_zyx
+    hi = float(np.percentile(inside, 99.5)) or 1.0
+    if heat is not None and heat_max is None:
+        heat_max = float(np.percentile(heat[mask] if mask is not None else heat, 99.5)) or 1.0
+    tiles = []
+    for sel, ph, pw in _views(image_zyx.shape, centre, spacing_zyx):
+        grey = np.clip(sel(image_zyx) / hi * 255, 0, 255)
+        rgb = np.stack([grey] * 3, axis=-1)
+        if heat is not None:
+            h = sel(heat)
+            shown = (h > 0.05 * heat_max)[..., None]
+            rgb = np.where(shown, (1 - alpha) * rgb + alpha * _heat_rgb(h, heat_max), rgb)
+        if labels is not None:
+            lab = sel(labels).astype(np.int64)
+            rgb = np.where((lab > 0)[..., None], (1 - alpha) * rgb + alpha * _label_rgb(lab), rgb)
+        rgb = rgb.astype(np.uint8)
+        for m, colour in contours:
+            s = sel(m).astype(bool)
+            rgb[s & ~ndi.binary_erosion(s)] = colour
+        tile = Image.fromarray(rgb).resize((max(1, int(rgb.shape[1] * pw / MM_PER_PIXEL)),
+                                            max(1, int(rgb.shape[0] * ph / MM_PER_PIXEL))), Image.NEAREST)
+        tiles.append(tile)
+    canvas = Image.new("RGB", (sum(t.width for t in tiles) + 8 * (len(tiles) - 1), max(t.height for t in tiles)))
+    x = 0
+    for t in tiles:
+        canvas.paste(t, (x, 0))
+        x += t.width + 8
+    path = Path(path)
+    canvas.save(path, optimize=True)
+    return path
