@@ -1,12 +1,13 @@
 """The neuro session chain: per-step and per-session wall time, and registration accuracy and time against ANTs.
 
-    .venv/bin/python bench/neuro_chain.py [--sessions 3] [--seed 7] [--no-ants] [--workdir DIR]
+    .venv/bin/python bench/neuro_chain.py [--sessions 3] [--seed 7] [--mr-voxel-mm 2] [--n4-shrink 2] [--no-ants]
+                                          [--workdir DIR]
 
 What it does, in one run:
 
 1. Writes ``--sessions`` synthetic sessions with known truth (``imaging_tasks.neuroimaging.synth``: MNI152-based
    T1 with a planted pose, head scale and smooth non-linear warp; PET with regional SUVR; the first session with
-   a 4-frame dynamic PET, the second as a NIfTI upload), 2 mm T1, 4 mm PET.
+   a 4-frame dynamic PET, the second as a NIfTI upload), 2 mm T1 (``--mr-voxel-mm 1`` for a 1 mm one), 4 mm PET.
 2. Runs the chain on each, one step at a time through ``specialties.run_steps`` (the ``imaging-tasks process``
    path), timing each step's wall clock.  A warm-up session runs first and is not counted (it pays the one-off
    imports and the MNI152 / atlas loads a long-lived worker pays once).
@@ -91,12 +92,12 @@ def _files(data: Path, record: dict) -> list[Path]:
     return sorted(p for p in (data / record["session_folder"]).rglob("*") if p.is_file())
 
 
-def run_chain(files, out: Path) -> tuple[dict[str, float], dict[str, float]]:
+def run_chain(files, out: Path, n4_shrink: int = 2) -> tuple[dict[str, float], dict[str, float]]:
     """Each step's wall time, and every step's metrics."""
     from imaging_tasks.specialties import get, run_steps
 
     record = get("neuroimaging")
-    options = record.options_for({}, "process")
+    options = record.options_for({"n4_shrink": n4_shrink}, "process")
     times, values = {}, {}
     for step in record.steps:
         started = time.perf_counter()
@@ -162,6 +163,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--mr-voxel-mm", type=float, default=2.0)
+    parser.add_argument("--n4-shrink", type=int, default=2, help="4 suits a 1 mm T1 (a ~4 mm fit grid)")
     parser.add_argument("--no-ants", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--ants-worker", type=Path, default=None, help=argparse.SUPPRESS)
@@ -177,11 +180,11 @@ def main() -> int:
     layouts = ["dicom", "dicom", "nifti"] + ["dicom"] * max(0, n - 3)
     frames = [1, 4, 1] + [1] * max(0, n - 3)
     records = [json.loads(p.read_text()) for p in synthesize(data, n, args.seed, layout=layouts[:n],
-                                                             pet_frames=frames[:n])]
+                                                             pet_frames=frames[:n], mr_voxel_mm=args.mr_voxel_mm)]
     rows = []
     for k, record in enumerate(records):
         out = workdir / "out" / record["label"]
-        times, values = run_chain(_files(data, record), out)
+        times, values = run_chain(_files(data, record), out, args.n4_shrink)
         if k == 0:
             print(f"warm-up session: {sum(times.values()):.1f} s (not counted)", flush=True)
             continue
@@ -192,9 +195,11 @@ def main() -> int:
         print(json.dumps(row), flush=True)
     summary = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-               "target_session_seconds": 60, "sessions": rows}
+               "target_session_seconds": 60, "mr_voxel_mm": args.mr_voxel_mm, "n4_shrink": args.n4_shrink,
+               "sessions": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "neuro_chain.json").write_text(json.dumps(summary, indent=2))
+    stem = "neuro_chain" if args.mr_voxel_mm == 2.0 else f"neuro_chain_{args.mr_voxel_mm:g}mm"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=2))
     steps = list(rows[0]["step_seconds"]) if rows else []
     lines = ["| session | " + " | ".join(steps) + " | total s | PET->T1 mm (ours / ANTs) | atlas mm mean/max (ours / "
              "ANTs SyN) | reg. s ours / ANTs (PET, atlas) | brain vol % | ICV % |",
@@ -211,7 +216,7 @@ def main() -> int:
             f"{r['step_seconds'].get('pet_to_t1', 0):.1f} / {r.get('ants_pet_to_t1_seconds', float('nan')):.1f}, "
             f"{r['step_seconds'].get('atlas_registration', 0):.1f} / {r.get('ants_atlas_seconds', float('nan')):.1f} | "
             f"{r['brain_volume_error_percent']:+.1f} | {r['icv_error_percent']:+.1f} |")
-    (RESULTS / "neuro_chain.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

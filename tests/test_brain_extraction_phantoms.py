@@ -15,7 +15,8 @@ import SimpleITK as sitk
 from phantoms import independent_head as ih
 from scipy import ndimage as ndi
 
-from imaging_tasks.neuroimaging.structural import n4_correct, read_t1
+from imaging_tasks.neuroimaging.session import load_session
+from imaging_tasks.neuroimaging.structural import n4_correct
 from imaging_tasks.neuroimaging.tissue import segment_brain
 
 
@@ -27,7 +28,7 @@ def processed(tmp_path_factory):
     def run(name: str):
         if name not in done:
             phantom = ih.build(name)
-            image, _series = read_t1(ih.write_dicom(phantom, tmp_path_factory.mktemp(name)))
+            image = load_session(ih.write_dicom(phantom, tmp_path_factory.mktemp(name))).t1  # the pipeline's loader
             corrected, _log_bias = n4_correct(image)
             done[name] = phantom, image, segment_brain(corrected, device="cpu")
         return done[name]

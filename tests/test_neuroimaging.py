@@ -1,4 +1,5 @@
-"""Neuro sessions: MNI152-based T1 + PET synthesis and T1 preprocessing, checked against the planted truth."""
+"""Neuro sessions: MNI152-based T1 + PET synthesis and the chain's T1 steps (N4, brain extraction), checked against
+the planted truth."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from imaging_tasks.errors import BadInput
-from imaging_tasks.neuroimaging.structural import process_study, to_sitk
+from imaging_tasks.neuroimaging.structural import to_sitk
 from imaging_tasks.neuroimaging import synth
 
 SEED = 5
@@ -21,11 +22,24 @@ def session(tmp_path_factory):
     return out / "neuroimaging" / "study-000", record
 
 
+def structural_steps(files, out):
+    """The chain's first two steps (``imaging-tasks process neuroimaging --step ...``): outputs in
+    ``out/n4_bias/`` and ``out/brain_extraction/``; their metrics and outputs merged."""
+    from imaging_tasks.specialties import run_steps
+
+    merged = {"metrics": [], "outputs": []}
+    for step in ("n4_bias", "brain_extraction"):
+        result = run_steps("neuroimaging", files, out, device="cpu", step=step)
+        merged["metrics"] += result["metrics"]
+        merged["outputs"] += result["outputs"]
+    return merged
+
+
 @pytest.fixture(scope="module")
 def processed(session, tmp_path_factory):
     folder, _record = session
     out = tmp_path_factory.mktemp("neuro-out")
-    result = process_study(sorted(folder.rglob("*.dcm")), out, device="cpu")
+    result = structural_steps(sorted(folder.rglob("*.dcm")), out)
     return out, result, {m["name"]: m["value"] for m in result["metrics"]}
 
 
@@ -108,7 +122,7 @@ def test_brain_and_intracranial_volume_match_truth(session, processed):
     _folder, record = session
     out, _result, m = processed
     truth = record["truth"]
-    mask_img = sitk.ReadImage(str(out / "brain_mask.nii.gz"))
+    mask_img = sitk.ReadImage(str(out / "brain_extraction" / "brain_mask.nii.gz"))
     parenchyma_ml, parenchyma = _parenchyma_truth(truth, mask_img)
     assert m["brain_volume_ml"] == pytest.approx(parenchyma_ml, rel=0.03)
     assert m["intracranial_volume_ml"] == pytest.approx(truth["intracranial_volume_ml"], rel=0.03)
@@ -133,8 +147,8 @@ def test_n4_recovers_the_planted_bias_field(session, processed):
 
     _folder, record = session
     out, _result, m = processed
-    field = sitk.ReadImage(str(out / "bias_field.nii.gz"))
-    mask_img = sitk.ReadImage(str(out / "brain_mask.nii.gz"))
+    field = sitk.ReadImage(str(out / "n4_bias" / "bias_field.nii.gz"))
+    mask_img = sitk.ReadImage(str(out / "brain_extraction" / "brain_mask.nii.gz"))
     inside = sitk.GetArrayFromImage(sitk.Resample(mask_img, field, sitk.Transform(), sitk.sitkNearestNeighbor)) > 0
     estimated = np.log(sitk.GetArrayFromImage(field))[inside]
     planted = np.log(synth.bias_field_at(synth.image_points_mm(field), record["truth"]["bias_field"]))
@@ -149,23 +163,25 @@ def test_outputs_and_no_phi(session, processed):
 
     _folder, record = session
     out, result, m = processed
-    assert {"t1_n4.nii.gz", "brain_mask.nii.gz", "intracranial_mask.nii.gz", "gm_fraction.nii.gz",
-            "wm_fraction.nii.gz", "csf_fraction.nii.gz", "qc_brain.png"} <= set(result["outputs"])
+    assert {"n4_bias/t1_n4.nii.gz", "n4_bias/bias_field.nii.gz", "brain_extraction/brain_mask.nii.gz",
+            "brain_extraction/intracranial_mask.nii.gz", "brain_extraction/gm_fraction.nii.gz",
+            "brain_extraction/wm_fraction.nii.gz", "brain_extraction/csf_fraction.nii.gz",
+            "brain_extraction/qc_brain.png"} <= set(result["outputs"])
     assert all((out / name).is_file() for name in result["outputs"])
-    assert Image.open(out / "qc_brain.png").size[0] > 300
+    assert Image.open(out / "brain_extraction" / "qc_brain.png").size[0] > 300
     assert m["n_pet_series"] == 1 and m["n_mr_series"] == 1
     json.dumps(result)
-    blobs = [p.read_bytes() for p in out.iterdir()]
+    blobs = [p.read_bytes() for p in out.rglob("*") if p.is_file()]
     assert not any(v.encode() in b for v in record["phi"] if len(v) >= 6 for b in blobs)
 
 
 def test_pet_only_or_localizer_only_session_is_bad_input(session, tmp_path):
     folder, _ = session
     with pytest.raises(BadInput) as exc:
-        process_study(sorted((folder / "pet").glob("*.dcm")), tmp_path)
+        structural_steps(sorted((folder / "pet").glob("*.dcm")), tmp_path)
     assert exc.value.reason == "no_mri"
     with pytest.raises(BadInput) as exc:
-        process_study(sorted((folder / "t1").glob("*.dcm"))[:5], tmp_path)
+        structural_steps(sorted((folder / "t1").glob("*.dcm"))[:5], tmp_path)
     assert exc.value.reason == "not_volumetric"
 
 

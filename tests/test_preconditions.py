@@ -146,11 +146,13 @@ def mr(tmp_path_factory):
 
 @pytest.mark.parametrize("case", _cases("neuroimaging", bad=True))
 def test_unusable_mr_is_refused_with_its_reason(mr, tmp_path, case):
-    from imaging_tasks.neuroimaging import structural as neuro
+    from imaging_tasks.specialties import run_steps
 
     base, record = mr
     files, reason = _case_files(base, tmp_path, "neuroimaging", case)
-    _refused(lambda f, o: neuro.process_study(f, o, device="cpu"), files, tmp_path / "out", reason, record["phi"])
+    # the chain's first step loads the session: what it cannot use is refused there, before any processing
+    _refused(lambda f, o: run_steps("neuroimaging", f, o, device="cpu", step="n4_bias"), files, tmp_path / "out",
+             reason, record["phi"])
 
 
 def test_shuffled_mr_loads_as_the_ordered_volume(mr, tmp_path):

@@ -1,6 +1,6 @@
-"""T1 MRI preprocessing for a neuro session: N4 bias-field correction, then tissue classes, brain and volumes.
+"""The T1 of a neuro session: its DICOM checks and loader, N4 bias-field correction, N4's white-matter figures.
 
-N4 runs on the CPU (SimpleITK); brain extraction is :func:`imaging_tasks.neuroimaging.tissue.segment_brain`
+The chain's first two steps (:mod:`.chain`) use it.  N4 runs on the CPU (SimpleITK); brain extraction is :func:`imaging_tasks.neuroimaging.tissue.segment_brain`
 (GM/WM/CSF partial-volume classes inside the intracranial mask): ``brain_volume_ml`` is the parenchyma (GM +
 WM partial-volume sum, ventricles and sulcal CSF excluded), ``intracranial_volume_ml`` the brain plus the CSF
 up to the inner skull table.  The intensity statistics that show N4 worked (white-matter Otsu split, the
@@ -24,12 +24,10 @@ first; the first that meets all of these is processed, and if none does the firs
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from imaging_tasks.errors import BadInput
 from imaging_tasks.neuroimaging.tissue import erode
@@ -253,112 +251,3 @@ def intensity_cv(image_zyx: np.ndarray, mask_zyx: np.ndarray, device) -> float:
     if x.numel() < 2:
         return float("nan")
     return float(x.std() / x.mean())
-
-
-# --- QC -------------------------------------------------------------------------------------------------------
-
-def _qc_png(image_zyx: np.ndarray, brain_zyx: np.ndarray, icv_zyx: np.ndarray, spacing_zyx, path: Path) -> None:
-    """Axial, coronal and sagittal slices through the brain centroid; brain contour red, intracranial yellow."""
-    from PIL import Image
-
-    c = [round(float(v)) for v in ndi.center_of_mass(brain_zyx)] if brain_zyx.any() else \
-        [n // 2 for n in image_zyx.shape]
-    hi = float(np.percentile(image_zyx[brain_zyx], 99.5)) if brain_zyx.any() else float(image_zyx.max() or 1)
-    dz, dy, dx = spacing_zyx
-    views = [  # (slice selector, pixel height mm, pixel width mm); flip so the head is up in coronal/sagittal
-        (lambda a: a[c[0]], dy, dx),
-        (lambda a: a[:, c[1], :][::-1], dz, dx),
-        (lambda a: a[:, :, c[2]][::-1], dz, dy),
-    ]
-    tiles = []
-    for sel, ph, pw in views:
-        grey = np.clip(sel(image_zyx) / hi * 255, 0, 255).astype(np.uint8)
-        rgb = np.stack([grey] * 3, axis=-1)
-        for mask, colour in ((sel(icv_zyx), (250, 210, 40)), (sel(brain_zyx), (255, 50, 50))):
-            rgb[mask & ~ndi.binary_erosion(mask)] = colour
-        mm_per_px = 0.75
-        tile = Image.fromarray(rgb).resize((int(rgb.shape[1] * pw / mm_per_px), int(rgb.shape[0] * ph / mm_per_px)),
-                                           Image.NEAREST)
-        tiles.append(tile)
-    canvas = Image.new("RGB", (sum(t.width for t in tiles) + 8 * (len(tiles) - 1), max(t.height for t in tiles)))
-    x = 0
-    for t in tiles:
-        canvas.paste(t, (x, 0))
-        x += t.width + 8
-    canvas.save(path, optimize=True)
-
-
-# --- study ------------------------------------------------------------------------------------------------------
-
-def read_t1(files: list[Path]):
-    """The session's T1 as a SimpleITK image, through the checked loader; and the session's series.
-
-    The first candidate series that passes :func:`check_inputs` (else the first one's reason is raised).
-    """
-    series = group_series(files)
-    _t1, stack = _pick_checked(series)
-    return to_sitk(load_volume(stack)), series
-
-
-def process_study(files: list[Path], out_dir: Path, *, device: str | None = None, n4_shrink: int = 2,
-                  n4_iterations=(50, 50), **_options) -> dict:
-    """One session: pick the T1, N4, tissue classes, brain and intracranial masks, volumes, QC.
-
-    PET series are counted only.  Inputs are checked first (:func:`check_inputs`); anything unusable raises
-    BadInput with its reason.  ``brain_volume_ml`` is the parenchyma (GM + WM partial-volume sum),
-    ``intracranial_volume_ml`` the brain plus the CSF up to the inner skull table
-    (:mod:`imaging_tasks.neuroimaging.tissue`).
-    """
-    import SimpleITK as sitk
-
-    from imaging_tasks.device import pick_device
-    from imaging_tasks.neuroimaging.tissue import segment_brain
-
-    dev = pick_device(str(device) if device is not None else None)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    image, series = read_t1(files)
-    corrected, log_bias = n4_correct(image, shrink=n4_shrink, iterations=tuple(n4_iterations))
-    seg = segment_brain(corrected, device=dev)
-    vols = seg.volumes_ml
-    if vols["brain"] < MIN_BRAIN_ML:
-        raise BadInput("no_brain_found", f"brain extraction found {vols['brain']:.0f} ml of brain (< "
-                       f"{MIN_BRAIN_ML:.0f} ml); the MR series is probably not a T1 of the head")
-
-    raw, cor = _array(image), _array(corrected)
-    b, ic = _array(seg.brain).astype(bool), _array(seg.icv).astype(bool)
-    wm = white_matter_mask(cor, b, _spacing_zyx(image), dev)
-    bias_in_brain = np.exp(_array(log_bias)[b])
-
-    # int16 keeps the corrected T1 at the precision it was acquired with (a third of the float32 file)
-    sitk.WriteImage(sitk.Cast(sitk.Clamp(sitk.Round(corrected), lowerBound=-32768, upperBound=32767), sitk.sitkInt16),
-                    str(out_dir / "t1_n4.nii.gz"))
-    sitk.WriteImage(seg.brain, str(out_dir / "brain_mask.nii.gz"))
-    sitk.WriteImage(seg.icv, str(out_dir / "intracranial_mask.nii.gz"))
-    fractions = {"gm": "gm_fraction.nii.gz", "wm": "wm_fraction.nii.gz", "csf": "csf_fraction.nii.gz"}
-    for name, file in fractions.items():
-        sitk.WriteImage(getattr(seg, name), str(out_dir / file))
-    # the field is smooth: every second voxel loses nothing and keeps the file small
-    sitk.WriteImage(sitk.Shrink(sitk.Exp(log_bias), [2, 2, 2]), str(out_dir / "bias_field.nii.gz"))
-    _qc_png(cor, b, ic, _spacing_zyx(image), out_dir / "qc_brain.png")
-
-    n_pet = sum(1 for s in series if s.modality == "PT")
-    metrics = [
-        {"name": "brain_volume_ml", "value": vols["brain"], "unit": "ml"},
-        {"name": "intracranial_volume_ml", "value": vols["intracranial"], "unit": "ml"},
-        {"name": "grey_matter_volume_ml", "value": vols["grey_matter"], "unit": "ml"},
-        {"name": "white_matter_volume_ml", "value": vols["white_matter"], "unit": "ml"},
-        {"name": "csf_volume_ml", "value": vols["csf"], "unit": "ml"},
-        {"name": "brain_fraction", "value": vols["brain"] / max(vols["intracranial"], 1e-9), "unit": "1"},
-        {"name": "bias_field_cv_before", "value": intensity_cv(raw, wm, dev), "unit": "1"},
-        {"name": "bias_field_cv_after", "value": intensity_cv(cor, wm, dev), "unit": "1"},
-        {"name": "bias_field_range_percent", "value": float(bias_in_brain.max() / bias_in_brain.min() - 1) * 100,
-         "unit": "%"},
-        {"name": "n_mr_series", "value": float(sum(1 for s in series if s.modality == "MR")), "unit": "count"},
-        {"name": "n_pet_series", "value": float(n_pet), "unit": "count"},
-    ]
-    (out_dir / "volumes.json").write_text(json.dumps({m["name"]: m["value"] for m in metrics}, indent=2))
-    return {"metrics": metrics, "findings": [],
-            "outputs": ["t1_n4.nii.gz", "brain_mask.nii.gz", "intracranial_mask.nii.gz", *fractions.values(),
-                        "bias_field.nii.gz", "qc_brain.png", "volumes.json"],
-            "device": str(dev)}
