@@ -369,20 +369,13 @@ def process_study(study: dict, lake: Lake, *, step: str | None = None, device: s
 
 def _run_step(record, name: str, study: dict, lake: Lake, *, device: str | None, options: dict | None,
               run: RunContext) -> dict:
-    import inspect
-
     from imaging_tasks.device import pick_device
-    from imaging_tasks.specialty import load_callable
 
     started = time.time()
     if not is_ok(study):
         return with_status(study, "skipped")
     order = [s.name for s in record.steps]
-    index = order.index(record.step(name).name)
-    fn = load_callable(record.steps[index].function)
-    accepted = inspect.signature(fn).parameters
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    kwargs = {k: v for k, v in record.options_for(options, "process").items() if takes_all or k in accepted}
+    index, fn, kwargs = record.step_call(name, options)
     deid = storage.read_json(storage.join(study["anonymized"], DEID_MANIFEST))
     dev = str(pick_device(device))
     with tempfile.TemporaryDirectory(prefix=f"{lake.specialty}-") as tmp:

@@ -76,21 +76,16 @@ def run_steps(specialty: str, files: list[Path], out: Path, *, device: str | Non
     """Run the specialty's steps on local files (the CLI's ``process``), without a lake: each step but the last
     writes to ``out/<step>/``, the last to ``out``; ``step`` runs one step, reading the earlier ones' folders.
 
-    ``options``: checked values of the process-stage options; each step gets those its function accepts.
-    Returns the merged metrics, findings and tables of the steps run, and every output path relative to ``out``.
+    ``options``: values of the process-stage options (checked; missing ones take their defaults); each step gets
+    those its function accepts.  Returns the merged metrics, findings and tables of the steps run, and every
+    output path relative to ``out``.
     """
-    import inspect
-
     record = get(specialty)
     order = [s.name for s in record.steps]
     chosen = order if step is None else [record.step(step).name]
     merged: dict = {"metrics": [], "findings": [], "outputs": [], "tables": {}}
     for name in chosen:
-        index = order.index(name)
-        fn = load_callable(record.steps[index].function)
-        params = inspect.signature(fn).parameters
-        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        kwargs = {k: v for k, v in (options or {}).items() if takes_all or k in params}
+        index, fn, kwargs = record.step_call(name, options)
         last = index == len(order) - 1
         step_out = Path(out) if last else Path(out) / name
         step_out.mkdir(parents=True, exist_ok=True)

@@ -148,6 +148,17 @@ class Specialty:
                 return s
         raise KeyError(f"specialty {self.name} has no step {name!r}; steps: {[s.name for s in self.steps]}")
 
+    def step_call(self, name: str, options: dict | None) -> tuple[int, Callable, dict[str, Any]]:
+        """Step ``name``'s position in the chain, its function, and the keyword arguments it takes from the
+        process-stage ``options`` (checked, defaults filled; all of them when it accepts ``**options``)."""
+        import inspect
+
+        index = [s.name for s in self.steps].index(self.step(name).name)
+        fn = load_callable(self.steps[index].function)
+        params = inspect.signature(fn).parameters
+        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        return index, fn, {k: v for k, v in self.options_for(options, "process").items() if takes_all or k in params}
+
     def fan_out_step(self, name: str) -> Callable:
         """One function of the fan-out module (``plan_slide``, ``tile_batches``, ``tile_features_batch``,
         ``finish_slide``); a specialty without a fan-out has none."""
