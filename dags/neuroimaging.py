@@ -1,11 +1,12 @@
-"""## Neuroimaging: MRI + PET sessions, DICOM or NIfTI uploads, to ROI features
+"""## Neuroimaging: MRI + PET + BOLD + DWI sessions, DICOM or NIfTI uploads, to ROI features
 The session chain: N4 bias correction → brain extraction (GM/WM/CSF, parenchyma, intracranial volume) → PET
-frame averaging → PET-to-T1 registration → MNI152 atlas registration → SUVR → ROI features (`roi_features.json`
-and the `roi_features` table).
+frame averaging → PET-to-T1 registration → MNI152 atlas registration → SUVR → fMRI first-level GLM (BOLD +
+events) → DTI tensor maps → tractography → ROI features (`roi_features.json` and the `roi_features` table: GM
+volume, SUVR, contrast betas, FA, MD per ROI).  A session without PET, BOLD or DWI passes those steps through.
 
 **Chain**: landing bucket → index (a session is ready with MR + PET, or MR alone after a wait) → de-identify
-(DICOM PS3.15, NIfTI headers and sidecars) → PHI audit (fail closed) → only audited sessions → the seven steps,
-one task each (brain extraction on the GPU queue) → warehouse.
+(DICOM PS3.15, NIfTI headers and sidecars, events tables, gradient files) → PHI audit (fail closed) → only audited
+sessions → the ten steps, one task each (brain extraction, GLM, DTI and tractography on the GPU queue) → warehouse.
 """
 # An Airflow DAG file (Airflow parses files naming both "airflow" and "dag"): the chain, top to bottom.
 from imaging_dags import (audit_phi, deidentify, imaging_dag, index_studies, landing_sensor, load_metadata,
@@ -27,7 +28,10 @@ def neuroimaging():
     pet_t1 = study_step(SPECIALTY, "pet_to_t1").expand(study=pet)
     atlas = study_step(SPECIALTY, "atlas_registration").expand(study=pet_t1)
     suvr = study_step(SPECIALTY, "suvr").expand(study=atlas)
-    features = study_step(SPECIALTY, "roi_features").expand(study=suvr)
+    glm = study_step(SPECIALTY, "fmri_glm").expand(study=suvr)                         # GPU
+    tensors = study_step(SPECIALTY, "dti").expand(study=glm)                           # GPU
+    tracts = study_step(SPECIALTY, "tractography").expand(study=tensors)               # GPU
+    features = study_step(SPECIALTY, "roi_features").expand(study=tracts)
     load_metadata(SPECIALTY, features)
 
 

@@ -18,6 +18,12 @@ depth (``nifti_layout``), under a file name the specialty does not know (``nifti
 one name in a session (``duplicate_nifti``: ``mri.nii`` and ``mri.nii.gz``), a file whose header is not a
 single-file NIfTI-1/2 (``unreadable_nifti``), and any NIfTI in a specialty without NIfTI uploads (``not_dicom``,
 as before, now saying where NIfTI is taken).
+
+Further sidecars the record names in ``upload_sidecars`` (neuroimaging: ``events.tsv`` / ``bold_events.tsv`` for
+the BOLD, ``dwi.bval`` and ``dwi.bvec``) sit beside the NIfTI like the JSON ones.  An events table may also sit in
+the folder of one DICOM study's files (a DICOM BOLD series): it then joins that study (its row carries the raw
+folder names for the PHI audit, ``beside: dicom``); in a folder with no study, or with several, it is refused
+(``events_without_bold``, ``events_ambiguous``).
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ from imaging_tasks.formats import SLIDE_SUFFIXES  # defined below index and deid
 from imaging_tasks.formats import file_kind
 from imaging_tasks.specialties import get as get_specialty
 from imaging_tasks.specialties import names as specialty_names
+from imaging_tasks.specialty import SIDECAR_KINDS
 
 SIDECAR_SUFFIX = ".json"
 
@@ -88,13 +95,21 @@ def index_objects(objects: list[storage.ObjectInfo], *, specialty: str, key: byt
     studies: dict[str, StudyEntry] = {}
     quarantined = []
     accepted = record.modalities
+    events: list[storage.ObjectInfo] = []  # placed once every folder's studies are known
+    upload_folders: set[PurePosixPath] = set()
+    dicom_folders: dict[PurePosixPath, set[str]] = {}
     for obj in objects:
         try:
             if obj.size == 0:
                 raise BadInput("empty_file", "the file is empty (0 bytes); re-export it from the source system")
+            named = _upload_name(obj.relpath, record)
+            if named is not None and named[1] == "events":
+                events.append(obj)
+                continue
             upload = _upload_of(obj, prefix, record)  # None: not a NIfTI upload, read as DICOM
             if upload is not None:
                 _add_upload(studies, obj, upload, specialty=specialty, key=key)
+                upload_folders.add(_folder(prefix, obj.relpath))
                 continue
             ds = retry.call(_read_header, obj.uri, operation="read header", target=storage.where(obj.uri))
             modality = str(ds.Modality)
@@ -111,6 +126,12 @@ def index_objects(objects: list[storage.ObjectInfo], *, specialty: str, key: byt
         entry.modalities[modality] = entry.modalities.get(modality, 0) + 1
         if obj.modified:
             entry.newest = max(entry.newest or "", obj.modified.isoformat())
+        dicom_folders.setdefault(_folder(prefix, obj.relpath), set()).add(study)
+    for obj in events:
+        try:
+            _place_events(obj, prefix, record, studies, upload_folders, dicom_folders, specialty=specialty, key=key)
+        except BadInput as exc:
+            quarantined.append(quarantine(obj, exc))
     ready, waiting = [], []
     for entry in studies.values():
         if not record.is_ready(entry.modalities, entry.newest, now, options):
@@ -120,27 +141,67 @@ def index_objects(objects: list[storage.ObjectInfo], *, specialty: str, key: byt
     return IndexResult(studies=sorted(ready, key=lambda e: e.study), quarantined=quarantined, waiting=waiting)
 
 
-def _upload_name(relpath: str) -> tuple[str, str] | None:
-    """``(stem, "nifti" | "sidecar")`` for a NIfTI or JSON file name, else None."""
+def _upload_name(relpath: str, record) -> tuple[str, str] | None:
+    """``(stem, kind)`` of a NIfTI (``nifti``), a ``<stem>.json`` (``sidecar``) or a sidecar the record names in
+    ``upload_sidecars`` (``events``, ``bval``, ``bvec``), else None (read as DICOM).  A ``.tsv``/``.bval``/``.bvec``
+    under another name, where the record takes uploads, is refused with the names it knows."""
     name = PurePosixPath(relpath).name
     if file_kind(name) == "nifti":
         return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[:-len(".nii")], "nifti"
     if name.lower().endswith(SIDECAR_SUFFIX):
         return name[: -len(SIDECAR_SUFFIX)], "sidecar"
+    suffix = PurePosixPath(name.lower()).suffix
+    if suffix in SIDECAR_KINDS and record.nifti_uploads:
+        stem = (record.upload_sidecars or {}).get(name.lower())
+        if stem is None:
+            known = ", ".join(sorted(record.upload_sidecars or {})) or "none"
+            raise BadInput("nifti_unknown_name", f"a {suffix} file whose name the {record.name} pipeline does not know "
+                           f"(it takes {known} beside the NIfTI uploads); rename it")
+        return stem, SIDECAR_KINDS[suffix]
     return None
+
+
+def _folder(prefix: str, relpath: str) -> PurePosixPath:
+    """The folder of a listed file, counted from the landing folder (whatever the run's prefix)."""
+    return PurePosixPath(*(p for p in (prefix.strip("/"), relpath) if p)).parent
+
+
+def _place_events(obj: storage.ObjectInfo, prefix: str, record, studies: dict, upload_folders: set,
+                  dicom_folders: dict, *, specialty: str, key: bytes) -> None:
+    """An events table joins the NIfTI session of its folder, else the one DICOM study whose files share its
+    folder (a DICOM BOLD series with its events beside it); anywhere else it is refused with a reason."""
+    folder = _folder(prefix, obj.relpath)
+    if folder in upload_folders:
+        _add_upload(studies, obj, _upload_of(obj, prefix, record), specialty=specialty, key=key)
+        return
+    owners = dicom_folders.get(folder, set())
+    if len(owners) != 1:
+        reason = "events_without_bold" if not owners else "events_ambiguous"
+        raise BadInput(reason, f"an events table in a folder holding {len(owners)} studies; it belongs beside the "
+                       "BOLD it describes: <patient>/<session>/bold.nii.gz for NIfTI uploads, or in the folder of "
+                       "one study's DICOM files")
+    stem, kind = _upload_name(obj.relpath, record)
+    names = folder.parts
+    upload = {"patient": names[0] if names else "", "session": "/".join(names[1:]), "stem": stem, "kind": kind,
+              "modality": record.nifti_uploads[stem], "beside": "dicom"}
+    entry = studies[next(iter(owners))]
+    if any((f.get("upload") or {}).get("kind") == kind for f in entry.files):
+        raise BadInput("duplicate_nifti", "a second events table for one DICOM study; keep one and re-upload")
+    entry.files.append({**_file_row(obj), "upload": upload})
 
 
 def _layout(record) -> str:
     stems = sorted(record.nifti_uploads)
+    extra = "".join(f", {name}" for name in sorted(record.upload_sidecars or {}))
     return (f"<patient>/<session>/{{{','.join(stems)}}}.nii.gz (or .nii), each with an optional "
-            f"{{{','.join(stems)}}}.json sidecar, directly under the {record.name} landing folder")
+            f"{{{','.join(stems)}}}.json sidecar{extra}, directly under the {record.name} landing folder")
 
 
 def _upload_of(obj: storage.ObjectInfo, prefix: str, record) -> dict | None:
     """The upload row of a NIfTI or sidecar file (raw patient/session names, stem, kind, modality); None for
     anything else (read as DICOM).  Raises BadInput for NIfTI where none is taken, a wrong depth or name, or a
     NIfTI header that does not parse."""
-    named = _upload_name(obj.relpath)
+    named = _upload_name(obj.relpath, record)
     if named is None:
         return None
     stem, kind = named
@@ -152,12 +213,13 @@ def _upload_of(obj: storage.ObjectInfo, prefix: str, record) -> dict | None:
                        f"belong to {', '.join(takers) or 'no installed specialty'}, laid out as "
                        "<patient>/<session>/<name>.nii.gz under that specialty's landing folder")
     parts = PurePosixPath(*(p for p in (prefix.strip("/"), obj.relpath) if p)).parts
+    what = {"nifti": "NIfTI", "sidecar": "JSON sidecar"}.get(kind, f"{kind} sidecar")
     if len(parts) != 3:
-        raise BadInput("nifti_layout", f"a {'NIfTI' if kind == 'nifti' else 'JSON sidecar'} file {len(parts) - 1} "
+        raise BadInput("nifti_layout", f"a {what} file {len(parts) - 1} "
                        f"folder(s) below the landing folder; NIfTI uploads are laid out as {_layout(record)}; "
                        "move it there")
     if stem.lower() not in record.nifti_uploads:
-        raise BadInput("nifti_unknown_name", f"a {'NIfTI' if kind == 'nifti' else 'JSON sidecar'} file whose name "
+        raise BadInput("nifti_unknown_name", f"a {what} file whose name "
                        f"is not one the {record.name} pipeline knows ({', '.join(sorted(record.nifti_uploads))}); "
                        f"NIfTI uploads are laid out as {_layout(record)}; rename it")
     stem = stem.lower()

@@ -156,13 +156,17 @@ def deidentify_study(study: dict, lake: Lake, *, key: bytes, demo: bool, options
     dest = lake.anonymized(study["patient"], study["study"])
     if get_specialty(lake.specialty).file_kind == "slide":
         instances, quarantined = _deidentify_slides(manifest["files"], dest, lake, key=key)
-    elif any(f.get("upload") for f in manifest["files"]):  # a NIfTI-upload session (the index never mixes)
-        instances, quarantined = _deidentify_uploads(manifest["files"], dest, lake, study=study["study"],
-                                                     options=options)
-    else:
-        instances, quarantined = _deidentify_dicoms(manifest["files"], dest, lake, key=key, demo=demo,
-                                                    options=options, what=f"de-identify {lake.specialty} study "
-                                                                          f"{study['study']}")
+    else:  # DICOM, NIfTI uploads, or DICOM with an upload beside it (a BOLD series' events table)
+        dicoms = [f for f in manifest["files"] if not f.get("upload")]
+        uploads = [f for f in manifest["files"] if f.get("upload")]
+        instances, quarantined = [], 0
+        if dicoms or not uploads:
+            instances, quarantined = _deidentify_dicoms(dicoms, dest, lake, key=key, demo=demo, options=options,
+                                                        what=f"de-identify {lake.specialty} study {study['study']}")
+        if uploads:
+            more, refused = _deidentify_uploads(uploads, dest, lake, study=study["study"], options=options,
+                                                audit_against=manifest["files"])
+            instances, quarantined = instances + more, quarantined + refused
     status = "ok" if instances else "quarantined"
     record = {"specialty": lake.specialty, "study": study["study"], "patient": study["patient"],
               "fingerprint": study["fingerprint"], "demo_key": demo, "instances": instances}
@@ -213,22 +217,27 @@ def _deidentify_dicoms(files: list[dict], dest, lake: Lake, *, key: bytes, demo:
     return instances, quarantined
 
 
-def _deidentify_uploads(files: list[dict], dest, lake: Lake, *, study: str, options) -> tuple[list, int]:
+def _deidentify_uploads(files: list[dict], dest, lake: Lake, *, study: str, options,
+                        audit_against: list[dict] | None = None) -> tuple[list, int]:
     """A NIfTI-upload session: each NIfTI loses its header text and extensions (voxels byte-identical,
     ``deid.nifti``) and is written as ``<stem>.nii.gz``; each JSON sidecar keeps only allow-listed acquisition facts
-    (``deid.sidecar``; body weight only with the Retain Patient Characteristics option) as ``<stem>.json``.
+    (``deid.sidecar``; body weight only with the Retain Patient Characteristics option) as ``<stem>.json``; events
+    tables and gradient files are rebuilt from their allowed columns and numbers (``deid.tables``) as
+    ``<stem>_events.tsv``, ``<stem>.bval``, ``<stem>.bvec``.
 
     Every output is audited before it is written against the identifying values of all the session's inputs
-    and the raw patient/session folder names (from the work manifest).  Instances carry no DICOM UIDs: series
-    ``<study>-<stem>``, SOP ``nifti-``/``sidecar-`` + the output's sha256 prefix.
+    (``audit_against``: all of the study's files, DICOM ones too, when an events table sits beside a DICOM
+    series) and the raw folder names (from the work manifest).  Instances carry no DICOM UIDs: series
+    ``<study>-<stem>``, SOP ``<kind>-`` + the output's sha256 prefix.
     """
     import gzip
 
     from imaging_tasks.deid.nifti import deidentify_nifti, nifti_facts
     from imaging_tasks.deid.sidecar import deidentify_sidecar
+    from imaging_tasks.deid.tables import deidentify_events, deidentify_gradients
     from imaging_tasks.phi_audit import assert_no_leaks, merge, upload_identifying_values, values_of_input
 
-    values = merge(*(values_of_input(f["uri"]) for f in files),
+    values = merge(*(values_of_input(f["uri"]) for f in (audit_against or files)),
                    *(upload_identifying_values(f["upload"]) for f in files if f.get("upload")))
     retain = bool(getattr(options, "retain_patient_characteristics", False))
     instances, quarantined = [], 0
@@ -248,6 +257,14 @@ def _deidentify_uploads(files: list[dict], dest, lake: Lake, *, study: str, opti
                     header = {"SeriesDescription": up["stem"], "format": "nifti", **nifti_facts(dst),
                               "cleared_fields": info["cleared_fields"],
                               "removed_extensions": info["removed_extensions"]}
+                elif up["kind"] == "events":
+                    out, info = deidentify_events(data)
+                    blob, name, kind = out, f"{up['stem']}_events.tsv", "events"
+                    header = {"SeriesDescription": up["stem"], "format": "tsv", **info}
+                elif up["kind"] in ("bval", "bvec"):
+                    out, info = deidentify_gradients(data, up["kind"])
+                    blob, name, kind = out, f"{up['stem']}.{up['kind']}", up["kind"]
+                    header = {"SeriesDescription": up["stem"], "format": up["kind"], **info}
                 else:
                     out, info = deidentify_sidecar(data, retain_patient_characteristics=retain)
                     blob, name, kind = out, f"{up['stem']}.json", "sidecar"

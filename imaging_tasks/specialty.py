@@ -17,6 +17,11 @@ from typing import Any, Callable
 FILE_KINDS = ("dicom", "slide")
 
 
+# A sidecar file's kind by its suffix (``<stem>.json`` is taken for every NIfTI stem; the others only where the
+# record's ``upload_sidecars`` names them).
+SIDECAR_KINDS = {".json": "sidecar", ".tsv": "events", ".bval": "bval", ".bvec": "bvec"}
+
+
 def load_callable(ref: str) -> Callable:
     """``"package.module:attribute"`` -> the attribute (imported on first use, not when the record is read)."""
     module, _, attribute = ref.partition(":")
@@ -100,6 +105,9 @@ class Specialty:
     nifti_uploads: dict | None = None  # NIfTI file stem -> modality (e.g. {"mri": "MR", "pet": "PT"}): a DICOM
     #   specialty that also takes NIfTI uploads laid out as <patient>/<session>/<stem>.nii[.gz] (+ <stem>.json
     #   sidecars) under its landing folder; each patient/session folder is one study (see imaging_tasks.index)
+    upload_sidecars: dict | None = None  # further sidecar file name -> the NIfTI stem it belongs to, e.g.
+    #   {"events.tsv": "bold", "dwi.bval": "dwi"}; its kind is its suffix (tsv events, bval, bvec).  An events
+    #   table may also sit beside the DICOM files of one study (a DICOM BOLD series): the index attaches it there.
 
     def __post_init__(self):
         if self.file_kind not in FILE_KINDS:
@@ -114,6 +122,11 @@ class Specialty:
             if bad:
                 raise ValueError(f"specialty {self.name}: nifti_uploads {bad} must map lower-case file stems to "
                                  f"accepted modalities ({', '.join(sorted(self.modalities))})")
+        for name, stem in (self.upload_sidecars or {}).items():
+            if stem not in (self.nifti_uploads or {}) or name != name.lower() or \
+                    not name.endswith(tuple(SIDECAR_KINDS)):
+                raise ValueError(f"specialty {self.name}: upload_sidecars {name!r} -> {stem!r} must name a lower-case "
+                                 f"file ending in {', '.join(SIDECAR_KINDS)} and one of the nifti_uploads stems")
 
     def __hash__(self) -> int:  # a frozen record holding a dict: hashed by name (one record per name)
         return hash(self.name)

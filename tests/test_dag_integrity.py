@@ -51,7 +51,9 @@ def test_neuro_chain_is_one_task_per_step_in_order(dagbag):
     dag = dagbag.dags["neuroimaging"]
     steps = [s.name for s in get("neuroimaging").steps]
     assert steps == ["n4_bias", "brain_extraction", "pet_average", "pet_to_t1", "atlas_registration", "suvr",
-                     "roi_features"]
+                     "fmri_glm", "dti", "tractography", "roi_features"]
+    assert {s.name for s in get("neuroimaging").steps if s.gpu} == {"brain_extraction", "fmri_glm", "dti",
+                                                                     "tractography"}
     assert dag.get_task(steps[0]).upstream_task_ids == {"ready_for_processing"}
     for earlier, later in zip(steps, steps[1:]):
         assert dag.get_task(later).upstream_task_ids == {earlier}

@@ -62,6 +62,12 @@ def _pseudo_study(truth: dict) -> str:
     return pseudo_id(DEMO_KEY, truth["study_uid"], "study")
 
 
+def _seitzman_names() -> dict[int, str]:
+    from imaging_tasks.neuroimaging.rois import label_atlas
+
+    return {int(r["index"]): r["name"] for r in label_atlas("seitzman300").labels}
+
+
 def _metrics(wh, specialty) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for study, metric, value in wh.query("SELECT study_id, metric, value FROM results WHERE specialty = ?", [specialty]):
@@ -90,6 +96,23 @@ def check_results(specialty: str, wh, truths: list[dict]) -> None:
             assert len({r[0] for r in rows}) == 301
             suvr = [v for roi, metric, v in rows if metric == "mean_suvr"]
             assert len(suvr) >= 290 and 0.3 < float(np.median(suvr)) < 3.0
+            bold, dwi = t["truth"].get("bold"), t["truth"].get("dwi")
+            if bold:  # the BOLD run went through the GLM: planted ROI responses back in the warehouse, with sign
+                beta = {(roi, metric): v for roi, metric, v in rows if metric.startswith("beta_")}
+                index_to_name = _seitzman_names()
+                for condition, per_roi in bold["amplitudes_percent"].items():
+                    for planted, amplitude in per_roi.items():
+                        roi = index_to_name[bold["active_roi_index"][planted]]
+                        assert beta[(roi, f"beta_{condition}")] == pytest.approx(amplitude, abs=0.35 * abs(amplitude))
+                quiet = [v for (roi, metric), v in beta.items()
+                         if roi not in {index_to_name[i] for i in bold["active_roi_index"].values()}]
+                assert len(quiet) > 500 and float(np.percentile(np.abs(quiet), 95)) < 0.5
+                assert m["bold_volumes"] == bold["n_volumes"] and m["z_max_motor"] > 5
+            if dwi:  # the DWI through the tensor fit and tractography
+                fa = [v for roi, metric, v in rows if metric == "fa_mean"]
+                assert len(fa) >= 290 and 0.05 < float(np.median(fa)) < 0.5
+                assert 0.4 < m["white_matter_mean_fa"] < dwi["white_matter_fa"] + 0.05
+                assert m["streamlines"] > 1000 and 10 < m["streamline_mean_length_mm"] < 150
     elif specialty == "mammography":
         for t in truths:
             planted = sum(len(v["clusters"]) for v in t["truth"]["views"].values())
@@ -109,8 +132,9 @@ def test_dag_end_to_end(specialty, airflow_db, buckets, monkeypatch):
     from imaging_tasks.synth.bad_inputs import write_bad_inputs
     from imaging_tasks.warehouse import DuckDBWarehouse
 
-    if specialty == "neuroimaging":  # one DICOM session, one NIfTI-upload session
-        synthesizer(specialty)(buckets["landing"], 2, 11, layout=["dicom", "nifti"])
+    if specialty == "neuroimaging":  # one DICOM session (with a BOLD run and a DWI series), one NIfTI upload
+        synthesizer(specialty)(buckets["landing"], 2, 11, layout=["dicom", "nifti"], with_bold=[True, False],
+                               with_dwi=[True, False])
     else:
         synthesizer(specialty)(buckets["landing"], 1, 11)
     expected_bad = write_bad_inputs(buckets["landing"], specialty, seed=3)

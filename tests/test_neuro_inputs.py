@@ -234,7 +234,7 @@ def test_index_groups_nifti_uploads_into_pseudonymous_sessions(tmp_path, oblique
     mr_only = landing / "Quintero_Pilar" / "baseline"
     _write_nifti(mr_only / "mri.nii", [oblique[0]], dtype=np.int16, phi_text=False)
     bad = {"Okafor_Adaeze/mri.nii.gz": "nifti_layout", "extra/Okafor_Adaeze/s1/mri.nii.gz": "nifti_layout",
-           f"{PATIENT}/{SESSION}/dwi.nii.gz": "nifti_unknown_name", f"{PATIENT}/{SESSION}/notes.json": "nifti_unknown_name",
+           f"{PATIENT}/{SESSION}/flair.nii.gz": "nifti_unknown_name", f"{PATIENT}/{SESSION}/notes.json": "nifti_unknown_name",
            "Doe_John/s1/mri.nii.gz": "unreadable_nifti"}
     for rel, _reason in bad.items():
         (landing / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,8 @@ TEXT_REQUIRED_KEYWORDS = {
 
 # Strict mode: everything kept verbatim must be named here (the text allow-list is part of it).
 STRICT_KEYWORDS = TEXT_ALLOWED_KEYWORDS + (
+    # enhanced MR: the TR and echo times of a multi-frame BOLD live in these functional-group sequences
+    "MRTimingAndRelatedParametersSequence", "MREchoSequence",
     # SOP common, general image/series, de-identification marks
     "SpecificCharacterSet", "SOPClassUID", "ImageType", "Modality", "InstanceNumber", "SeriesNumber",
     "AcquisitionNumber", "PatientIdentityRemoved", "DeidentificationMethodCodeSequence",

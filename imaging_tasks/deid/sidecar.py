@@ -7,7 +7,8 @@ expected, a short code where a code is): what a key of the wrong type holds is d
 
 * PET (BIDS PET keys, and the ones dcm2niix writes): units, tracer and radionuclide, injected radioactivity and
   mass, half-life, frame start times and durations, decay correction.
-* MR: field strength, TR/TE/TI, flip angle, acquisition type, slice thickness and spacing.
+* MR: field strength, TR/TE/TI, flip angle, acquisition type, slice thickness and spacing; for BOLD and DWI
+  slice timing, task name, phase encoding and readout timing.
 * Clock times are never kept (``TimeZero``, ``AcquisitionTime``, ``SeriesTime``, injection clock times, and every
   date).  What the chain uses is only their difference: BIDS ``InjectionStart``/``ScanStart`` are already seconds
   relative to ``TimeZero`` and are kept; where the sidecar has clock times only (dcm2niix style: an injection
@@ -47,6 +48,10 @@ MR_KEYS = {
     "MagneticFieldStrength": "number", "RepetitionTime": "number", "EchoTime": "numbers",
     "InversionTime": "number", "FlipAngle": "number", "MRAcquisitionType": "code", "ScanningSequence": "codes",
     "SequenceVariant": "codes", "PixelBandwidth": "number", "ImagingFrequency": "number",
+    # BOLD and DWI (what the GLM and the tensor fit read, and what a reader of the outputs needs to judge them)
+    "SliceTiming": "numbers", "TaskName": "code", "PhaseEncodingDirection": "code", "EffectiveEchoSpacing": "number",
+    "TotalReadoutTime": "number", "MultibandAccelerationFactor": "number", "DelayTime": "number",
+    "NumberOfVolumesDiscardedByScanner": "number",
 }
 COMMON_KEYS = {"Modality": "code", "SliceThickness": "number", "SpacingBetweenSlices": "number",
                "ImageType": "codes"}

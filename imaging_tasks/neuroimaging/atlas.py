@@ -99,16 +99,10 @@ class AtlasRegistration:
 
 # --------------------------------------------------------------------------- template
 def _sitk_from_nifti(img) -> sitk.Image:
-    """A nibabel image (RAS affine, x-y-z arrays) as a SimpleITK image in LPS: flip the x and y axes' sign."""
-    aff = np.asarray(img.affine, dtype=float)
-    lps = LPS_FROM_RAS @ aff[:3, :3]
-    spacing = np.linalg.norm(lps, axis=0)
-    arr = np.asarray(img.dataobj, dtype=np.float32)
-    out = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)))
-    out.SetSpacing(tuple(float(s) for s in spacing))
-    out.SetDirection(tuple((lps / spacing).ravel().tolist()))
-    out.SetOrigin(tuple((LPS_FROM_RAS @ aff[:3, 3]).tolist()))
-    return out
+    """A nibabel image (RAS affine, x-y-z arrays) as a SimpleITK image in LPS."""
+    from imaging_tasks.neuroimaging.session import image_from_xyz
+
+    return image_from_xyz(np.asarray(img.dataobj, dtype=np.float32), img.affine)
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,6 +1,7 @@
 """The MRI + PET session chain, one function per step (each an Airflow task, each ``imaging-tasks process`` step).
 
-    n4_bias -> brain_extraction -> pet_average -> pet_to_t1 -> atlas_registration -> suvr -> roi_features
+    n4_bias -> brain_extraction -> pet_average -> pet_to_t1 -> atlas_registration -> suvr
+        -> (fmri_glm -> dti -> tractography: :mod:`.chain4d`) -> roi_features
 
 Every step has the signature the pipeline calls (``files, out_dir, *, device, previous, **options``): ``files`` are
 the session's de-identified inputs (DICOM or NIfTI), ``previous`` maps each earlier step to the folder of what it
@@ -42,6 +43,8 @@ REGISTRATION = "registration"  # folder: the T1 -> MNI transform files
 REFERENCE_IN_T1 = "reference_region_in_t1.nii.gz"
 PET_SUVR = "pet_suvr.nii.gz"
 ROI_FEATURES = "roi_features.json"
+FMRI_ROIS = "fmri_rois.json"  # written by chain4d.fmri_glm, read here by roi_features
+DTI_ROIS = "dti_rois.json"  # written by chain4d.dti
 
 
 def _read(path: Path):
@@ -301,7 +304,7 @@ def suvr(files: list[Path], out_dir: Path, *, device: str | None = None, previou
 def roi_features(files: list[Path], out_dir: Path, *, device: str | None = None, previous: dict,
                  reference_region: str = "cerebellar_grey_matter", **_options) -> dict:
     """Per-ROI GM volume, SUVR (mean, median) and normalised T1, plus whole-brain volumes: roi_features.json and
-    the ``roi_features`` warehouse rows."""
+    the ``roi_features`` warehouse rows, with the 4-D steps' ROI means (their own JSON files) added as rows."""
     from imaging_tasks.neuroimaging import rois
 
     out_dir = Path(out_dir)
@@ -318,8 +321,27 @@ def roi_features(files: list[Path], out_dir: Path, *, device: str | None = None,
         reference_region=reference_region if suvr_path is not None and suvr_path.exists() else None)
     rois.validate(doc)
     (out_dir / ROI_FEATURES).write_text(json.dumps(doc, indent=2, allow_nan=False))
-    rows = rois.feature_rows(doc)
+    rows = rois.feature_rows(doc) + roi_rows(previous)  # + contrast betas, FA and MD where the session has them
     with_suvr = [r["mean_suvr"] for r in doc["rois"] if r.get("mean_suvr") is not None]
     return {"metrics": [_m("roi_count", len(doc["rois"]), "count"),
                         _m("roi_mean_suvr_median", float(np.median(with_suvr)) if with_suvr else None, "1")],
             "findings": [], "outputs": _outputs(out_dir), "tables": {"roi_features": rows}}
+
+
+def roi_rows(previous: dict) -> list[dict]:
+    """The 4-D steps' ROI means as ``roi_features`` warehouse rows (contrast betas and t, FA, MD)."""
+    units = {"beta": "%", "t": "1", "fa_mean": "1", "md_mean": "mm2/s"}
+    rows = []
+    for step, name in (("fmri_glm", FMRI_ROIS), ("dti", DTI_ROIS)):
+        path = Path(previous.get(step, "")) / name
+        if step not in previous or not path.exists():
+            continue
+        doc = json.loads(path.read_text())
+        for roi in doc["rois"]:
+            for key, value in roi.items():
+                if key in ("index", "name", "voxels") or value is None:
+                    continue
+                unit = units.get(key, units.get(key.split("_", 1)[0], "1"))
+                rows.append({"roi": roi["name"], "atlas": doc["atlas"], "metric": key, "value": float(value),
+                             "unit": unit})
+    return rows

@@ -78,3 +78,26 @@ def overlay_png(image_zyx: np.ndarray, spacing_zyx, path: Path, *, centre_mask: 
     path = Path(path)
     canvas.save(path, optimize=True)
     return path
+
+
+def design_matrix_png(X: np.ndarray, names: list[str], path: Path, *, cell_px: int = 18) -> Path:
+    """The design matrix as it is usually shown: one grey column per regressor (each scaled to its own range),
+    time running down, the regressor names written vertically above (PIL only: no plotting library)."""
+    from PIL import Image, ImageDraw
+
+    X = np.asarray(X, dtype=float)
+    lo, hi = X.min(axis=0), X.max(axis=0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    scaled = np.where(hi > lo, (X - lo) / span, 0.5)
+    body = Image.fromarray((scaled * 255).astype(np.uint8)).resize((X.shape[1] * cell_px, max(X.shape[0] * 2, 200)),
+                                                                    Image.NEAREST)
+    label_h = 8 + 6 * max((len(n) for n in names), default=1)
+    canvas = Image.new("L", (body.width, body.height + label_h), 255)
+    canvas.paste(body, (0, label_h))
+    for k, name in enumerate(names):
+        text = Image.new("L", (label_h, cell_px), 255)
+        ImageDraw.Draw(text).text((2, 2), name, fill=0)
+        canvas.paste(text.rotate(90, expand=True), (k * cell_px, 0))
+    path = Path(path)
+    canvas.save(path, optimize=True)
+    return path

@@ -91,10 +91,18 @@ class Session:
     n_mr_series: int
     n_pet_series: int
     notes: list[str] = field(default_factory=list)
+    bold: object | None = None  # series4d.Volume4D of the BOLD run, with ``events`` beside it
+    events: list | None = None  # glm.Event rows of the BOLD's events table
+    dwi: object | None = None  # series4d.Volume4D with bvals/bvecs
 
 
-def load_session(files: list[Path]) -> Session:
-    """The session's T1, PET frames and PET facts from its fetched files (see the module docstring)."""
+# Sidecar file names as de-identification writes them (``<stem>.json``, ``bold_events.tsv``, ``dwi.bval``, ...)
+_SIDECAR_SUFFIXES = (".json", "events.tsv", ".bval", ".bvec")
+
+
+def _split(files: list[Path]) -> tuple[dict[str, Path], dict[str, Path], list[Path]]:
+    """The fetched files as NIfTI by stem, sidecars by name (``bold_events.tsv``, ``dwi.bval``, ``pet.json``)
+    and DICOM files."""
     niftis: dict[str, Path] = {}
     sidecars: dict[str, Path] = {}
     dicoms: list[Path] = []
@@ -104,19 +112,107 @@ def load_session(files: list[Path]) -> Session:
             stem = re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE).lower()
             if stem not in NIFTI_STEMS:
                 raise BadInput("nifti_unknown_name", f"a NIfTI named {stem!r}: a session holds mri.nii.gz (the T1) "
-                               "and optionally pet.nii.gz; rename it")
+                               f"and optionally {', '.join(s + '.nii.gz' for s in NIFTI_STEMS if s != 'mri')}; "
+                               "rename it")
             if stem in niftis:
                 raise BadInput("duplicate_nifti", f"two {stem} NIfTI files in one session; keep one")
             niftis[stem] = f
-        elif name.lower().endswith(".json"):
-            sidecars[name[:-5].lower()] = f
+        elif name.lower().endswith(_SIDECAR_SUFFIXES):
+            sidecars[name.lower()] = f
         else:
             dicoms.append(f)
     if niftis and dicoms:
         raise BadInput("mixed_sources", "the session holds both DICOM and NIfTI files; send one or the other")
+    return niftis, sidecars, dicoms
+
+
+def load_session(files: list[Path]) -> Session:
+    """The session's T1, PET frames and PET facts, and its BOLD run (with events) and DWI series when it has
+    them, from its fetched files (see the module docstring).  Loading the BOLD and DWI here too refuses a bad
+    one (no events, no gradients, counts that disagree) before any processing."""
+    niftis, sidecars, dicoms = _split(files)
     if niftis or (sidecars and not dicoms):
-        return _load_nifti_session(niftis, sidecars)
-    return _load_dicom_session(dicoms)
+        session = _load_nifti_session(niftis, {k[:-5]: v for k, v in sidecars.items() if k.endswith(".json")})
+        session.bold, session.events, session.dwi = _nifti_4d(niftis, sidecars, session.notes)
+    else:
+        session, bold_series, dwi_series = _load_dicom_session(dicoms)
+        session.bold, session.events, session.dwi = _dicom_4d(bold_series, dwi_series, sidecars, session.notes)
+    return session
+
+
+def load_4d(files: list[Path], kind: str) -> tuple:
+    """Only the session's BOLD (``kind="bold"``: ``(Volume4D, events)``) or DWI (``(Volume4D, None)``), or
+    ``(None, None)`` when it has none: what the 4-D steps read, without loading the T1 and PET again."""
+    from imaging_tasks.neuroimaging.structural import group_series
+
+    niftis, sidecars, dicoms = _split(files)
+    if niftis or not dicoms:
+        bold, events, dwi = _nifti_4d({k: v for k, v in niftis.items() if k == kind}, sidecars, [])
+    else:
+        series = [s for s in group_series(dicoms) if s.modality == "MR"]
+        found = _classified(series)
+        bold, events, dwi = _dicom_4d(found["bold"] if kind == "bold" else [], found["dwi"] if kind == "dwi" else [],
+                                      sidecars, [])
+    return (bold, events) if kind == "bold" else (dwi, None)
+
+
+def _classified(series: list) -> dict[str, list]:
+    from imaging_tasks.neuroimaging.series4d import classify_mr_series
+
+    kinds = {s.uid: classify_mr_series(s.headers) if s.modality == "MR" else "other" for s in series}
+    return {k: [s for s in series if kinds[s.uid] == k] for k in ("bold", "dwi", "anatomical", "other")}
+
+
+# --------------------------------------------------------------------------- BOLD and DWI
+def _events(sidecars: dict[str, Path], has_bold: bool, notes: list[str]) -> list | None:
+    from imaging_tasks.neuroimaging.glm import read_events
+
+    path = sidecars.get("bold_events.tsv") or sidecars.get("events.tsv")  # as de-identified, or as uploaded
+    if not has_bold:
+        if path is not None:
+            notes.append("an events table without a BOLD series: ignored")
+        return None
+    if path is None:
+        raise BadInput("bold_without_events", "the session has a BOLD series but no events table; upload the "
+                       "run's BIDS events.tsv (onset, duration, trial_type) beside it (bold_events.tsv or "
+                       "events.tsv next to bold.nii.gz, or in the folder of the BOLD DICOM files)")
+    return read_events(path)
+
+
+def _checked_dwi(volume):
+    from imaging_tasks.neuroimaging.dti import check_gradients
+
+    volume.bvals, volume.bvecs = check_gradients(volume.bvals, volume.bvecs, volume.data.shape[3])
+    return volume
+
+
+def _nifti_4d(niftis: dict[str, Path], sidecars: dict[str, Path], notes: list[str]) -> tuple:
+    from imaging_tasks.neuroimaging.series4d import load_4d_nifti
+
+    bold = dwi = None
+    if "bold" in niftis:
+        bold = load_4d_nifti(niftis["bold"], "bold", sidecar=sidecars.get("bold.json"))
+    events = _events(sidecars, bold is not None, notes)
+    if "dwi" in niftis:
+        dwi = _checked_dwi(load_4d_nifti(niftis["dwi"], "dwi", sidecar=sidecars.get("dwi.json"),
+                                         bval=sidecars.get("dwi.bval"), bvec=sidecars.get("dwi.bvec")))
+    return bold, events, dwi
+
+
+def _dicom_4d(bold_series: list, dwi_series: list, sidecars: dict[str, Path], notes: list[str]) -> tuple:
+    """The BOLD run and the DWI series of a DICOM session: the one with most files of each kind (a session
+    with several runs gets the largest, and says so)."""
+    from imaging_tasks.neuroimaging.series4d import load_4d_dicom
+
+    picked = {}
+    for kind, found in (("bold", bold_series), ("dwi", dwi_series)):
+        if len(found) > 1:
+            notes.append(f"{len(found)} {kind.upper()} series: the largest is processed, the others are not")
+        picked[kind] = max(found, key=lambda s: len(s.paths)) if found else None
+    bold = load_4d_dicom(picked["bold"].paths, "bold") if picked["bold"] else None
+    events = _events(sidecars, bold is not None, notes)
+    dwi = _checked_dwi(load_4d_dicom(picked["dwi"].paths, "dwi")) if picked["dwi"] else None
+    return bold, events, dwi
 
 
 # --------------------------------------------------------------------------- NIfTI
@@ -142,6 +238,18 @@ def nifti_geometry(header) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
         return spacing, direction, lps[:, 3], which
     raise BadInput("nifti_geometry", "the NIfTI has no usable voxel-to-world affine (sform sheared or degenerate, "
                    "no valid qform); re-export it with its scanner geometry (dcm2niix writes both)")
+
+
+def image_from_xyz(arr: np.ndarray, affine_ras: np.ndarray) -> sitk.Image:
+    """A nibabel-style array ((x, y, z), RAS+ affine) as a float32 SimpleITK image in LPS: the one conversion
+    between the 4-D steps' arrays (BOLD, DWI, as nibabel, nilearn and dipy hold them) and the chain's images."""
+    lps = LPS_FROM_RAS @ np.asarray(affine_ras, dtype=float)[:3, :3]
+    spacing = np.linalg.norm(lps, axis=0)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(arr, dtype=np.float32).transpose(2, 1, 0)))
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetDirection(tuple((lps / spacing).ravel().tolist()))
+    img.SetOrigin(tuple((LPS_FROM_RAS @ np.asarray(affine_ras, dtype=float)[:3, 3]).tolist()))
+    return img
 
 
 def read_nifti(path: Path, what: str) -> list[sitk.Image]:
@@ -294,12 +402,19 @@ def _clock(value) -> float | None:
     return int(m[1]) * 3600 + int(m[2] or 0) * 60 + int(m[3] or 0) + float(m[4] or 0)
 
 
-def _load_dicom_session(files: list[Path]) -> Session:
+def _load_dicom_session(files: list[Path]) -> tuple[Session, list, list]:
+    """The session from its DICOM files, and its BOLD and DWI series (classified from headers, kept out of the
+    T1's candidates)."""
     from imaging_tasks.neuroimaging.structural import _pick_checked, group_series, load_volume, to_sitk
 
     if not files:
         raise BadInput("no_mri", "the session holds no image; send the T1 MR (and the PET) of the session")
     series = group_series(files)
+    four_d = _classified(series)
+    if (four_d["bold"] or four_d["dwi"]) and not four_d["anatomical"]:
+        raise BadInput("no_mri", "the session has BOLD or DWI series but no T1 MR series; the chain registers "
+                       "them to the session's T1: send the T1 too")
+    series = [s for s in series if s not in four_d["bold"] and s not in four_d["dwi"]]
     _t1, stack = _pick_checked(series)  # no_mri, not_volumetric and the geometry checks of structural
     t1 = to_sitk(load_volume(stack))
     pets = [s for s in series if s.modality == "PT"]
@@ -308,8 +423,9 @@ def _load_dicom_session(files: list[Path]) -> Session:
         frames, facts, pet_notes = load_pet_series(_pick_pet(pets))
         notes += pet_notes
         facts["pet_mr_coverage"] = check_coverage(t1, frames[0])
-    return Session(t1=t1, pet_frames=frames, pet_facts=facts, source="dicom",
-                   n_mr_series=sum(1 for s in series if s.modality == "MR"), n_pet_series=len(pets), notes=notes)
+    session = Session(t1=t1, pet_frames=frames, pet_facts=facts, source="dicom",
+                      n_mr_series=sum(1 for s in series if s.modality == "MR"), n_pet_series=len(pets), notes=notes)
+    return session, four_d["bold"], four_d["dwi"]
 
 
 def _pick_pet(pets: list) -> object:

@@ -104,7 +104,7 @@ INJECTION_BEFORE_SCAN_S = 45 * 60
 STATIC_FRAME_S = 600.0
 PET_NOISE_STATIC = 0.05  # multiplicative Gaussian per voxel for a 600 s frame; scales with 1/sqrt(duration)
 LAYOUTS = ("dicom", "nifti")
-PER_STUDY_OPTIONS = ("with_pet", "layout", "pet_frames", "warp_mm")
+PER_STUDY_OPTIONS = ("with_pet", "layout", "pet_frames", "warp_mm", "with_bold", "with_dwi")
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,13 +131,9 @@ def _template() -> dict:
 
 
 def _sitk_from_xyz(arr: np.ndarray, affine_ras: np.ndarray) -> sitk.Image:
-    lps = LPS_FROM_RAS @ affine_ras[:3, :3]
-    spacing = np.linalg.norm(lps, axis=0)
-    img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)).astype(np.float32))
-    img.SetSpacing(tuple(float(s) for s in spacing))
-    img.SetDirection(tuple((lps / spacing).ravel().tolist()))
-    img.SetOrigin(tuple((LPS_FROM_RAS @ affine_ras[:3, 3]).tolist()))
-    return img
+    from imaging_tasks.neuroimaging.session import image_from_xyz
+
+    return image_from_xyz(arr, affine_ras)
 
 
 @functools.lru_cache(maxsize=1)
@@ -746,13 +742,16 @@ def synthesize_study(out: pathlib.Path, label: str, rng: np.random.Generator, *,
                      max_translation_mm: float = 8.0, pet_fwhm_mm: float = 6.0,
                      head_scale: tuple[float, float] = (0.86, 0.97), warp_mm: float = 4.0, pet_frames: int = 1,
                      pet_frame_s: float = 300.0, max_frame_rotation_deg: float = 2.0,
-                     max_frame_translation_mm: float = 2.5, layout: str = "dicom") -> dict:
+                     max_frame_translation_mm: float = 2.5, layout: str = "dicom", with_bold: bool = False,
+                     with_dwi: bool = False, series4d_style: str = "enhanced") -> dict:
     """One session: a T1 (and a PET unless ``with_pet`` is False) in ``layout``; returns the truth record.
 
     ``warp_mm``: peak displacement of the largest anatomy-warp bump (0: the subject is an affine copy of the
     template).  ``pet_frames``: 1 = a static 600 s frame; n > 1 = n frames of ``pet_frame_s`` with inter-frame
     motion up to ``max_frame_rotation_deg`` / ``max_frame_translation_mm`` per axis.  ``layout``: "dicom" or
-    "nifti" (see the module docstring).
+    "nifti" (see the module docstring).  ``with_bold`` / ``with_dwi``: add a BOLD run with its events table and a
+    DWI series in the same head (:mod:`.synth_session4d`; DICOM as ``series4d_style`` "classic" per-slice files or
+    one "enhanced" multi-frame object).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
@@ -929,6 +928,20 @@ def synthesize_study(out: pathlib.Path, label: str, rng: np.random.Generator, *,
                                              for k, v in suvr_true.items()}
         pet_truth["expected_suvr_definition"] = EXPECTED_SUVR_DEFINITION
         truth["pet"] = pet_truth
+    truth["bold"] = truth["dwi"] = None
+    if with_bold or with_dwi:  # children spawned after the first four: nothing drawn before changes
+        from imaging_tasks.neuroimaging.synth_session4d import add_bold, add_dwi
+
+        bold_rng, dwi_rng = _extra_rngs(rng, 2)
+
+        def series_grid(voxel_mm: float):  # the head did not move between the MR series
+            g = _grid(ph["centre_lps"], extent, voxel_mm, margin_mm=4.0)
+            return g, scanner_to_template_transform(geo, g, "mr")
+
+        if with_bold:
+            truth["bold"] = add_bold(study_dir, study, bold_rng, ph, series_grid, layout=layout, style=series4d_style)
+        if with_dwi:
+            truth["dwi"] = add_dwi(study_dir, study, dwi_rng, ph, series_grid, layout=layout, style=series4d_style)
     truth["session_complete"] = bool(with_pet)
 
     truth_path = out / "_truth" / SPECIALTY / f"{label}.json"
