@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import sys
 import time
 import warnings
@@ -119,8 +120,10 @@ def main() -> int:
     vs = tg.voxel_sizes_mm(ph["affine"])
     seeds = tg.seeds_from_mask(ours.fa > 0.3, per_axis=2)
     tg.track_deterministic(ours.v1, ours.fa, seeds[:50], voxel_size_mm=vs, device="cpu", **params)   # warm-up
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     lines, t_trk = timed(lambda: tg.track_deterministic(ours.v1, ours.fa, seeds, voxel_size_mm=vs, min_length_mm=0,
                                                         max_length_mm=250, device="cpu", **params), args.repeats)
+    rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6 - rss_before
     ref_lines, t_trk_dipy = timed(lambda: dipy_eudx(ours.v1, ours.fa, seeds, ph["affine"], **params),
                                   max(1, args.repeats - 1))
     ours_mm = tg.streamline_lengths_mm(lines, ph["affine"])
@@ -130,6 +133,8 @@ def main() -> int:
                "streamlines_ours": len(lines), "streamlines_dipy": len(ref_lines),
                "mean_length_mm_ours": float(ours_mm.mean()), "mean_length_mm_dipy": float(ref_mm.mean()),
                "points_ours": int(sum(len(s) for s in lines)),
+               "output_gb": round(sum(s.nbytes for s in lines) / 1e9, 3),
+               "ours_peak_rss_growth_gb": round(rss_ours, 3),
                "max_point_diff_vox": (float(max(np.abs(a - b).max() for a, b in zip(lines, ref_lines)))
                                       if same_shape else None)}
     print(json.dumps({"tracking": trk_row}), flush=True)

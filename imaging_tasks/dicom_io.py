@@ -64,10 +64,12 @@ _VR32 = frozenset("OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())  # explicit 
 _SEQ_END = {True: struct.pack("<HHL", 0xFFFE, 0xE0DD, 0), False: struct.pack(">HHL", 0xFFFE, 0xE0DD, 0)}
 
 
-def parse(data: bytes | BinaryIO, *, stop_before_pixels: bool = False) -> pydicom.Dataset:
+def parse(data: bytes | BinaryIO, *, stop_before_pixels: bool = False, decode: bool = True) -> pydicom.Dataset:
     """``dcmread`` that also accepts a bare data set (no preamble/'DICM'), refuses what is not DICOM, is cut
     short (see the module docstring), nests deeper than MAX_NESTING or holds values that do not decode, and
-    checks the transfer syntax.  Every value is decoded here.  Every failure is a BadInput with a stable
+    checks the transfer syntax.  Every value is decoded here (``decode=False`` leaves values to be decoded when
+    read: for files this pipeline wrote and checked itself, where decoding thousands of per-frame items of an
+    enhanced multi-frame object again costs seconds and finds nothing).  Every failure is a BadInput with a stable
     reason; nothing else is raised, whatever the input (except a transient storage fault while reading from
     an open remote file, which is re-raised for the caller's retry: it says nothing about the file).
     """
@@ -77,7 +79,7 @@ def parse(data: bytes | BinaryIO, *, stop_before_pixels: bool = False) -> pydico
             raise BadInput("empty_file", "the file is empty (0 bytes); re-export it from the source system")
         data = io.BytesIO(bytes(data))
     try:
-        return _parse(data, stop_before_pixels)
+        return _parse(data, stop_before_pixels, decode)
     except BadInput:
         raise
     except InvalidDicomError:
@@ -96,7 +98,7 @@ def _too_deep() -> BadInput:
                     "or analysis object needs that many, the file is corrupt or crafted - re-export it")
 
 
-def _parse(data: BinaryIO, stop_before_pixels: bool) -> pydicom.Dataset:
+def _parse(data: BinaryIO, stop_before_pixels: bool, decode: bool = True) -> pydicom.Dataset:
     start = data.tell()
     src = data
     try:
@@ -124,7 +126,8 @@ def _parse(data: BinaryIO, stop_before_pixels: bool) -> pydicom.Dataset:
             raise BadInput("wrong_transfer_syntax", f"Pixel Data is {'' if undefined else 'not '}encapsulated but "
                            f"the transfer syntax ({UID(str(ts)).name}) says otherwise: the file is mislabelled, "
                            "re-export it")
-    decode_all(ds)
+    if decode:
+        decode_all(ds)
     return ds
 
 
@@ -238,12 +241,13 @@ def check_readable(data: bytes) -> pydicom.Dataset:
                        "was written - report the input's sha256") from None
 
 
-def read_header(data: bytes | BinaryIO) -> pydicom.Dataset:
+def read_header(data: bytes | BinaryIO, *, decode: bool = True) -> pydicom.Dataset:
     """Parse a file's header without pixels; raise BadInput for anything that is not readable DICOM.
 
-    Accepts bytes or an open binary file; with a file, only the header bytes are read.
+    Accepts bytes or an open binary file; with a file, only the header bytes are read.  ``decode``: see
+    :func:`parse`.
     """
-    ds = parse(data, stop_before_pixels=True)
+    ds = parse(data, stop_before_pixels=True, decode=decode)
     check_required(ds)
     return ds
 

@@ -159,13 +159,14 @@ def deidentify_study(study: dict, lake: Lake, *, key: bytes, demo: bool, options
     else:  # DICOM, NIfTI uploads, or DICOM with an upload beside it (a BOLD series' events table)
         dicoms = [f for f in manifest["files"] if not f.get("upload")]
         uploads = [f for f in manifest["files"] if f.get("upload")]
-        instances, quarantined = [], 0
+        instances, quarantined, seen = [], 0, {}
         if dicoms or not uploads:
-            instances, quarantined = _deidentify_dicoms(dicoms, dest, lake, key=key, demo=demo, options=options,
-                                                        what=f"de-identify {lake.specialty} study {study['study']}")
-        if uploads:
+            instances, quarantined, seen = _deidentify_dicoms(
+                dicoms, dest, lake, key=key, demo=demo, options=options,
+                what=f"de-identify {lake.specialty} study {study['study']}")
+        if uploads:  # audited against the DICOM files' identifying values too (an events table beside them)
             more, refused = _deidentify_uploads(uploads, dest, lake, study=study["study"], options=options,
-                                                audit_against=manifest["files"])
+                                                also_identifying=seen)
             instances, quarantined = instances + more, quarantined + refused
     status = "ok" if instances else "quarantined"
     record = {"specialty": lake.specialty, "study": study["study"], "patient": study["patient"],
@@ -188,13 +189,15 @@ def deidentify_study(study: dict, lake: Lake, *, key: bytes, demo: bool, options
 
 
 def _deidentify_dicoms(files: list[dict], dest, lake: Lake, *, key: bytes, demo: bool, options,
-                       what: str = "de-identify") -> tuple[list, int]:
+                       what: str = "de-identify") -> tuple[list, int, dict[str, set[str]]]:
+    """Each DICOM file de-identified and audited; the instances written, the number quarantined, and the
+    identifying values of all of them (what an upload beside them is audited against)."""
     from imaging_tasks.deid.dicom import DeidOptions, deidentify_bytes
     from imaging_tasks.dicom_io import read_header
-    from imaging_tasks.phi_audit import assert_no_leaks, dicom_identifying_values, retained_by
+    from imaging_tasks.phi_audit import assert_no_leaks, dicom_identifying_values, merge, retained_by
 
     options = options or DeidOptions()
-    instances, quarantined = [], 0
+    instances, quarantined, seen = [], 0, {}
     progress = Progress(log, what, total=len(files), unit="file")
     for f in files:
         progress.advance()
@@ -207,6 +210,7 @@ def _deidentify_dicoms(files: list[dict], dest, lake: Lake, *, key: bytes, demo:
             quarantined += 1
             continue
         assert_no_leaks(values, out, f"study {info['pseudo_study']}")
+        seen = merge(seen, values)
         uri = storage.join(dest, info["series_uid"], f"{info['sop_uid']}.dcm")
         sha = storage.write_bytes(uri, out)
         instances.append({"uri": str(uri), "sha256": sha, "bytes": len(out), "source_sha256": storage.sha256_bytes(data),
@@ -214,11 +218,11 @@ def _deidentify_dicoms(files: list[dict], dest, lake: Lake, *, key: bytes, demo:
                           "modality": info["modality"], "sop_class_uid": info["sop_class_uid"],
                           "header": info.get("header", {})})
     progress.close()
-    return instances, quarantined
+    return instances, quarantined, seen
 
 
 def _deidentify_uploads(files: list[dict], dest, lake: Lake, *, study: str, options,
-                        audit_against: list[dict] | None = None) -> tuple[list, int]:
+                        also_identifying: dict[str, set[str]] | None = None) -> tuple[list, int]:
     """A NIfTI-upload session: each NIfTI loses its header text and extensions (voxels byte-identical,
     ``deid.nifti``) and is written as ``<stem>.nii.gz``; each JSON sidecar keeps only allow-listed acquisition facts
     (``deid.sidecar``; body weight only with the Retain Patient Characteristics option) as ``<stem>.json``; events
@@ -226,8 +230,8 @@ def _deidentify_uploads(files: list[dict], dest, lake: Lake, *, study: str, opti
     ``<stem>_events.tsv``, ``<stem>.bval``, ``<stem>.bvec``.
 
     Every output is audited before it is written against the identifying values of all the session's inputs
-    (``audit_against``: all of the study's files, DICOM ones too, when an events table sits beside a DICOM
-    series) and the raw folder names (from the work manifest).  Instances carry no DICOM UIDs: series
+    (``also_identifying``: those of the study's DICOM files, when an events table sits beside a DICOM series)
+    and the raw folder names (from the work manifest).  Instances carry no DICOM UIDs: series
     ``<study>-<stem>``, SOP ``<kind>-`` + the output's sha256 prefix.
     """
     import gzip
@@ -237,7 +241,7 @@ def _deidentify_uploads(files: list[dict], dest, lake: Lake, *, study: str, opti
     from imaging_tasks.deid.tables import deidentify_events, deidentify_gradients
     from imaging_tasks.phi_audit import assert_no_leaks, merge, upload_identifying_values, values_of_input
 
-    values = merge(*(values_of_input(f["uri"]) for f in (audit_against or files)),
+    values = merge(also_identifying or {}, *(values_of_input(f["uri"]) for f in files),
                    *(upload_identifying_values(f["upload"]) for f in files if f.get("upload")))
     retain = bool(getattr(options, "retain_patient_characteristics", False))
     instances, quarantined = [], 0

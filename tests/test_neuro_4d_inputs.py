@@ -28,7 +28,8 @@ def sessions(tmp_path_factory):
     from imaging_tasks.neuroimaging.synth import synthesize
 
     out = tmp_path_factory.mktemp("landing4d")
-    paths = synthesize(out, 2, 21, with_pet=False, layout=["dicom", "nifti"], with_bold=True, with_dwi=True)
+    paths = synthesize(out, 2, 21, with_pet=False, layout=["dicom", "nifti"], with_bold=True, with_dwi=True,
+                       bold_volumes=24)  # short: the GLM runs on full runs in test_e2e_dags
     return out, [json.loads(p.read_text()) for p in paths]
 
 

@@ -165,6 +165,26 @@ def test_tracking_matches_dipy_eudx(ph, ph_fit, tracks):
     assert max(np.abs(a - b).max() for a, b in zip(ours, ref)) < 1e-6
 
 
+def test_tracking_pool_and_blocks_do_not_change_streamlines(ph, ph_fit, tracks):
+    """The pool (halves in flight) and the assembly blocks are bookkeeping only: a tiny pool, odd block sizes and a
+    length cap that ends many halves mid-way give the very same streamlines as the defaults."""
+    seeds, ours = tracks
+    vs = tg.voxel_sizes_mm(ph["affine"])
+    small = tg.track_deterministic(ph_fit.v1, ph_fit.fa, seeds, voxel_size_mm=vs, step_mm=STEP_MM, fa_stop=FA_STOP,
+                                   max_angle_deg=MAX_ANGLE, min_length_mm=0, max_length_mm=250, device="cpu",
+                                   pool=64, block_seeds=37)
+    assert len(small) == len(ours) and all(np.array_equal(a, b) for a, b in zip(small, ours))
+    capped = [tg.track_deterministic(ph_fit.v1, ph_fit.fa, seeds[:300], voxel_size_mm=vs, step_mm=STEP_MM,
+                                     fa_stop=FA_STOP, min_length_mm=3, max_length_mm=15, device="cpu", **kw)
+              for kw in ({}, {"pool": 50, "block_seeds": 23})]
+    assert len(capped[0]) == len(capped[1]) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(*capped))
+    lengths = tg.streamline_lengths_mm(capped[0], ph["affine"])
+    assert lengths.max() <= 15 + 1e-9 and lengths.min() >= 3 - 1e-9
+    # a half stops at ceil(15 / 0.5) = 30 points: the seed plus at most 30 points each way
+    assert max(len(s) for s in capped[0]) <= 61
+
+
 def test_tracking_recovers_bundle_lengths(ph, ph_fit, tracks):
     seeds, ours = tracks
     truth = ph["truth"]
@@ -256,6 +276,10 @@ def test_gradient_layouts_and_bad_inputs(tmp_path):
     assert reason("0 1000 abc", rows) == "dwi_gradients_unreadable"
     assert reason("", rows) == "dwi_gradients_unreadable"
     assert reason(bval_row, rows, n=10) == "dwi_volume_mismatch"
+    nan_b0 = "\n".join(" ".join(["nan"] + [f"{v:.6f}" for v in r[1:]]) for r in bvecs.T)   # dipy's small_64D style
+    assert np.allclose(dti.read_gradients(*_write(tmp_path, bval_row, nan_b0), 9)[1], a[1])
+    assert reason(bval_row, nan_b0.replace(f"{bvecs[1, 0]:.6f}", "nan", 1)) == "dwi_gradients_unreadable"
+    assert reason(bval_row, nan_b0.replace("nan", "inf", 1)) == "dwi_gradients_unreadable"
     assert reason(bval_row.replace("0 ", "1000 ", 1), rows) == "dwi_no_b0"
     few = np.concatenate([np.zeros((1, 3)), np.tile(bvecs[1:4], (3, 1))[:8]])
     assert reason(bval_row, "\n".join(" ".join(f"{v:.6f}" for v in r) for r in few.T)) == "dwi_too_few_directions"

@@ -131,10 +131,45 @@ def test_fit_accepts_torch_and_checks_shapes(run):
     a = glm.fit_glm(Y, X, noise_model="ar1")
     b = glm.fit_glm(torch.from_numpy(np.ascontiguousarray(Y)), X, noise_model="ar1", chunk_voxels=128)
     np.testing.assert_allclose(a.beta, b.beta, rtol=1e-10, atol=1e-10)
+    # float32 products (voxels centred first) stay close to float64; no scaling = plain least squares
+    c = glm.fit_glm(Y, X, noise_model="ar1", dtype=torch.float32, chunk_voxels=200)
+    assert np.abs(c.beta - a.beta).max() < 1e-4 * np.abs(a.beta).max() and np.mean(c.rho == a.rho) > 0.99
+    raw = glm.fit_glm(Y, X, noise_model="ols", signal_scaling=False, chunk_voxels=128)
+    lstsq = np.linalg.lstsq(X, Y.astype(np.float64), rcond=None)[0]
+    np.testing.assert_allclose(raw.beta, lstsq, rtol=1e-9, atol=1e-9 * np.abs(lstsq).max())
+    scaled = 100 * (Y / Y.mean(0) - 1)  # nilearn's percent signal (these voxels' means are >> 1)
+    np.testing.assert_allclose(glm.fit_glm(Y, X, noise_model="ols").beta,
+                               np.linalg.lstsq(X, scaled.astype(np.float64), rcond=None)[0], rtol=0, atol=1e-4)
+    # straight from the 4-D series and the mask: the same fit as on data[mask].T
+    brain = run["truth"]["brain_mask"]
+    d = glm.fit_glm(run["data"], X, noise_model="ar1", mask=brain, chunk_voxels=3000)
+    e = glm.fit_glm(run["Y"], X, noise_model="ar1")
+    np.testing.assert_allclose(d.beta, e.beta, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(d.dispersion, e.dispersion, rtol=1e-12)
+    with pytest.raises(ValueError, match="mask"):
+        glm.fit_glm(run["data"], X, mask=brain[:-1])
     with pytest.raises(ValueError, match="design rows"):
         glm.fit_glm(Y[:-1], X)
     with pytest.raises(ValueError, match="noise_model"):
         glm.fit_glm(Y, X, noise_model="ar2")
+
+
+def test_t_to_z_matches_scipy_stats():
+    """The interpolated t -> z of large maps against nilearn's formula through scipy.stats, tails included."""
+    from scipy import stats
+
+    rng = np.random.default_rng(4)
+    t = np.concatenate([rng.normal(0, 4, 30000), rng.standard_cauchy(20000) * 20, [0.0, 1e-9, 60.0, -300.0,
+                                                                                    1e12, np.inf, -np.inf]])
+    for dof in (3, 168, 1e10):
+        pos = t >= 0
+        p = np.where(pos, stats.t.sf(t, dof), stats.t.cdf(t, dof)).clip(1e-300, 1 - 1e-16)
+        ref = np.where(pos, stats.norm.isf(p), stats.norm.ppf(p))
+        got = glm.t_to_z(t, dof)
+        assert np.abs(got - ref).max() < 1e-7, dof
+        assert np.abs(glm.t_to_z(t[:1000], dof) - ref[:1000]).max() < 1e-7  # the exact path (small maps)
+        assert np.abs(glm.t_to_z(t, dof + 1) - ref).max() > 1e-4 or dof > 1e9  # the check sees the dof
+    assert np.isnan(glm.t_to_z(np.r_[t, np.nan], 168)[-1])
 
 
 # --------------------------------------------------------------------------- known truth

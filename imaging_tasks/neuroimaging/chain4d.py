@@ -109,11 +109,12 @@ def fmri_glm(files: list[Path], out_dir: Path, *, device: str | None = None, pre
              fmri_contrasts: str | None = None, fmri_noise_model: str = "ar1", fmri_hrf_model: str = "spm",
              fmri_high_pass_hz: float = 0.01, fmri_motion_regressors: bool = True, **_options) -> dict:
     """First-level GLM of the session's BOLD run: beta (percent signal change), t and z maps per contrast,
-    the design matrix (TSV and PNG), a slice montage per contrast, and ROI-mean betas on the chain's atlas."""
+    the design matrix (TSV and PNG), a glass brain of each contrast's z map (|z| >= 3.1), and ROI-mean betas
+    on the chain's atlas."""
     from imaging_tasks.device import pick_device
     from imaging_tasks.errors import BadInput
     from imaging_tasks.neuroimaging import glm
-    from imaging_tasks.neuroimaging.qc import design_matrix_png, overlay_png
+    from imaging_tasks.neuroimaging.qc import design_matrix_png, glass_brain_png
     from imaging_tasks.neuroimaging.session import load_4d
 
     out_dir = Path(out_dir)
@@ -149,7 +150,7 @@ def fmri_glm(files: list[Path], out_dir: Path, *, device: str | None = None, pre
         for row in X:
             fh.write("\t".join(f"{v:.8g}" for v in row) + "\n")
     design_matrix_png(X, names, out_dir / "design_matrix.png")
-    fit = glm.fit_glm(data[brain].T, X, noise_model=fmri_noise_model, device=dev)
+    fit = glm.fit_glm(data, X, mask=brain, noise_model=fmri_noise_model, device=dev)
     fitted = time.perf_counter()
     labels, doc = _atlas_in(previous, reference, t1_to_bold)
     roi_maps, metrics = {}, []
@@ -167,10 +168,7 @@ def fmri_glm(files: list[Path], out_dir: Path, *, device: str | None = None, pre
                 roi_maps[f"t_{slug}"] = full
             if kind == "z":
                 z = full
-        overlay_png(mean.transpose(2, 1, 0), spacing_zyx, out_dir / f"qc_z_{slug}.png",
-                    centre_mask=(z > 3.1).transpose(2, 1, 0) if (z > 3.1).any() else brain.transpose(2, 1, 0),
-                    heat=np.where(z > 2.3, z, 0).transpose(2, 1, 0), heat_max=max(float(z.max()), 5.0),
-                    contours=((brain.transpose(2, 1, 0), (80, 200, 255)),))
+        glass_brain_png(z.transpose(2, 1, 0), brain.transpose(2, 1, 0), spacing_zyx, out_dir / f"qc_z_{slug}.png")
         metrics += [_m(f"z_max_{slug}", float(res["z"].max()), "1"),
                     _m(f"voxels_z_above_3_1_{slug}", int((res["z"] > 3.1).sum()), "count")]
     rois = _roi_means(labels, doc, roi_maps, brain)

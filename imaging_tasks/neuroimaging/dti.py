@@ -36,39 +36,18 @@ _EIG_TOL = 1e-6            # dipy: eigenvalues are clipped at tol / max(B)
 
 
 # --------------------------------------------------------------------------------------------- gradients
-def _read_table(path, what: str) -> np.ndarray:
-    try:
-        text = Path(path).read_text()
-        rows = [[float(v) for v in line.replace(",", " ").split()] for line in text.splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError, ValueError):
-        raise BadInput("dwi_gradients_unreadable",
-                       f"the {what} file could not be read as numbers; provide FSL-style text "
-                       "(whitespace-separated values, as dcm2niix writes)") from None
-    if not rows or len({len(r) for r in rows}) != 1:
-        raise BadInput("dwi_gradients_unreadable",
-                       f"the {what} file is empty or its rows differ in length; provide FSL-style text")
-    return np.asarray(rows, dtype=np.float64)
-
-
-def read_gradients(bval_path, bvec_path, n_volumes: int) -> tuple[np.ndarray, np.ndarray]:
+def read_gradients(bval_path, bvec_path, n_volumes: int, affine=None) -> tuple[np.ndarray, np.ndarray]:
     """Read FSL ``.bval`` (one row or one column) and ``.bvec`` (3 rows, or 3 columns) for a ``n_volumes`` DWI.
 
-    Returns ``(bvals (n,) s/mm^2, bvecs (n, 3))`` checked by :func:`check_gradients`.
+    Returns ``(bvals (n,) s/mm^2, bvecs (n, 3))`` checked by :func:`check_gradients`.  Parsed by the project's one
+    FSL reader (:func:`.series4d.read_fsl_text`, :func:`.series4d.gradients_from_fsl`): NaN only as a b=0
+    vector (dipy's ``small_64D``).  ``affine``: apply FSL's x-flip rule for that image; None takes the numbers as
+    written, which is how dipy's ``read_bvals_bvecs`` reads them.
     """
-    bvals = _read_table(bval_path, "b-value")
-    bvecs = _read_table(bvec_path, "b-vector")
-    if 1 not in bvals.shape:
-        raise BadInput("dwi_gradients_unreadable",
-                       f"the b-value file has {bvals.shape[0]} rows of {bvals.shape[1]} values; expected one row "
-                       "(or one column) with a b-value per volume")
-    bvals = bvals.ravel()
-    if bvecs.shape[0] == 3 and bvecs.shape[1] != 3:
-        bvecs = bvecs.T
-    elif bvecs.shape == (3, 3):
-        bvecs = bvecs.T          # FSL's layout (one column per volume) wins the tie
-    elif bvecs.shape[1] != 3:
-        raise BadInput("dwi_gradients_unreadable",
-                       f"the b-vector file is {bvecs.shape[0]} x {bvecs.shape[1]}; expected 3 rows (FSL) or 3 columns")
+    from imaging_tasks.neuroimaging.series4d import gradients_from_fsl, read_fsl_text
+
+    bvals, bvecs = gradients_from_fsl(read_fsl_text(bval_path, "b-value"), read_fsl_text(bvec_path, "b-vector"),
+                                      affine, n_volumes)
     return check_gradients(bvals, bvecs, n_volumes)
 
 

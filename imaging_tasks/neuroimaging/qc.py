@@ -101,3 +101,41 @@ def design_matrix_png(X: np.ndarray, names: list[str], path: Path, *, cell_px: i
     path = Path(path)
     canvas.save(path, optimize=True)
     return path
+
+
+def glass_brain_png(stat_zyx: np.ndarray, brain_zyx: np.ndarray, spacing_zyx, path: Path, *,
+                    threshold: float = 3.1, vmax: float | None = None) -> Path:
+    """A glass brain of a statistic map: its maximum (red-yellow) and minimum (blue) projected along each axis over
+    the brain's silhouette, so every cluster above ``threshold`` shows whatever slice it sits in."""
+    from PIL import Image
+
+    stat = np.nan_to_num(np.asarray(stat_zyx, dtype=float))
+    brain = np.asarray(brain_zyx, dtype=bool)
+    vmax = vmax or max(float(np.abs(stat).max()), threshold + 1.0)
+    tiles = []
+    for axis, flip, ph, pw in ((0, False, spacing_zyx[1], spacing_zyx[2]), (1, True, spacing_zyx[0], spacing_zyx[2]),
+                               (2, True, spacing_zyx[0], spacing_zyx[1])):
+        hi, lo = stat.max(axis=axis), stat.min(axis=axis)
+        silhouette = brain.any(axis=axis)
+        if flip:  # head up, as overlay_png shows coronal and sagittal views
+            hi, lo, silhouette = hi[::-1], lo[::-1], silhouette[::-1]
+        edge = silhouette & ~ndi.binary_erosion(silhouette)
+        rgb = np.where(silhouette[..., None], 235.0, 255.0) * np.ones(3)
+        rgb[edge] = (90, 90, 90)
+        pos, neg = hi >= threshold, lo <= -threshold
+        rgb = np.where(pos[..., None], _heat_rgb(0.35 * vmax + 0.65 * hi, vmax), rgb)
+        t = np.clip(-lo / vmax, 0, 1)[..., None]
+        rgb = np.where(neg[..., None] & ~pos[..., None], np.concatenate([40 * (1 - t), 120 * (1 - t) + 60 * t,
+                                                                        180 + 75 * t], -1), rgb)
+        rgb = rgb.astype(np.uint8)
+        tiles.append(Image.fromarray(rgb).resize((max(1, int(rgb.shape[1] * pw / MM_PER_PIXEL)),
+                                                  max(1, int(rgb.shape[0] * ph / MM_PER_PIXEL))), Image.NEAREST))
+    canvas = Image.new("RGB", (sum(t.width for t in tiles) + 8 * (len(tiles) - 1), max(t.height for t in tiles)),
+                       (255, 255, 255))
+    x = 0
+    for t in tiles:
+        canvas.paste(t, (x, 0))
+        x += t.width + 8
+    path = Path(path)
+    canvas.save(path, optimize=True)
+    return path

@@ -277,22 +277,26 @@ def classify_mr_series(headers) -> str:
 
 # --------------------------------------------------------------------------- gradients
 def read_fsl_text(path, what: str) -> np.ndarray:
-    """Numbers of an FSL ``.bval``/``.bvec`` text file as a 2-D float array (rows as written)."""
+    """Numbers of an FSL ``.bval``/``.bvec`` text file as a 2-D float array (rows as written).  NaN passes (dipy's
+    own ``small_64D.bvec`` has it as the b=0 vector): :func:`gradients_from_fsl` allows it only there."""
     try:
         text = Path(path).read_text(encoding="utf-8", errors="strict")
         rows = [[float(x) for x in line.replace(",", " ").split()] for line in text.splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError, ValueError):
         raise BadInput("dwi_gradients_unreadable", f"the {what} file does not read as FSL text (numbers separated by "
                        "spaces); re-export it (dcm2niix writes .bval/.bvec beside the NIfTI)") from None
-    if not rows or len({len(r) for r in rows}) != 1 or not np.all(np.isfinite(rows)):
-        raise BadInput("dwi_gradients_unreadable", f"the {what} file is empty, ragged or holds non-finite numbers; "
+    if not rows or len({len(r) for r in rows}) != 1 or np.any(np.isinf(rows)):
+        raise BadInput("dwi_gradients_unreadable", f"the {what} file is empty, ragged or holds infinite numbers; "
                        "re-export it")
     return np.asarray(rows, dtype=float)
 
 
-def gradients_from_fsl(bvals_rows: np.ndarray, bvecs_rows: np.ndarray, affine: np.ndarray,
+def gradients_from_fsl(bvals_rows: np.ndarray, bvecs_rows: np.ndarray, affine: np.ndarray | None,
                        n_volumes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(bvals (n,), bvecs (n, 3) along the voxel axes, unit or zero) from FSL arrays (either orientation)."""
+    """(bvals (n,), bvecs (n, 3) along the voxel axes, unit or zero) from FSL arrays (either orientation).
+
+    ``affine``: the image's, for FSL's x-flip rule; None takes the vectors as written (dipy's
+    ``read_bvals_bvecs``, for files that follow dipy's convention rather than FSL's)."""
     bvals = bvals_rows.reshape(-1) if 1 in bvals_rows.shape else None
     if bvecs_rows.shape[0] == 3 and (bvecs_rows.shape[1] == n_volumes or bvecs_rows.shape[1] != 3):
         bvecs = bvecs_rows.T
@@ -306,10 +310,14 @@ def gradients_from_fsl(bvals_rows: np.ndarray, bvecs_rows: np.ndarray, affine: n
     if len(bvals) != n_volumes or len(bvecs) != n_volumes:
         raise BadInput("dwi_volume_mismatch", f"{len(bvals)} b-values and {len(bvecs)} gradient vectors for "
                        f"{n_volumes} volumes; send the .bval/.bvec written with this NIfTI")
-    if np.any(bvals < 0):
-        raise BadInput("dwi_gradients_unreadable", "negative b-values; re-export the .bval")
+    if np.any(~np.isfinite(bvals)) or np.any(bvals < 0):
+        raise BadInput("dwi_gradients_unreadable", "missing or negative b-values; re-export the .bval")
     bvecs = bvecs.astype(float).copy()
-    if np.linalg.det(np.asarray(affine, float)[:3, :3]) > 0:  # FSL: x negated for a positive determinant
+    if np.any(np.isnan(bvecs[bvals > 0])):
+        raise BadInput("dwi_gradients_unreadable", "a diffusion-weighted volume has no gradient direction (NaN in the "
+                       ".bvec); re-export the .bvec")
+    bvecs[np.isnan(bvecs)] = 0.0  # the b = 0 volumes'
+    if affine is not None and np.linalg.det(np.asarray(affine, float)[:3, :3]) > 0:  # FSL: x negated if det > 0
         bvecs[:, 0] = -bvecs[:, 0]
     norm = np.linalg.norm(bvecs, axis=1)
     weighted = bvals > 0

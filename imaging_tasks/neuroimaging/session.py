@@ -1,5 +1,6 @@
-"""One neuro session's inputs as images in patient space: the T1, the PET frames and the PET acquisition facts,
-from de-identified DICOM series or from NIfTI uploads; all DICOM/NIfTI geometry handling of the chain lives here.
+"""One neuro session's inputs as images in patient space: the T1, the PET frames and the PET acquisition facts
+(and a BOLD run with its events, a DWI series with its gradients), from de-identified DICOM series or from NIfTI
+uploads; all DICOM/NIfTI geometry handling of the chain lives here.
 
 :func:`load_session` takes the study's fetched files (``pipeline.fetch_instances``: DICOM as ``00001.dcm``,
 anything else keeps its name after the number, ``00002-pet.nii.gz``, ``00003-pet.json``) and returns a
@@ -31,6 +32,19 @@ sheared sform falls back to the qform (SimpleITK grids have orthonormal directio
 microns are converted to mm.  RAS+ world coordinates become LPS by negating x and y; the voxel array is stored
 (i, j, k) = (x, y, z) and transposed to SimpleITK's (z, y, x) order.  A 4-D PET is split into frames along the
 4th axis; facts come from the sidecar (BIDS PET keys, or the ones dcm2niix writes).
+
+**BOLD and DWI** (a session may also hold one BOLD run and one DWI series): NIfTI uploads ``bold.nii.gz`` with
+its BIDS events table (``events.tsv`` or ``bold_events.tsv``, as de-identification names it) and an optional
+``bold.json`` (RepetitionTime), ``dwi.nii.gz`` with ``dwi.bval`` / ``dwi.bvec``; or DICOM series told apart from
+the T1 by their headers (``series4d.classify_mr_series``: more than one volume; diffusion attributes make it DWI),
+converted by dcm2niix (``series4d.load_4d_dicom``), with the events table from the folder of the BOLD files (the
+index attaches it to the study).  Several runs of one kind: the largest is processed, and a note says so.  They are
+loaded here too, so that a bad one refuses the session at the first step: ``bold_without_events``, the events
+table's reasons (``events_columns``, ``events_values``, ...), the gradient reasons of ``dti.check_gradients``
+(``dwi_volume_mismatch``, ``dwi_no_b0``, ``dwi_too_few_directions``) and the loading reasons of :mod:`.series4d`
+(``dwi_without_gradients``, ``bold_no_tr``, ``bold_too_short``, ``dicom_4d_conversion``, ``mixed_geometry``).  A
+BOLD or DWI without a T1 is ``no_mri``: they are registered to the session's T1.  :func:`load_4d` reads only them,
+for the 4-D steps.
 
 Refused (``BadInput``): ``no_mri`` (PET without an MR; or nothing at all), ``mri_4d`` (a 4-D MR NIfTI: fMRI or
 DWI, not a T1), ``unreadable_nifti`` (a NIfTI that does not read, e.g. cut short), ``nifti_geometry`` (no usable

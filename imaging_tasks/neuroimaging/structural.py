@@ -52,13 +52,14 @@ class Series:
 
 
 def group_series(files: list[Path]) -> list[Series]:
-    """Group a session's files by SeriesInstanceUID from headers only."""
+    """Group a session's files by SeriesInstanceUID from headers only.  The files are the pipeline's own
+    de-identified outputs, every value checked when they were written: values are decoded as they are read."""
     from imaging_tasks.dicom_io import read_header
 
     series: dict[str, Series] = {}
     for f in files:
         with open(f, "rb") as fh:
-            ds = read_header(fh)
+            ds = read_header(fh, decode=False)
         uid = str(ds.SeriesInstanceUID)
         if uid not in series:
             text = " ".join(str(ds.get(k, "") or "") for k in ("SeriesDescription", "ProtocolName", "SequenceName"))

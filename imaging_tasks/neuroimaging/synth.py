@@ -743,7 +743,7 @@ def synthesize_study(out: pathlib.Path, label: str, rng: np.random.Generator, *,
                      head_scale: tuple[float, float] = (0.86, 0.97), warp_mm: float = 4.0, pet_frames: int = 1,
                      pet_frame_s: float = 300.0, max_frame_rotation_deg: float = 2.0,
                      max_frame_translation_mm: float = 2.5, layout: str = "dicom", with_bold: bool = False,
-                     with_dwi: bool = False, series4d_style: str = "enhanced") -> dict:
+                     with_dwi: bool = False, series4d_style: str = "enhanced", bold_volumes: int = 80) -> dict:
     """One session: a T1 (and a PET unless ``with_pet`` is False) in ``layout``; returns the truth record.
 
     ``warp_mm``: peak displacement of the largest anatomy-warp bump (0: the subject is an affine copy of the
@@ -751,7 +751,7 @@ def synthesize_study(out: pathlib.Path, label: str, rng: np.random.Generator, *,
     motion up to ``max_frame_rotation_deg`` / ``max_frame_translation_mm`` per axis.  ``layout``: "dicom" or
     "nifti" (see the module docstring).  ``with_bold`` / ``with_dwi``: add a BOLD run with its events table and a
     DWI series in the same head (:mod:`.synth_session4d`; DICOM as ``series4d_style`` "classic" per-slice files or
-    one "enhanced" multi-frame object).
+    one "enhanced" multi-frame object; ``bold_volumes`` long).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
@@ -939,7 +939,8 @@ def synthesize_study(out: pathlib.Path, label: str, rng: np.random.Generator, *,
             return g, scanner_to_template_transform(geo, g, "mr")
 
         if with_bold:
-            truth["bold"] = add_bold(study_dir, study, bold_rng, ph, series_grid, layout=layout, style=series4d_style)
+            truth["bold"] = add_bold(study_dir, study, bold_rng, ph, series_grid, layout=layout, style=series4d_style,
+                                     n_volumes=bold_volumes)
         if with_dwi:
             truth["dwi"] = add_dwi(study_dir, study, dwi_rng, ph, series_grid, layout=layout, style=series4d_style)
     truth["session_complete"] = bool(with_pet)

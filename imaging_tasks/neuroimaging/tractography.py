@@ -1,4 +1,4 @@
-"""Deterministic tractography on the tensor's principal eigenvectors, every seed at once on the torch device.
+"""Deterministic tractography on the tensor's principal eigenvectors, many streamlines at once on the torch device.
 
 The propagation rule is EuDX's (Garyfallidis 2012; dipy's ``EuDXDirectionGetter`` + ``LocalTracking``), so the
 result can be checked against dipy step for step:
@@ -14,12 +14,26 @@ result can be checked against dipy step for step:
 - from each seed: the eigenvector of the nearest voxel gives the first direction; the streamline is tracked both
   ways (the backward half starts opposite to the forward half's first step) and the two halves are joined.
 
-Instead of one streamline at a time, all halves of all seeds advance together: one step is a few gathers and
-element-wise products over the still-active halves, which shrinks as they stop.  Points are in voxel-index
-coordinates (what the maps are indexed by); :func:`save_streamlines` writes them in RAS+ mm.
+How it is made fast without a compiler (every step is a fixed list of ~35 batched torch kernels, so the cost is
+kernels x rows, and the kernels are cheapest on arrays that stay in cache):
+
+- a *cell table*: for every grid cell (the 8 voxels around a point) that a streamline can live in, one row holds
+  the 8 corners' FA and eigenvectors, so a point's whole neighbourhood is one row gather.  Cells whose 8 corners all
+  have FA below ``fa_stop`` share one all-zero row (a point there is rejected either way, since trilinear FA cannot
+  exceed its corners), eigenvectors are zeroed where a corner is off the grid or has no tensor (so such a corner
+  never counts, which is dipy's rule) - the table is a few MB for a brain;
+- a *pool* of a few thousand half-streamlines advances together; finished halves are dropped every step and the
+  pool is topped up from the seed queue, so the arrays keep the size that fits the cache instead of starting huge
+  and ending with a long tail of a few stragglers;
+- points are recorded per step (only the survivors) and assembled into streamlines per block of seeds once every
+  half of the block has finished, so memory is the output plus a bounded working set.
+
+Positions are handled internally in padded-grid coordinates (index + 1, the cell table's frame) and returned in
+voxel-index coordinates (what the maps are indexed by); :func:`save_streamlines` writes them in RAS+ mm.
 """
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +41,7 @@ import numpy as np
 # the 8 trilinear corners, x-major (dipy sums them in another order: the same up to rounding)
 _CORNERS = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
 _TOTAL_WEIGHT = 0.5   # EuDX: at least half of the trilinear weight must agree to go on
+_FA_MARGIN = 1e-5     # a cell counts as live when a corner's FA exceeds fa_stop - this (rounding head-room)
 
 
 def seeds_from_mask(mask, per_axis: int = 1) -> np.ndarray:
@@ -42,159 +57,313 @@ def voxel_sizes_mm(affine) -> np.ndarray:
     return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(0))
 
 
-class _Field:
-    """The tensor field on the device, padded by one voxel so every trilinear corner is an index plus a constant.
+class _CellTable:
+    """The field as cell rows on the device.  A point ``q`` in padded coordinates (voxel index + 1) lies in cell
+    ``floor(q)`` (0..n per axis), whose corners are padded voxels ``floor(q) + {0,1}^3``; the padding ring
+    replicates FA outwards (dipy's ``trilinear_interpolate4d`` extends border values half a voxel) and has no
+    eigenvectors.
 
-    One table row per padded voxel: (v1x, v1y, v1z, FA).  v1 is zero where there is no tensor (FA == 0) and in the
-    padding, so such neighbours never count; FA is edge-replicated into the padding, which reproduces dipy's
-    ``trilinear_interpolate4d`` (the border voxels' values extend half a voxel outwards).  One gather per point
-    then serves both the FA check at a new point and the direction taken from it on the next step.
+    ``fa_rows`` (C, 8): corner FA; ``peak_rows`` (C, 24): corner eigenvectors as x (8), y (8), z (8), zero where the
+    corner voxel has no tensor and for every corner of a cell that is not fully on the grid (dipy finds no direction
+    there).  Row 0 is all zeros and stands for every cell no streamline can stay in (all corners FA < fa_stop).
     """
 
-    def __init__(self, v1, fa, device, dtype):
+    def __init__(self, v1, fa, fa_stop, seeds, step_vox, device, dtype):
         import torch
 
         self.torch = torch
         n = np.array(fa.shape)
-        ok = fa > 0
-        table = np.zeros(tuple(n + 2) + (4,))
-        table[1:-1, 1:-1, 1:-1, :3] = np.where(ok[..., None], v1, 0.0)
-        table[..., 3] = np.pad(fa, 1, mode="edge")
-        self.table = torch.as_tensor(table.reshape(-1, 4), dtype=dtype, device=device)
-        strides = np.array([(n[1] + 2) * (n[2] + 2), n[2] + 2, 1])
-        self.strides = torch.as_tensor(strides, dtype=dtype, device=device)
-        self.corner_offsets = torch.as_tensor(_CORNERS @ strides, device=device)
-        self.corners = torch.as_tensor(_CORNERS, device=device)
-        self.n = torch.as_tensor(n, dtype=dtype, device=device)
-        self.ok_flat = torch.as_tensor(ok.reshape(-1), device=device)
-        self.v1_flat = torch.as_tensor(np.asarray(v1).reshape(-1, 3), dtype=dtype, device=device)
-        self.lin_strides = torch.as_tensor([n[1] * n[2], n[2], 1], device=device)
-        self.n_long = torch.as_tensor(n, device=device)
+        cells = n + 1
+        fa_p = np.pad(fa, 1, mode="edge")
+        pk_p = np.zeros(tuple(n + 2) + (3,))
+        pk_p[1:-1, 1:-1, 1:-1] = np.where((fa > 0)[..., None], v1, 0.0)
+        fa_max = np.zeros(tuple(cells))
+        for i, j, k in _CORNERS:
+            np.maximum(fa_max, fa_p[i:i + cells[0], j:j + cells[1], k:k + cells[2]], out=fa_max)
+        live = fa_max > fa_stop - _FA_MARGIN
+        f = np.floor(np.clip(seeds + 1.0, 0.0, n + 0.999)).astype(np.int64)
+        live[f[:, 0], f[:, 1], f[:, 2]] = True            # a seed's own cell: its first direction is taken there
+        li, lj, lk = np.nonzero(live)
+        interior = (li >= 1) & (li <= n[0] - 1) & (lj >= 1) & (lj <= n[1] - 1) & (lk >= 1) & (lk <= n[2] - 1)
+        fa_rows = np.zeros((len(li) + 1, 8))
+        peak_rows = np.zeros((len(li) + 1, 3, 8))
+        for c, (i, j, k) in enumerate(_CORNERS):
+            fa_rows[1:, c] = fa_p[li + i, lj + j, lk + k]
+            peak_rows[1:, :, c] = pk_p[li + i, lj + j, lk + k] * interior[:, None]
+        cellmap = np.zeros(int(np.prod(cells)), np.int64)
+        cellmap[np.ravel_multi_index((li, lj, lk), tuple(cells))] = np.arange(1, len(li) + 1)
+        # Off the grid (index < -0.5 or >= n - 0.5) lies only in the outer ring of cells; when none of them is live
+        # such points land on row 0 and fail the FA test anyway, and the explicit on-grid test can be skipped.
+        self.check_grid = bool((~interior).any())
+        # a point is at most one step from a kept (on-grid) point: without clamping it stays inside the cell range
+        self.clamp = bool(np.max(step_vox) >= 0.5)
+        self.cellmap = torch.as_tensor(cellmap, device=device)
+        self.fa_rows = torch.as_tensor(fa_rows, dtype=dtype, device=device)
+        self.peak_rows = torch.as_tensor(peak_rows.reshape(-1, 24), dtype=dtype, device=device)
+        self.cstrides = torch.as_tensor([cells[1] * cells[2], cells[2], 1], dtype=torch.float64, device=device)
+        self.lo = torch.full((3,), 0.5, dtype=dtype, device=device)
+        self.hi = torch.as_tensor(n + 0.5, dtype=dtype, device=device)
+        self.qmin = torch.zeros(3, dtype=dtype, device=device)
+        self.qmax = torch.as_tensor(n + 0.999, dtype=dtype, device=device)
+        self.B = torch.as_tensor((1 - _CORNERS.T).astype(float), dtype=dtype, device=device)   # (3, 8)
+        self.S = torch.as_tensor((2 * _CORNERS.T - 1).astype(float), dtype=dtype, device=device)
+        self.ones8 = torch.ones(8, dtype=dtype, device=device)   # sums over the 8 corners as a mat-vec (faster)
+        self.f64 = dtype == torch.float64
 
-    def sample(self, pos):
-        """Corners of ``pos`` (M, 3): (table rows (M, 8, 4), trilinear weights (M, 8), FA (M,), FA on the grid
-        (-0.5 <= p < n - 0.5), all 8 corners on the grid (dipy's condition for a direction))."""
+    def locate(self, q):
+        """Cell rows (M,), trilinear weights (M, 8), FA (M,) and the on-grid flag (M,) (None when not needed) at
+        padded points ``q`` (M, 3)."""
         torch = self.torch
-        on_grid = ((pos >= -0.5) & (pos < self.n - 0.5)).all(1)
-        inside = ((pos >= 0) & (pos < self.n - 1)).all(1)
-        q = torch.minimum((pos + 1).clamp(min=0), self.n + 0.999)
-        f = torch.floor(q)
-        d = q - f
-        lin = (f @ self.strides).long().unsqueeze(1) + self.corner_offsets    # (M, 8)
-        rows = self.table.index_select(0, lin.view(-1)).view(-1, 8, 4)        # (M, 8, 4)
-        wx, wy, wz = (torch.stack([1 - d[:, k], d[:, k]], 1) for k in range(3))
-        w = (wx[:, :, None, None] * wy[:, None, :, None] * wz[:, None, None, :]).reshape(-1, 8)
-        fa = (w * rows[..., 3]).sum(1)
-        return rows, w, fa, on_grid, inside
+        on_grid = ((q >= self.lo) & (q < self.hi)).all(1) if self.check_grid else None
+        qc = torch.clamp(q, min=self.qmin, max=self.qmax) if self.clamp else q
+        f = qc.floor()
+        d = qc - f
+        rows = self.cellmap.index_select(0, torch.mv(f if self.f64 else f.double(), self.cstrides).long())
+        w = torch.addcmul(self.B[0], d[:, 0:1], self.S[0])      # (1 - d) or d per corner and axis, multiplied
+        w.mul_(torch.addcmul(self.B[1], d[:, 1:2], self.S[1]))
+        w.mul_(torch.addcmul(self.B[2], d[:, 2:3], self.S[2]))
+        fa = torch.mv(w * self.fa_rows.index_select(0, rows), self.ones8)
+        return rows, w, fa, on_grid
 
-    @staticmethod
-    def direction(rows, w, inside, prev, cos_thr):
-        """EuDX's direction from a point's corners given ``prev`` (M, 3): (unit dir (M, 3), found (M,))."""
-        import torch
-
-        peaks = rows[..., :3]
-        dot = torch.bmm(peaks, prev.unsqueeze(-1)).squeeze(-1)               # (M, 8)
-        adot = dot.abs()
-        wv = torch.where((adot >= cos_thr) & (adot > 0), w, torch.zeros_like(w))
-        new = torch.bmm((wv * torch.sign(dot)).unsqueeze(1), peaks).squeeze(1)
-        norm = new.norm(dim=1, keepdim=True)
-        found = inside & (wv.sum(1) >= _TOTAL_WEIGHT) & (norm.squeeze(1) > 0)
-        return new / torch.where(norm > 0, norm, torch.ones_like(norm)), found
+    def direction(self, peaks, w, prev, cos_thr):
+        """EuDX's direction from a point's corner eigenvectors ``peaks`` (M, 24) and weights ``w`` (M, 8) given
+        ``prev`` (M, 3): (unit direction (M, 3), found (M,))."""
+        torch = self.torch
+        px, py, pz = peaks[:, 0:8], peaks[:, 8:16], peaks[:, 16:24]
+        dot = px * prev[:, 0:1]
+        dot.addcmul_(py, prev[:, 1:2])
+        dot.addcmul_(pz, prev[:, 2:3])
+        wv = w * (dot.abs() >= cos_thr)
+        found = torch.mv(wv, self.ones8) >= _TOTAL_WEIGHT
+        coef = torch.copysign(wv, dot)                          # each counted eigenvector flipped to agree
+        new = torch.bmm(peaks.view(-1, 3, 8), coef.unsqueeze(2)).squeeze(2)
+        return new / torch.linalg.vector_norm(new, dim=1, keepdim=True).clamp_min(1e-300), found
 
 
 def track_deterministic(v1, fa, seeds_vox, *, voxel_size_mm=(1.0, 1.0, 1.0), step_mm: float = 0.5,
                         fa_stop: float = 0.2, max_angle_deg: float = 30.0, min_length_mm: float = 10.0,
-                        max_length_mm: float = 250.0, device=None) -> list[np.ndarray]:
+                        max_length_mm: float = 250.0, device=None, pool: int | None = None,
+                        block_seeds: int = 16384) -> list[np.ndarray]:
     """Streamlines (list of (k, 3) float arrays, voxel coordinates) from ``seeds_vox`` (S, 3) through the field
     ``v1`` (x,y,z,3) / ``fa`` (x,y,z), by the EuDX rule in the module docstring.
 
-    Each half stops after ``ceil(max_length_mm / step_mm)`` steps; streamlines with fewer than 2 points, shorter
+    Each half stops after ``ceil(max_length_mm / step_mm)`` points; streamlines with fewer than 2 points, shorter
     than ``min_length_mm`` or longer than ``max_length_mm`` are dropped.  Output order follows the seeds.
+    ``pool`` half-streamlines advance together (default 4096 on CPU, where the arrays stay in cache, 2^18 on a GPU);
+    ``block_seeds`` seeds are assembled at a time (bounds the memory beyond the output).  float64 on CPU (exactly
+    dipy's streamlines), float32 on CUDA (points agree to ~1e-5 voxel; a rare borderline stop may differ).
     """
     import torch
 
     from imaging_tasks.device import pick_device
 
     dev = pick_device(device)
-    dtype = torch.float64 if dev.type == "cpu" else torch.float32
+    dtype = torch.float32
+    pool = int(pool or (4096 if dev.type == "cpu" else 1 << 18))
     fa = np.nan_to_num(np.asarray(fa, dtype=np.float64))
     v1 = np.nan_to_num(np.asarray(v1, dtype=np.float64))
-    field = _Field(v1, fa, dev, dtype)
-    vs = torch.as_tensor(np.asarray(voxel_size_mm, dtype=np.float64), dtype=dtype, device=dev)
-    step_vox = step_mm / vs
-    cos_thr = float(np.cos(np.pi * max_angle_deg / 180.0))
-    max_steps = int(np.ceil(max_length_mm / step_mm))
-    seeds = torch.as_tensor(np.asarray(seeds_vox, dtype=np.float64).reshape(-1, 3), dtype=dtype, device=dev)
-    n_seeds = len(seeds)
+    seeds = np.asarray(seeds_vox, dtype=np.float64).reshape(-1, 3)
+    n = np.array(fa.shape)
+    vs = np.asarray(voxel_size_mm, dtype=np.float64)
+    step_vox_np = step_mm / vs
+    table = _CellTable(v1, fa, fa_stop, seeds, step_vox_np, dev, dtype)
+    cos_thr = max(float(np.cos(np.pi * max_angle_deg / 180.0)), np.finfo(np.float64).tiny)   # and |dot| > 0
+    max_points = int(np.ceil(max_length_mm / step_mm))
 
     # the first direction: the eigenvector of the nearest voxel (dipy's initial_direction), if it has a tensor
-    near = torch.round(seeds).long()
-    usable = ((near >= 0) & (near < field.n_long)).all(1)
-    near_lin = (torch.minimum(near.clamp(min=0), field.n_long - 1) * field.lin_strides).sum(-1)
-    usable &= field.ok_flat[near_lin]
-    first = field.v1_flat[near_lin]
-
-    # forward halves: their first step decides where the backward halves start (dipy: opposite to F[1] - F[0])
-    rows0, w0, _, _, inside0 = field.sample(seeds)
-    d1, found = field.direction(rows0, w0, inside0, first, cos_thr)
-    p1 = seeds + d1 * step_vox
-    rows1, w1, fa1, on_grid, inside1 = field.sample(p1)
-    kept1 = usable & found & on_grid & (fa1 > fa_stop)
-    vox_step = d1 * step_vox
-    back = torch.where(kept1.unsqueeze(1), -vox_step / vox_step.norm(dim=1, keepdim=True).clamp(min=1e-30), -first)
-
-    # state of the active halves: id (0..S-1 forward, S..2S-1 backward), position, previous direction, corners
-    fwd, bwd = torch.nonzero(kept1).squeeze(1), torch.nonzero(usable).squeeze(1)
-    ids = torch.cat([fwd, n_seeds + bwd])
-    pos = torch.cat([p1[fwd], seeds[bwd]])
-    prev = torch.cat([d1[fwd], back[bwd]])
-    rows, w, inside = torch.cat([rows1[fwd], rows0[bwd]]), torch.cat([w1[fwd], w0[bwd]]), \
-        torch.cat([inside1[fwd], inside0[bwd]])
-    budget = torch.cat([torch.full((len(fwd),), max_steps - 1, device=dev),
-                        torch.full((len(bwd),), max_steps, device=dev)])
-    rec_ids, rec_pos = [fwd], [p1[fwd]]
-    while len(ids):
-        d, found = field.direction(rows, w, inside, prev, cos_thr)
-        new = pos + d * step_vox
-        rows, w, fa_new, on_grid, inside = field.sample(new)
-        keep = found & on_grid & (fa_new > fa_stop)
-        kept = torch.nonzero(keep).squeeze(1)
-        rec_ids.append(ids.index_select(0, kept))
-        rec_pos.append(new.index_select(0, kept))
-        budget = budget - 1
-        alive = torch.nonzero(keep & (budget > 0)).squeeze(1)
-        ids, pos, prev, rows, w, inside, budget = (t.index_select(0, alive) for t in
-                                                   (ids, new, d, rows, w, inside, budget))
-
-    return _assemble(seeds.cpu().numpy(), usable.cpu().numpy(), torch.cat(rec_ids).cpu().numpy(),
-                     torch.cat(rec_pos).cpu().numpy(), np.asarray(voxel_size_mm, dtype=np.float64),
-                     min_length_mm, max_length_mm)
+    near = np.round(seeds).astype(np.int64)
+    usable = ((near >= 0) & (near < n)).all(1)
+    near = np.clip(near, 0, n - 1)
+    usable &= fa[near[:, 0], near[:, 1], near[:, 2]] > 0
+    first = v1[near[:, 0], near[:, 1], near[:, 2]]
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        # the step kernels are small (a pool of a few thousand rows): intra-op threads only add hand-off costs and,
+        # on a busy machine, spinning; one thread measured ~5x less CPU than two here
+        torch.set_num_threads(1)
+    try:
+        return _track(torch, table, seeds, usable, first, step_vox_np, cos_thr, fa_stop, max_points, pool,
+                      block_seeds, step_mm, min_length_mm, max_length_mm, dev, dtype)
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _assemble(seeds, usable, rec_ids, rec_pos, vs, min_length_mm, max_length_mm) -> list[np.ndarray]:
-    """Join each seed's backward half (reversed), the seed and its forward half, in seed order."""
-    n = len(seeds)
-    order = np.argsort(rec_ids, kind="stable")          # records were appended step by step: stable = step order
-    rec_ids, rec_pos = rec_ids[order], rec_pos[order]
-    counts = np.bincount(rec_ids, minlength=2 * n)
-    k_fwd, k_bwd = counts[:n], counts[n:]
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    step_no = np.arange(len(rec_ids)) - start[rec_ids] + 1           # 1-based step within its half
-    seed_of = rec_ids % n
-    is_bwd = rec_ids >= n
-    slot = np.where(is_bwd, k_bwd[seed_of] - step_no, k_bwd[seed_of] + step_no)
-    total = k_fwd + k_bwd + 1
-    offsets = np.concatenate([[0], np.cumsum(total)[:-1]])
-    points = np.empty((int(total.sum()), 3))
-    points[offsets[seed_of] + slot] = rec_pos
-    points[offsets + k_bwd] = seeds
+def _track(torch, table, seeds, usable, first, step_vox_np, cos_thr, fa_stop, max_points, pool, block_seeds,
+           step_mm, min_length_mm, max_length_mm, dev, dtype) -> list[np.ndarray]:
+    tracker = _Pool(table, torch.as_tensor(step_vox_np, dtype=dtype, device=dev), cos_thr, fa_stop, max_points,
+                    dev, dtype)
+    out: list[np.ndarray] = []
+    n_seeds, intake, done = len(seeds), 0, 0
+    while done < n_seeds:
+        block_end = min(n_seeds, done + block_seeds)
+        # advance until every half of the seeds [done, block_end) has finished, feeding new seeds as halves end
+        while True:
+            if tracker.size < pool * 3 // 4 and intake < n_seeds:
+                take = min(n_seeds - intake, max(256, (pool - tracker.size) // 2))
+                sel = intake + np.flatnonzero(usable[intake:intake + take])
+                tracker.add(sel, seeds[sel], first[sel])
+                intake += take
+                continue
+            if intake >= block_end and tracker.min_id() >= 2 * block_end:
+                break
+            tracker.step()
+        out.extend(_assemble(tracker.take_records(2 * block_end), seeds, done, block_end, step_mm, min_length_mm,
+                             max_length_mm))
+        done = block_end
+    return out
+
+
+class _Pool:
+    """The half-streamlines in flight, sorted by half id (2 x seed + 0 forward / 1 backward): padded position
+    ``q``, previous direction, corner weights and cell row of the current point; points recorded per step."""
+
+    def __init__(self, table, step_vox, cos_thr, fa_stop, max_points, device, dtype):
+        import torch
+
+        self.torch, self.table, self.step_vox = torch, table, step_vox
+        self.cos_thr, self.fa_stop, self.max_points = cos_thr, fa_stop, max_points
+        self.device, self.dtype = device, dtype
+        self.q = torch.zeros((0, 3), dtype=dtype, device=device)
+        self.prev, self.w = self.q.clone(), torch.zeros((0, 8), dtype=dtype, device=device)
+        self.rows = self.ids = torch.zeros(0, dtype=torch.long, device=device)
+        self.peaks = torch.zeros((0, 24), dtype=dtype, device=device)
+        self.clock = 0                     # global step number: a half's j-th point is recorded at start + j - 1
+        self.batches: deque = deque()      # (start clock, last half id + 1) of intake batches still in flight
+        self.records: list = []            # (q (m, 3), ids (m,), clock, first id, last id) per step
+        self.last_id = -1
+        self.start_of = np.zeros(0, np.int64)
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
+
+    def min_id(self) -> int:
+        return int(self.ids[0]) if len(self.ids) else 1 << 62
+
+    def _keep(self, found, fa, on_grid):
+        keep = found & (fa > self.fa_stop)
+        return keep & on_grid if on_grid is not None else keep
+
+    def add(self, seed_idx, seeds, first):
+        """Take the seeds ``seed_idx`` (usable ones): both first steps, then the halves that survive them join."""
+        torch, t = self.torch, self.table
+        if not len(seed_idx):
+            return
+        q0 = torch.as_tensor(seeds, dtype=self.dtype, device=self.device) + 1.0
+        first = torch.as_tensor(first, dtype=self.dtype, device=self.device)
+        rows0, w0, _, _ = t.locate(q0)
+        peaks0 = t.peak_rows.index_select(0, rows0)
+        d1, found = t.direction(peaks0, w0, first, self.cos_thr)
+        q1 = torch.addcmul(q0, d1, self.step_vox)
+        rows1, w1, fa1, grid1 = t.locate(q1)
+        kept1 = self._keep(found, fa1, grid1)
+        # the backward half starts opposite to the forward half's first step (or to the first direction)
+        vox = d1 * self.step_vox
+        back = torch.where(kept1.unsqueeze(1), -vox / torch.linalg.vector_norm(vox, dim=1, keepdim=True)
+                           .clamp_min(1e-300), -first)
+        d1b, foundb = t.direction(peaks0, w0, back, self.cos_thr)
+        q1b = torch.addcmul(q0, d1b, self.step_vox)
+        rows1b, w1b, fa1b, grid1b = t.locate(q1b)
+        kept1b = self._keep(foundb, fa1b, grid1b)
+        ids = torch.as_tensor(2 * np.asarray(seed_idx, np.int64), device=self.device)
+        ids = torch.stack([ids, ids + 1], 1).view(-1)
+        alive = torch.nonzero(torch.stack([kept1, kept1b], 1).view(-1)).squeeze(1)
+
+        def pair(a, b):
+            return torch.stack([a, b], 1).view((-1,) + a.shape[1:]).index_select(0, alive)
+
+        q, prev, w, rows = pair(q1, q1b), pair(d1, d1b), pair(w1, w1b), pair(rows1, rows1b)
+        ids = ids.index_select(0, alive)
+        hi = int(2 * seed_idx[-1] + 2)
+        self.batches.append((self.clock, hi))          # their first point counts as recorded at the current clock
+        if len(self.start_of) < hi:
+            self.start_of = np.concatenate([self.start_of, np.zeros(hi - len(self.start_of), np.int64)])
+        self.start_of[2 * int(seed_idx[0]):hi] = self.clock
+        if len(ids):
+            self.last_id = int(ids[-1])     # an upper bound of the pool's ids from now on (they only grow)
+            self.records.append((q, ids, self.clock, int(ids[0]), self.last_id))
+        self.q, self.prev, self.w = torch.cat([self.q, q]), torch.cat([self.prev, prev]), torch.cat([self.w, w])
+        self.rows, self.ids = torch.cat([self.rows, rows]), torch.cat([self.ids, ids])
+        self.peaks = torch.cat([self.peaks, t.peak_rows.index_select(0, rows)])
+
+    def step(self):
+        torch, t = self.torch, self.table
+        self.clock += 1
+        # halves that already have max_points points end here (the oldest intake batches: a prefix of the pool)
+        while self.batches and self.batches[0][0] <= self.clock - self.max_points:
+            _, id_end = self.batches.popleft()
+            cut = int(torch.searchsorted(self.ids, torch.tensor([id_end], device=self.device)))
+            if cut:
+                self.q, self.prev, self.w, self.rows, self.ids, self.peaks = (
+                    x[cut:] for x in (self.q, self.prev, self.w, self.rows, self.ids, self.peaks))
+        if not len(self.ids):
+            return
+        d, found = t.direction(self.peaks, self.w, self.prev, self.cos_thr)
+        q = torch.addcmul(self.q, d, self.step_vox)
+        rows, w, fa, on_grid = t.locate(q)
+        keep = self._keep(found, fa, on_grid)
+        alive = torch.nonzero(keep).squeeze(1)
+        if len(alive) < len(keep):
+            q, d, w, rows, self.ids = (x.index_select(0, alive) for x in (q, d, w, rows, self.ids))
+        self.q, self.prev, self.w, self.rows = q, d, w, rows
+        self.peaks = t.peak_rows.index_select(0, rows)
+        if len(self.ids):
+            self.records.append((q, self.ids, self.clock, int(self.ids[0]), self.last_id))
+
+    def take_records(self, id_end):
+        """Points of the halves with id < ``id_end`` (all finished): (q (m, 3) voxel index, ids (m,), point number
+        (m,) 1-based within its half), torch on the device, in recording order; the others' points stay.  Each
+        record's ids are sorted (the pool is), so the halves taken are a prefix of every record."""
+        torch = self.torch
+        parts, rest = [], []
+        for q, ids, clock, lo, hi in self.records:
+            cut = len(ids) if hi < id_end else 0 if lo >= id_end else \
+                int(torch.searchsorted(ids, torch.tensor([id_end], device=self.device)))
+            if cut:
+                parts.append((q[:cut], ids[:cut], clock))
+            if cut < len(ids):
+                rest.append((q[cut:], ids[cut:], clock, id_end, hi))
+        self.records = rest
+        if not parts:
+            return None
+        q = torch.cat([p[0] for p in parts])
+        ids = torch.cat([p[1] for p in parts])
+        clock = torch.repeat_interleave(torch.tensor([p[2] for p in parts], device=self.device),
+                                        torch.tensor([len(p[1]) for p in parts], device=self.device))
+        start_of = torch.as_tensor(self.start_of, device=self.device)
+        return q.sub_(1.0), ids, clock.sub_(start_of.index_select(0, ids)).add_(1)
+
+
+def _assemble(records, seeds, start, end, step_mm, min_length_mm, max_length_mm) -> list[np.ndarray]:
+    """Streamlines of the seeds [start, end): each seed's backward half (reversed), the seed, its forward half.
+
+    Every step is ``step_mm`` long (a unit direction times ``step_mm`` / voxel size per axis), so a streamline of k
+    points is (k - 1) x ``step_mm`` long; that is what the length limits are held to."""
+    import torch
+
+    n = end - start
+    if records is None:
+        kf = kb = np.zeros(n, np.int64)
+    else:
+        q, ids, j = records
+        h = ids - 2 * start
+        k = torch.bincount(h, minlength=2 * n).cpu().numpy()
+        kf, kb = k[0::2], k[1::2]
+    total = kf + kb + 1
+    offsets = np.zeros(n, np.int64)
+    np.cumsum(total[:-1], out=offsets[1:])
+    at_seed = offsets + kb
+    points = torch.empty((int(total.sum()), 3), dtype=torch.float64)
+    if records is not None:
+        at = torch.as_tensor(at_seed, device=h.device)
+        dest = at.index_select(0, h >> 1).add_((1 - 2 * (h & 1)) * j)   # forward after the seed, backward before
+        points.index_copy_(0, dest.cpu(), q.cpu().to(torch.float64))
+    points = points.numpy()
+    points[at_seed] = seeds[start:end]
+    lengths = (total - 1) * step_mm
+    keep = (total >= 2) & (lengths >= min_length_mm) & (lengths <= max_length_mm)
     lines = np.split(points, offsets[1:])
-    seg = np.linalg.norm(np.diff(points, axis=0) * vs, axis=1)
-    cum = np.concatenate([[0.0], np.cumsum(seg)])
-    ends = offsets + total - 1
-    lengths = cum[ends] - cum[offsets]
-    keep = usable & (total >= 2) & (lengths >= min_length_mm) & (lengths <= max_length_mm)
-    return [lines[i] for i in np.flatnonzero(keep)]
+    return [lines[n] for n in np.flatnonzero(keep)]
 
 
 def to_world(streamlines_vox, affine) -> list[np.ndarray]:
