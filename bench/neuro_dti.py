@@ -12,7 +12,7 @@ What it does, in one run:
    (``tractography.track_deterministic``) and dipy's ``LocalTracking`` with an EuDX peaks direction getter built
    from the same eigenvectors and ``ThresholdStoppingCriterion`` on FA (step 0.5 mm, 30 degrees, FA 0.2):
    streamline counts, mean lengths, the largest point difference.
-4. Each timed ``--repeats`` times (best kept), wall and process CPU time (the CPU time is the figure to trust on
+4. Each timed ``--repeats`` times, ours and dipy alternately (best CPU time kept), wall and process CPU time (the CPU time is the figure to trust on
    a shared machine: other processes inflate wall time), a warm-up call first (imports, torch start-up).
 5. Prints a table and writes ``bench/results/neuro_dti.json`` and ``.md``.
 """
@@ -34,14 +34,18 @@ RESULTS = BENCH / "results"
 sys.path.insert(0, str(BENCH.parent))
 
 
-def timed(fn, repeats):
-    best = None
+def timed_pair(fn_ours, fn_dipy, repeats):
+    """Run ours and dipy alternately ``repeats`` times (so both see the same machine load), best CPU time of each."""
+    best, outs = [None, None], [None, None]
     for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        out = fn()
-        row = (time.perf_counter() - wall, time.process_time() - cpu)
-        best = row if best is None or row[1] < best[1] else best
-    return out, {"wall_s": round(best[0], 3), "cpu_s": round(best[1], 3)}
+        for i, fn in enumerate((fn_ours, fn_dipy)):
+            wall, cpu = time.perf_counter(), time.process_time()
+            outs[i] = fn()
+            row = (time.perf_counter() - wall, time.process_time() - cpu)
+            best[i] = row if best[i] is None or row[1] < best[i][1] else best[i]
+            print(f"  {'ours' if i == 0 else 'dipy'}: wall {row[0]:.2f} s, CPU {row[1]:.2f} s", flush=True)
+    return outs[0], {"wall_s": round(best[0][0], 3), "cpu_s": round(best[0][1], 3)}, \
+        outs[1], {"wall_s": round(best[1][0], 3), "cpu_s": round(best[1][1], 3)}
 
 
 def dipy_eudx(v1, fa, seeds_vox, affine, *, step_mm, fa_stop, max_angle_deg):
@@ -98,11 +102,9 @@ def main() -> int:
     dti.fit_tensor(ph["data"][:8, :8, :8], ph["bvals"], ph["bvecs"], device="cpu")
     TensorModel(gradient_table(ph["bvals"], bvecs=ph["bvecs"])).fit(data64[:8, :8, :8])
 
-    ours, t_fit = timed(lambda: dti.fit_tensor(ph["data"], ph["bvals"], ph["bvecs"], brain, device="cpu"),
-                        args.repeats)
-    ref, t_fit_dipy = timed(lambda: TensorModel(gradient_table(ph["bvals"], bvecs=ph["bvecs"])).fit(data64,
-                                                                                                   mask=brain),
-                            max(1, args.repeats - 1))
+    ours, t_fit, ref, t_fit_dipy = timed_pair(
+        lambda: dti.fit_tensor(ph["data"], ph["bvals"], ph["bvecs"], brain, device="cpu"),
+        lambda: TensorModel(gradient_table(ph["bvals"], bvecs=ph["bvecs"])).fit(data64, mask=brain), args.repeats)
     fit_row = {"voxels": int(brain.sum()), "volumes": len(ph["bvals"]), "ours": t_fit, "dipy": t_fit_dipy,
                "fa_max_abs_diff": float(np.abs(ours.fa - ref.fa).max()),
                "md_max_abs_diff_mm2_per_s": float(np.abs(ours.md - ref.md).max()),
@@ -121,22 +123,24 @@ def main() -> int:
     seeds = tg.seeds_from_mask(ours.fa > 0.3, per_axis=2)
     tg.track_deterministic(ours.v1, ours.fa, seeds[:50], voxel_size_mm=vs, device="cpu", **params)   # warm-up
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    lines, t_trk = timed(lambda: tg.track_deterministic(ours.v1, ours.fa, seeds, voxel_size_mm=vs, min_length_mm=0,
-                                                        max_length_mm=250, device="cpu", **params), args.repeats)
-    rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6 - rss_before
-    ref_lines, t_trk_dipy = timed(lambda: dipy_eudx(ours.v1, ours.fa, seeds, ph["affine"], **params),
-                                  max(1, args.repeats - 1))
+    lines, t_trk, ref_lines, t_trk_dipy = timed_pair(
+        lambda: tg.track_deterministic(ours.v1, ours.fa, seeds, voxel_size_mm=vs, min_length_mm=0, max_length_mm=250,
+                                       device="cpu", **params),
+        lambda: dipy_eudx(ours.v1, ours.fa, seeds, ph["affine"], **params), args.repeats)
+    rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6 - rss_before   # includes dipy's (shared)
     ours_mm = tg.streamline_lengths_mm(lines, ph["affine"])
     ref_mm = tg.streamline_lengths_mm(ref_lines, ph["affine"])
-    same_shape = len(lines) == len(ref_lines) and all(a.shape == b.shape for a, b in zip(lines, ref_lines))
+    # with the same count, pair streamline i with streamline i: same number of points, largest point difference
+    same = [a.shape == b.shape for a, b in zip(lines, ref_lines)] if len(lines) == len(ref_lines) else []
     trk_row = {"seeds": len(seeds), "ours": t_trk, "dipy": t_trk_dipy,
                "streamlines_ours": len(lines), "streamlines_dipy": len(ref_lines),
                "mean_length_mm_ours": float(ours_mm.mean()), "mean_length_mm_dipy": float(ref_mm.mean()),
                "points_ours": int(sum(len(s) for s in lines)),
                "output_gb": round(sum(s.nbytes for s in lines) / 1e9, 3),
                "ours_peak_rss_growth_gb": round(rss_ours, 3),
-               "max_point_diff_vox": (float(max(np.abs(a - b).max() for a, b in zip(lines, ref_lines)))
-                                      if same_shape else None)}
+               "same_point_count_fraction": float(np.mean(same)) if same else None,
+               "max_point_diff_vox": (float(max(np.abs(a - b).max() for a, b, s in zip(lines, ref_lines, same) if s))
+                                      if any(same) else None)}
     print(json.dumps({"tracking": trk_row}), flush=True)
 
     def ratio(row):
@@ -167,7 +171,8 @@ def main() -> int:
         f"| tracking, {len(seeds)} seeds | {t_trk['wall_s']:.2f} / {t_trk['cpu_s']:.2f} | {t_trk_dipy['wall_s']:.2f} / "
         f"{t_trk_dipy['cpu_s']:.2f} | {sp['tracking']['wall_s']}x, {sp['tracking']['cpu_s']}x | "
         f"{len(lines)} / {len(ref_lines)} streamlines, mean {ours_mm.mean():.2f} / {ref_mm.mean():.2f} mm, "
-        f"max point diff {trk_row['max_point_diff_vox']} vox |",
+        f"{100 * (trk_row['same_point_count_fraction'] or 0):.2f}% with the same point count, max point diff "
+        f"{trk_row['max_point_diff_vox']:.1e} vox |",
         f"| fit + tracking | {total_ours['wall_s']:.2f} / {total_ours['cpu_s']:.2f} | {total_dipy['wall_s']:.2f} / "
         f"{total_dipy['cpu_s']:.2f} | {sp['fit_plus_tracking']['wall_s']}x, {sp['fit_plus_tracking']['cpu_s']}x | |",
     ]
