@@ -40,7 +40,11 @@ MAX_SEEDS = 200_000  # a 2 mm brain has ~60k white-matter voxels; beyond this se
 
 
 def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "contrast"
+    """A contrast's name in file names and warehouse metrics: operators spelled out, so that ``a - b`` and
+    ``a + b`` stay apart (``a_minus_b``, ``a_plus_b``)."""
+    for op, word in (("-", " minus "), ("+", " plus "), ("*", " x "), ("/", " over ")):
+        name = name.replace(op, word)
+    return re.sub(r"[^A-Za-z0-9.]+", "_", name).replace(".", "p").strip("_").lower() or "contrast"
 
 
 def _save_xyz(arr: np.ndarray, affine: np.ndarray, path: Path) -> str:
