@@ -132,9 +132,10 @@ def test_dag_end_to_end(specialty, airflow_db, buckets, monkeypatch):
     from imaging_tasks.synth.bad_inputs import write_bad_inputs
     from imaging_tasks.warehouse import DuckDBWarehouse
 
-    if specialty == "neuroimaging":  # one DICOM session (with a BOLD run and a DWI series), one NIfTI upload
-        synthesizer(specialty)(buckets["landing"], 2, 11, layout=["dicom", "nifti"], with_bold=[True, False],
-                               with_dwi=[True, False])
+    if specialty == "neuroimaging":  # one DICOM session, one NIfTI upload with a BOLD run (+ events) and a DWI
+        # (DICOM BOLD/DWI, classic and enhanced, through index, de-identification and loading: test_neuro_4d_inputs)
+        synthesizer(specialty)(buckets["landing"], 2, 11, layout=["dicom", "nifti"], with_bold=[False, True],
+                               with_dwi=[False, True])
     else:
         synthesizer(specialty)(buckets["landing"], 1, 11)
     expected_bad = write_bad_inputs(buckets["landing"], specialty, seed=3)
