@@ -43,7 +43,6 @@ def overlay_png(image_zyx: np.ndarray, spacing_zyx, path: Path, *, centre_mask: 
                 labels: np.ndarray | None = None, alpha: float = 0.5) -> Path:
     """Write ``path``: the grey image with mask ``contours`` ``[(mask, (r, g, b)), ...]`` drawn on it, and
     optionally a ``heat`` map (PET, SUVR) or a ``labels`` image blended over it at ``alpha``."""
-    from PIL import Image
 
     mask = centre_mask if centre_mask is not None and centre_mask.any() else None
     centre = [round(float(v)) for v in ndi.center_of_mass(mask)] if mask is not None else \
@@ -67,12 +66,22 @@ def overlay_png(image_zyx: np.ndarray, spacing_zyx, path: Path, *, centre_mask: 
         for m, colour in contours:
             s = sel(m).astype(bool)
             rgb[s & ~ndi.binary_erosion(s)] = colour
-        tile = Image.fromarray(rgb).resize((max(1, int(rgb.shape[1] * pw / MM_PER_PIXEL)),
-                                            max(1, int(rgb.shape[0] * ph / MM_PER_PIXEL))), Image.NEAREST)
-        tiles.append(tile)
-    canvas = Image.new("RGB", (sum(t.width for t in tiles) + 8 * (len(tiles) - 1), max(t.height for t in tiles)))
+        tiles.append((rgb, ph, pw))
+    return _save_row(tiles, path)
+
+
+def _save_row(tiles: list, path: Path, background=(0, 0, 0)) -> Path:
+    """Write the views ``[(rgb uint8, pixel height mm, pixel width mm), ...]`` side by side, each resampled to
+    square pixels of MM_PER_PIXEL, 8 pixels apart."""
+    from PIL import Image
+
+    images = [Image.fromarray(rgb).resize((max(1, int(rgb.shape[1] * pw / MM_PER_PIXEL)),
+                                           max(1, int(rgb.shape[0] * ph / MM_PER_PIXEL))), Image.NEAREST)
+              for rgb, ph, pw in tiles]
+    canvas = Image.new("RGB", (sum(t.width for t in images) + 8 * (len(images) - 1), max(t.height for t in images)),
+                       background)
     x = 0
-    for t in tiles:
+    for t in images:
         canvas.paste(t, (x, 0))
         x += t.width + 8
     path = Path(path)
@@ -107,8 +116,6 @@ def glass_brain_png(stat_zyx: np.ndarray, brain_zyx: np.ndarray, spacing_zyx, pa
                     threshold: float = 3.1, vmax: float | None = None) -> Path:
     """A glass brain of a statistic map: its maximum (red-yellow) and minimum (blue) projected along each axis over
     the brain's silhouette, so every cluster above ``threshold`` shows whatever slice it sits in."""
-    from PIL import Image
-
     stat = np.nan_to_num(np.asarray(stat_zyx, dtype=float))
     brain = np.asarray(brain_zyx, dtype=bool)
     vmax = vmax or max(float(np.abs(stat).max()), threshold + 1.0)
@@ -127,15 +134,5 @@ def glass_brain_png(stat_zyx: np.ndarray, brain_zyx: np.ndarray, spacing_zyx, pa
         t = np.clip(-lo / vmax, 0, 1)[..., None]
         rgb = np.where(neg[..., None] & ~pos[..., None], np.concatenate([40 * (1 - t), 120 * (1 - t) + 60 * t,
                                                                         180 + 75 * t], -1), rgb)
-        rgb = rgb.astype(np.uint8)
-        tiles.append(Image.fromarray(rgb).resize((max(1, int(rgb.shape[1] * pw / MM_PER_PIXEL)),
-                                                  max(1, int(rgb.shape[0] * ph / MM_PER_PIXEL))), Image.NEAREST))
-    canvas = Image.new("RGB", (sum(t.width for t in tiles) + 8 * (len(tiles) - 1), max(t.height for t in tiles)),
-                       (255, 255, 255))
-    x = 0
-    for t in tiles:
-        canvas.paste(t, (x, 0))
-        x += t.width + 8
-    path = Path(path)
-    canvas.save(path, optimize=True)
-    return path
+        tiles.append((rgb.astype(np.uint8), ph, pw))
+    return _save_row(tiles, path, background=(255, 255, 255))
