@@ -45,6 +45,8 @@ class Option:
     stage: str = "process"  # "process": passed to the steps; "index": used to decide when a study is ready;
     #                         "deidentify": a PS3.15 option of the de-identifier (a ``DeidOptions`` field)
     affects_results: bool = True  # part of the options hash: a study loaded with other values is due again
+    variable: str | None = None  # an Airflow Variable that supplies the value when the run leaves it empty (a
+    #                              site-wide setting such as a model URI; the run's Param still wins)
 
     def check(self, value: Any) -> Any:
         """The value, converted to the option's type, or a ValueError saying what is allowed."""

@@ -103,6 +103,14 @@ STRICT_KEYWORDS = TEXT_ALLOWED_KEYWORDS + (
     "MRDiffusionSequence", "DiffusionGradientDirectionSequence", "AcquisitionContrast", "ComplexImageComponent",
     "PixelPresentation", "VolumetricProperties", "VolumeBasedCalculationTechnique", "TemporalPositionIdentifier",
     "NumberOfTemporalPositions", "TemporalResolution",
+    # cardiac MR: cine timing, phase-contrast velocity encoding, real-world value mapping (velocity in cm/s)
+    "CardiacNumberOfImages", "NominalInterval", "HeartRate", "LowRRValue", "HighRRValue", "IntervalsAcquired",
+    "IntervalsRejected", "BeatRejectionFlag", "TriggerWindow", "CardiacSynchronizationTechnique",
+    "NominalCardiacTriggerDelayTime", "CardiacSynchronizationSequence", "MRVelocityEncodingSequence",
+    "VelocityEncodingDirection", "VelocityEncodingMinimumValue", "VelocityEncodingMaximumValue",
+    "VelocityEncodingAcquisitionSequence", "PhaseContrast", "MRImageFrameTypeSequence", "FrameType",
+    "RealWorldValueMappingSequence", "RealWorldValueSlope", "RealWorldValueIntercept",
+    "RealWorldValueFirstValueMapped", "RealWorldValueLastValueMapped", "SequenceName",
     # PET / NM
     "Units", "CorrectedImage", "DecayCorrection", "SeriesType", "CountsSource", "RandomsCorrectionMethod",
     "DecayFactor", "DoseCalibrationFactor", "ScatterFractionFactor", "DeadTimeFactor", "FrameReferenceTime",

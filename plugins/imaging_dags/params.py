@@ -58,13 +58,31 @@ def specialty_params(specialty: str) -> dict[str, Param]:
             schema["enum"] = list(o.enum)
         section = {"process": "processing", "deidentify": "de-identification"}.get(o.stage, "inputs")
         # an option without a default is optional: typed nullable, else the form calls it required
+        description = o.description + (f" Empty: the Airflow Variable {o.variable}, if set." if o.variable else "")
         extra[o.name] = Param(o.default, type=o.type if o.default is not None else ["null", o.type], title=o.title,
-                              description=o.description, section=f"{record.title} {section}", **schema)
+                              description=description, section=f"{record.title} {section}", **schema)
     return pipeline_params(**extra)
 
 
-def run_options(specialty: str, params) -> dict:
-    """The run's values of the specialty's options (what the library steps take as ``options``)."""
+def run_options(specialty: str, params, *, variable=None) -> dict:
+    """The run's values of the specialty's options (what the library steps take as ``options``).
+
+    An option the run leaves empty takes its Variable's value where the record names one (``Option.variable``,
+    e.g. a site's model URI), read here, inside the task, never at parse time; ``variable(name)`` reads it
+    (default: ``airflow.sdk.Variable``)."""
     from imaging_tasks.specialties import get
 
-    return {o.name: params[o.name] for o in get(specialty).options if (params or {}).get(o.name) not in (None, "")}
+    out = {}
+    for o in get(specialty).options:
+        value = (params or {}).get(o.name)
+        if value in (None, "") and o.variable:
+            value = (variable or _task_variable)(o.variable)
+        if value not in (None, ""):
+            out[o.name] = value
+    return out
+
+
+def _task_variable(name: str):
+    from airflow.sdk import Variable
+
+    return Variable.get(name, default=None)

@@ -1,0 +1,553 @@
+"""Bring-your-own TorchScript models: load one by URI with the small JSON beside it, run it in batches.
+
+Sites train their own networks; the pipeline runs them, the same way for every specialty (cine-MR LV
+segmentation first, pathology encoders and mammography detectors later).  Nothing is ever fetched from a model
+hub: a model is a file the deployment points at.
+
+The model
+---------
+A TorchScript archive (``torch.jit.save`` of ``torch.jit.script`` or ``torch.jit.trace``; a ``torch.save``'d
+state dict or pickled module is refused: it needs the training code to rebuild) at a URI: a local path
+(relative paths are taken from the working directory), ``file://``, ``s3://`` or ``gs://`` (remote files are
+fetched with :func:`imaging_tasks.storage.download`, through the task's connection inside Airflow).  Its forward
+takes one float32 tensor (N, C, H, W) and returns one tensor (a tuple or dict, e.g. deep-supervision heads, is
+refused: export a wrapper returning the final tensor).  The archive's sha256 goes into :class:`ModelSpec` so
+results cite the exact model (``spec.record()``).
+
+The JSON beside it
+------------------
+Same URI with the suffix replaced by ``.json`` (``s3://models/lv_seg.pt`` -> ``s3://models/lv_seg.json``); the
+``#`` notes below are explanation, not part of the file::
+
+    {
+      "name": "lv-seg-2026-03",              # required: non-empty text, for logs and results
+      "task": "segmentation",                # required: "segmentation" | "classification" | "embedding"
+      "input_size": [192, 192],              # required: [H, W] the model is fed, or null (see "Geometry")
+      "pixel_spacing_mm": null,              # optional: [row, col] mm (or one number) the model was trained at
+      "channels": 1,                         # required: C of the input tensor
+      "normalization": {"method": "percentile", "low": 1, "high": 99},   # required, applied per frame
+      "labels": {"lv_blood_pool": 1, "lv_myocardium": 2},                # required for segmentation/classification
+      "output": "logits",                    # required: see the table below
+      "batch_size": 16,                      # optional (16): frames per forward pass
+      "amp": true,                           # optional (true): float16 autocast on CUDA (never on the CPU)
+      "description": "..."                   # optional free text; keys starting with "x_" are yours (not read)
+    }
+
+Any other key is refused (a misspelt ``"batchsize"`` would otherwise be silently ignored).
+
+==============  ===============================  =========================================================
+task            output                           labels, and the output tensor the model must return
+==============  ===============================  =========================================================
+segmentation    ``logits`` or ``probabilities``  {name: 1..K}, each number once, 0 is background;
+                                                 output (N, K+1, h, w): channel k is the structure
+                                                 numbered k, channel 0 background
+classification  ``logits`` or ``probabilities``  {name: 0..K-1}, each number once; output (N, K)
+embedding       ``features``                     none; output (N, D)
+==============  ===============================  =========================================================
+
+Normalization (per frame: statistics in float64 over that frame's native pixels, result in float32):
+
+* ``zscore``: ``(x - mean) / std`` (population std); a constant frame becomes 0.
+* ``minmax``: ``(x - min) / (max - min)``; a constant frame becomes 0.
+* ``percentile``: ``lo, hi = numpy.percentile(x, [low, high])`` (linear interpolation, 0 <= low < high <= 100),
+  then ``(clip(x, lo, hi) - lo) / (hi - lo)``; ``hi == lo`` gives 0.
+* ``none``: as given (a model that normalises inside itself).
+
+``low``/``high`` belong to ``percentile`` only.
+
+Geometry (segmentation, :func:`segment_frames`): with ``input_size``, each normalised frame is resized to
+[H, W] (``torch.nn.functional.interpolate``, bilinear, ``align_corners=False``, no antialiasing; the aspect ratio
+is not kept: the model sees what it was trained on); with ``pixel_spacing_mm`` (and ``input_size`` null) it is
+resized so one pixel is that spacing (size ``floor(n * spacing / model_spacing + 0.5)``, at least 1; the model must
+be fully convolutional); with neither the model sees the native frame.  Giving both is refused.  The output is
+resized back to the native (Y, X) the same way (bilinear, ``align_corners=False``, in float32), the label is the
+argmax over channels (the first channel on a tie), which is the label number by the table above.  Nothing else
+(no largest component, no hole filling), so a by-hand run of these steps gives identical labels on the same
+device (on CUDA with ``amp`` the by-hand run must use the same float16 autocast; ``"amp": false`` for float32).
+
+Errors
+------
+A missing model or JSON, unreadable or invalid JSON, a file that is not TorchScript, a JSON not matching the task
+or the labels it needs, or a model whose output does not match its JSON (found on the first batch) raise
+:class:`~imaging_tasks.errors.ConfigError` saying what is wrong and what to do: retrying cannot help.
+
+Caching
+-------
+A loaded model is kept per (URI, device) for the life of the process: a step calls this per study.  Each call
+re-reads the JSON and checks the model file's size and modification time (a stat, or one metadata request
+for a bucket), so a model or JSON replaced at the same URI is loaded afresh, never served stale.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from imaging_tasks import retry, storage
+from imaging_tasks.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TASKS = ("segmentation", "classification", "embedding")
+# What each task's JSON and output must look like; a new consumer (e.g. detection) adds its row here.
+_OUTPUTS = {"segmentation": ("logits", "probabilities"), "classification": ("logits", "probabilities"),
+            "embedding": ("features",)}
+_FIRST_LABEL = {"segmentation": 1, "classification": 0}  # labels must be FIRST..FIRST+K-1; embedding has none
+NORMALIZATIONS = ("zscore", "minmax", "percentile", "none")
+_REQUIRED = ("name", "task", "input_size", "channels", "normalization", "output")
+_OPTIONAL = ("labels", "pixel_spacing_mm", "batch_size", "amp", "description")
+DEFAULT_BATCH_SIZE = 16
+DOC = "see the module docstring of imaging_tasks.byo_model for the format"
+
+
+@dataclass(frozen=True)
+class Normalization:
+    method: str  # one of NORMALIZATIONS
+    low: float | None = None  # percentile only
+    high: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the JSON says, validated, plus where the model came from and its checksum (to cite in results)."""
+
+    uri: str  # the model file as resolved: a local one (path or file://) as an absolute path
+    sha256: str  # of the TorchScript archive as loaded
+    config_uri: str
+    config_sha256: str  # of the JSON as read
+    name: str
+    task: str
+    input_size: tuple[int, int] | None
+    channels: int
+    normalization: Normalization
+    labels: Mapping[str, int]  # read-only; {} for embedding
+    output: str
+    batch_size: int = DEFAULT_BATCH_SIZE
+    amp: bool = True
+    pixel_spacing_mm: tuple[float, float] | None = None
+    description: str = ""
+    extra: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))  # the "x_" keys
+
+    def record(self) -> dict:
+        """JSON-ready description for results files: which model, which bytes, which settings."""
+        return {"uri": self.uri, "sha256": self.sha256, "config_uri": self.config_uri,
+                "config_sha256": self.config_sha256, "name": self.name, "task": self.task,
+                "input_size": list(self.input_size) if self.input_size else None, "channels": self.channels,
+                "normalization": {k: v for k, v in vars(self.normalization).items() if v is not None},
+                "labels": dict(self.labels), "output": self.output, "batch_size": self.batch_size, "amp": self.amp,
+                "pixel_spacing_mm": list(self.pixel_spacing_mm) if self.pixel_spacing_mm else None}
+
+
+# ----------------------------------------------------------------------------------------------- the JSON
+
+def config_uri(uri: str) -> str:
+    """The JSON's URI for a model URI: the suffix replaced by ``.json`` (added when there is none)."""
+    return str(storage.as_path(uri).with_suffix(".json"))
+
+
+def parse_config(text: str | bytes, *, where: str = "model JSON") -> dict:
+    """Validate the JSON text; return the normalised fields of :class:`ModelSpec` (no uri/sha256).
+
+    Every problem found is reported at once, in one :class:`ConfigError`, so the file is fixed in one go.
+    """
+    try:
+        raw = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where} is not valid JSON ({exc}); fix the file, {DOC}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must hold a JSON object {{...}}, not {type(raw).__name__}; {DOC}")
+    problems: list[str] = []
+    out: dict[str, Any] = {}
+
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        problems.append(f"missing {', '.join(repr(k) for k in missing)}")
+    unknown = sorted(k for k in raw if k not in _REQUIRED + _OPTIONAL and not str(k).startswith("x_"))
+    if unknown:
+        problems.append(f"unknown key(s) {', '.join(repr(k) for k in unknown)} (allowed: "
+                        f"{', '.join(_REQUIRED + _OPTIONAL)}, and your own keys starting with 'x_')")
+
+    name = raw.get("name")
+    if "name" in raw and not (isinstance(name, str) and name.strip()):
+        problems.append("'name' must be non-empty text")
+    out["name"] = name.strip() if isinstance(name, str) else ""
+
+    task = raw.get("task")
+    if "task" in raw and task not in TASKS:
+        problems.append(f"'task' is {task!r}; it must be one of {', '.join(TASKS)}")
+    task = task if task in TASKS else None  # the checks below that depend on the task are left to a valid one
+    out["task"] = task
+
+    out["input_size"] = None
+    size = raw.get("input_size")
+    if size is not None:
+        if (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v > 0 for v in size)):
+            out["input_size"] = (int(size[0]), int(size[1]))
+        else:
+            problems.append(f"'input_size' is {size!r}; it must be [height, width] in pixels (two positive "
+                            "integers), or null to feed frames at their native size")
+
+    out["pixel_spacing_mm"] = None
+    spacing = raw.get("pixel_spacing_mm")
+    if spacing is not None:
+        values = [spacing, spacing] if _is_number(spacing) else spacing
+        if isinstance(values, list) and len(values) == 2 and all(_is_number(v) and math.isfinite(v) and v > 0
+                                                                 for v in values):
+            out["pixel_spacing_mm"] = (float(values[0]), float(values[1]))
+        else:
+            problems.append(f"'pixel_spacing_mm' is {spacing!r}; it must be [row, column] in mm (positive "
+                            "numbers), one number for square pixels, or null")
+    if out["input_size"] is not None and out["pixel_spacing_mm"] is not None:
+        problems.append("both 'input_size' and 'pixel_spacing_mm' are set: give one (a fixed input size, or a fixed "
+                        "pixel spacing for a fully convolutional model), set the other to null")
+
+    channels = raw.get("channels")
+    if "channels" in raw and not (_is_int(channels) and channels > 0):
+        problems.append(f"'channels' is {channels!r}; it must be a positive integer (the model input's C)")
+    out["channels"] = int(channels) if _is_int(channels) else 0
+
+    out["normalization"] = None
+    norm = raw.get("normalization")
+    if "normalization" in raw:
+        if not isinstance(norm, dict) or "method" not in norm:
+            problems.append(f"'normalization' is {norm!r}; it must be an object like {{\"method\": \"zscore\"}} "
+                            f"(methods: {', '.join(NORMALIZATIONS)})")
+        elif norm["method"] not in NORMALIZATIONS:
+            problems.append(f"unknown normalization method {norm['method']!r}; use one of "
+                            f"{', '.join(NORMALIZATIONS)}")
+        elif norm["method"] == "percentile":
+            low, high = norm.get("low"), norm.get("high")
+            extra = sorted(set(norm) - {"method", "low", "high"})
+            if not (_is_number(low) and _is_number(high) and 0 <= low < high <= 100):
+                problems.append(f"percentile normalization needs 0 <= 'low' < 'high' <= 100 (got low={low!r}, "
+                                f"high={high!r}), e.g. {{\"method\": \"percentile\", \"low\": 1, \"high\": 99}}")
+            elif extra:
+                problems.append(f"normalization has unknown key(s) {', '.join(map(repr, extra))}")
+            else:
+                out["normalization"] = Normalization("percentile", float(low), float(high))
+        else:
+            extra = sorted(set(norm) - {"method"})
+            if extra:
+                problems.append(f"normalization {norm['method']!r} takes no {', '.join(map(repr, extra))} "
+                                "(only 'percentile' takes 'low'/'high')")
+            else:
+                out["normalization"] = Normalization(norm["method"])
+
+    output = raw.get("output")
+    if task in _OUTPUTS and "output" in raw and output not in _OUTPUTS[task]:
+        problems.append(f"'output' is {output!r}; a {task} model's output must be one of "
+                        f"{', '.join(_OUTPUTS[task])}")
+    out["output"] = output
+
+    labels = raw.get("labels")
+    out["labels"] = types.MappingProxyType({})
+    if task in _FIRST_LABEL:
+        first = _FIRST_LABEL[task]
+        if labels is None:
+            problems.append(f"missing 'labels': a {task} model needs {{name: number}} for its output channels, "
+                            f"numbered from {first}, e.g. "
+                            f"{{\"lv_blood_pool\": {first}, \"lv_myocardium\": {first + 1}}}")
+        elif not (isinstance(labels, dict) and labels
+                  and all(isinstance(k, str) and k and _is_int(v) for k, v in labels.items())):
+            problems.append(f"'labels' is {labels!r}; it must be a non-empty object {{name: integer}}")
+        elif sorted(labels.values()) != list(range(first, first + len(labels))):
+            problems.append(f"'labels' numbers are {sorted(labels.values())}; they must be "
+                            f"{first}..{first + len(labels) - 1}, each once, numbered like the model's output channels"
+                            + (" (0 is background)" if first == 1 else ""))
+        elif first + len(labels) > 256:
+            problems.append("more than 255 labels do not fit a uint8 label map")
+        else:
+            out["labels"] = types.MappingProxyType({k: int(v) for k, v in labels.items()})
+    elif labels not in (None, {}) and task in TASKS:
+        problems.append(f"'labels' given for a {task} model, which has none; remove it")
+
+    batch = raw.get("batch_size", DEFAULT_BATCH_SIZE)
+    if not (_is_int(batch) and batch > 0):
+        problems.append(f"'batch_size' is {batch!r}; it must be a positive integer")
+    out["batch_size"] = int(batch) if _is_int(batch) and batch > 0 else DEFAULT_BATCH_SIZE
+
+    amp = raw.get("amp", True)
+    if not isinstance(amp, bool):
+        problems.append(f"'amp' is {amp!r}; it must be true or false")
+    out["amp"] = bool(amp)
+
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        problems.append("'description' must be text")
+    out["description"] = description if isinstance(description, str) else ""
+    out["extra"] = types.MappingProxyType({k: v for k, v in raw.items() if str(k).startswith("x_")})
+
+    if problems:
+        raise ConfigError(f"{where} is invalid: " + "; ".join(problems) + f". Fix the file ({DOC})")
+    return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+_CACHE: dict[tuple[str, str], tuple[Any, bytes, Any, ModelSpec]] = {}  # (uri, device) -> (stamp, json, model, spec)
+_LOCK = threading.Lock()
+
+
+def clear_cache() -> None:
+    """Forget every loaded model (tests; a long-lived process that wants the memory back)."""
+    with _LOCK:
+        _CACHE.clear()
+
+
+def load_model(uri: str | os.PathLike, *, device=None, task: str | None = None,
+               required_labels: tuple[str, ...] = ()) -> tuple[Any, ModelSpec]:
+    """``(TorchScript module on the device in eval mode, its ModelSpec)`` for a model URI (see module docstring).
+
+    ``task`` (e.g. ``"segmentation"``) and ``required_labels`` are what the caller needs of the model: a model
+    made for something else is refused with a :class:`ConfigError` before its weights are read.
+    Cached per (URI, device); the same objects come back while the files are unchanged.
+    """
+    import torch
+
+    from imaging_tasks.device import pick_device
+
+    if uri is None or not str(uri).strip():
+        raise ConfigError("no model URI given: set the model URI option (a TorchScript file: local path, file://, "
+                          "s3:// or gs://) with its JSON beside it")
+    path = storage.as_path(uri)
+    model_uri = path.path if storage.is_local(path) else str(path)  # one name for `x.pt`, `/abs/x.pt`, `file://...`
+    if path.suffix.lower() == ".json":
+        raise ConfigError(f"model URI {model_uri} names the JSON; give the TorchScript file beside it (e.g. .pt)")
+    json_uri = config_uri(model_uri)
+    dev = pick_device(device)
+    stamp = _stamp(path, model_uri)
+    if not storage.exists(json_uri):
+        raise ConfigError(f"model JSON {json_uri} not found: write it beside {model_uri} ({DOC})")
+    config_bytes = storage.read_bytes(json_uri)
+    fields = parse_config(config_bytes, where=f"model JSON {json_uri}")
+    _check_needs(fields, json_uri, task, required_labels)
+
+    key = (model_uri, str(dev))
+    with _LOCK:
+        cached = _CACHE.get(key)
+        if cached and cached[0] == stamp and cached[1] == config_bytes:
+            return cached[2], cached[3]
+        if cached and cached[0] == stamp:  # the JSON changed, the model did not
+            model, sha = cached[2], cached[3].sha256
+        else:
+            model, sha = _load_torchscript(path, model_uri, dev, torch)
+        spec = ModelSpec(uri=model_uri, sha256=sha, config_uri=json_uri,
+                         config_sha256=storage.sha256_bytes(config_bytes), **fields)
+        _CACHE[key] = (stamp, config_bytes, model, spec)
+    log.info("model %s (%s, sha256 %s) loaded on %s", spec.name, spec.task, sha[:12], dev)
+    return model, spec
+
+
+def _stamp(path, model_uri: str):
+    """Size and modification time of the model file (cache freshness); ConfigError when it is missing."""
+    try:
+        if storage.is_local(path):
+            st = os.stat(path.path)
+            return (st.st_size, st.st_mtime_ns)
+        info = retry.call(path.fs.info, path.path, operation="stat", target=storage.where(path))
+    except FileNotFoundError:
+        raise ConfigError(f"model file {model_uri} not found: check the model URI option (a TorchScript file: "
+                          "local path, file://, s3:// or gs://)") from None
+    if info.get("type") == "directory":
+        raise ConfigError(f"model URI {model_uri} is a folder; give the TorchScript file in it")
+    return tuple(str(info.get(k)) for k in ("size", "ETag", "etag", "md5Hash", "generation", "mtime",
+                                             "LastModified", "updated", "created"))
+
+
+def _load_torchscript(path, model_uri: str, dev, torch) -> tuple[Any, str]:
+    with tempfile.TemporaryDirectory(prefix="byo-model-") as tmp:
+        local = Path(path.path) if storage.is_local(path) else storage.download(path, Path(tmp) / "model")
+        if local.is_dir():
+            raise ConfigError(f"model URI {model_uri} is a folder; give the TorchScript file in it")
+        data = local.read_bytes()  # hash exactly the bytes that are loaded
+    try:
+        model = torch.jit.load(io.BytesIO(data), map_location=dev)
+    except Exception as exc:  # noqa: BLE001  torch raises RuntimeError/ValueError/pickle errors alike
+        raise ConfigError(f"model file {model_uri} is not a TorchScript archive ({_first_line(exc)}); export it with "
+                          "torch.jit.script(model) or torch.jit.trace(model, example) and torch.jit.save") from exc
+    model.eval()
+    return model, storage.sha256_bytes(data)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_needs(fields: dict, json_uri: str, task: str | None, required_labels: tuple[str, ...]) -> None:
+    if task is not None and fields["task"] != task:
+        raise ConfigError(f"model JSON {json_uri} says task {fields['task']!r}; this step needs a {task!r} model: "
+                          "point the option at one")
+    missing = [name for name in required_labels if name not in fields["labels"]]
+    if missing:
+        raise ConfigError(f"model JSON {json_uri} has no label(s) {', '.join(map(repr, missing))} (it has "
+                          f"{', '.join(map(repr, fields['labels'])) or 'none'}); this step needs them: name the "
+                          "model's output channels in 'labels'")
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+def run_batches(model, spec: ModelSpec, inputs: np.ndarray, device=None, *,
+                post: Callable | None = None) -> np.ndarray:
+    """Run ``inputs`` (N, C, H, W) float32 through the model, ``spec.batch_size`` at a time; outputs concatenated.
+
+    Under ``torch.inference_mode()``; float16 autocast on CUDA when ``spec.amp`` (never on the CPU).  The first
+    batch's output is checked against the spec (a mismatch is a :class:`ConfigError`).  Without ``post`` the
+    outputs come back as float32 numpy; ``post(output_float32, start)`` may reduce each batch on the device first
+    (e.g. resize and argmax), and its result's dtype is kept.  ``start`` is the batch's first index in ``inputs``.
+    """
+    import torch
+
+    from imaging_tasks.device import pick_device
+
+    dev = pick_device(device)
+    inputs = np.asarray(inputs)
+    if inputs.ndim != 4 or inputs.shape[1] != spec.channels:
+        raise ValueError(f"inputs must be (N, {spec.channels}, H, W), got {inputs.shape}")
+    if spec.input_size is not None and tuple(inputs.shape[2:]) != spec.input_size:
+        raise ValueError(f"inputs must be {spec.input_size} (the model's input_size), got {inputs.shape[2:]}: "
+                         "resize before running")
+    inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+    amp = spec.amp and dev.type == "cuda"
+    results = []
+    with torch.inference_mode():
+        for start in range(0, len(inputs), spec.batch_size):
+            batch = torch.from_numpy(inputs[start:start + spec.batch_size]).to(dev)
+            try:
+                with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                    out = model(batch)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001  the first batch tells whether model and JSON agree
+                if start:
+                    raise
+                raise ConfigError(f"model {spec.name} ({spec.uri}) failed on a batch of shape {tuple(batch.shape)} "
+                                  f"({_first_line(exc)}); check the JSON's channels/input_size against what the "
+                                  "model takes") from exc
+            if start == 0:
+                _check_output(spec, out, len(batch))
+            out = out.float()
+            results.append((post(out, start) if post is not None else out).cpu().numpy())
+    if not results:
+        return np.zeros((0,), dtype=np.float32)
+    return np.concatenate(results)
+
+
+def _check_output(spec: ModelSpec, out, n: int) -> None:
+    import torch
+
+    where = f"model {spec.name} ({spec.uri})"
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"{where} returns {type(out).__name__}, not one tensor: export a wrapper whose forward "
+                          "returns the final output tensor only")
+    shape = tuple(out.shape)
+    if spec.task == "segmentation":
+        want = len(spec.labels) + 1
+        if len(shape) != 4 or shape[0] != n or shape[1] != want:
+            raise ConfigError(f"{where} outputs shape {shape} for {n} frames; its JSON's {len(spec.labels)} labels "
+                              f"need (N, {want}, H, W) (background + one channel per label): fix 'labels' or the model")
+    elif spec.task == "classification":
+        if len(shape) != 2 or shape[0] != n or shape[1] != len(spec.labels):
+            raise ConfigError(f"{where} outputs shape {shape} for {n} inputs; its JSON's {len(spec.labels)} labels "
+                              f"need (N, {len(spec.labels)}): fix 'labels' or the model")
+    elif spec.task == "embedding":
+        if len(shape) != 2 or shape[0] != n:
+            raise ConfigError(f"{where} outputs shape {shape} for {n} inputs; an embedding model must return (N, D)")
+
+
+# ------------------------------------------------------------------------------------------- segmentation
+
+def normalize_frames(frames: np.ndarray, norm: Normalization) -> np.ndarray:
+    """Per-frame normalisation of (N, ...) frames as documented (statistics in float64), returned as float32."""
+    x = np.asarray(frames, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError("frames hold NaN or infinite values")
+    if norm.method == "none" or x.size == 0:
+        return x.astype(np.float32)
+    axes = tuple(range(1, x.ndim))
+    if norm.method == "zscore":
+        centre, scale = x.mean(axis=axes, keepdims=True), x.std(axis=axes, keepdims=True)
+    elif norm.method == "minmax":
+        centre = x.min(axis=axes, keepdims=True)
+        scale = x.max(axis=axes, keepdims=True) - centre
+    elif norm.method == "percentile":
+        lo, hi = np.percentile(x.reshape(len(x), -1), [norm.low, norm.high], axis=1)
+        lo, hi = (v.reshape((-1,) + (1,) * (x.ndim - 1)) for v in (lo, hi))
+        x = np.clip(x, lo, hi)
+        centre, scale = lo, hi - lo
+    else:  # parse_config admits no other
+        raise ValueError(f"unknown normalization {norm.method!r}")
+    out = np.zeros_like(x)
+    np.divide(x - centre, scale, out=out, where=np.broadcast_to(scale > 0, x.shape))
+    return out.astype(np.float32)
+
+
+def model_grid(native_yx: tuple[int, int], pixel_spacing_yx, spec: ModelSpec) -> tuple[int, int]:
+    """The (H, W) the model is fed for frames of ``native_yx`` pixels (see "Geometry" in the module docstring)."""
+    if spec.input_size is not None:
+        return spec.input_size
+    if spec.pixel_spacing_mm is not None:
+        return tuple(max(1, int(math.floor(n * s / t + 0.5)))  # type: ignore[return-value]
+                     for n, s, t in zip(native_yx, pixel_spacing_yx, spec.pixel_spacing_mm))
+    return tuple(native_yx)  # type: ignore[return-value]
+
+
+def segment_frames(frames: np.ndarray, pixel_spacing_yx, uri: str, *, device=None,
+                   required_labels: tuple[str, ...] = ("lv_blood_pool",)) -> tuple[np.ndarray, ModelSpec]:
+    """Label every frame of (N, Y, X) with a segmentation model: ``(labels (N, Y, X) uint8, spec)``.
+
+    ``spec.labels`` says which number is which structure.  ``required_labels`` are those the caller needs (the
+    default is the cine LV function step's).  Steps, exactly (module docstring, "Geometry"): per-frame
+    normalisation, bilinear resize to the model's grid, the model in batches, bilinear resize of its float32 output
+    back to (Y, X), argmax over channels.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from imaging_tasks.device import pick_device
+
+    frames = np.asarray(frames)
+    if frames.ndim != 3:
+        raise ValueError(f"frames must be (N, Y, X), got shape {frames.shape}")
+    spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(pixel_spacing_yx, dtype=float), (2,)))
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"pixel spacing must be two positive numbers (mm), got {pixel_spacing_yx!r}")
+    dev = pick_device(device)
+    model, spec = load_model(uri, device=dev, task="segmentation", required_labels=required_labels)
+    if spec.channels != 1:
+        raise ConfigError(f"model JSON {spec.config_uri} says channels {spec.channels}; frame segmentation feeds "
+                          "one grey-scale channel: use a model with 'channels': 1")
+    native = tuple(frames.shape[1:])
+    if not len(frames):
+        return np.zeros((0,) + native, dtype=np.uint8), spec
+    grid = model_grid(native, spacing, spec)
+    x = torch.from_numpy(normalize_frames(frames, spec.normalization)[:, None])
+    if grid != native:
+        x = F.interpolate(x, size=grid, mode="bilinear", align_corners=False)
+
+    def to_labels(out, _start):
+        if tuple(out.shape[2:]) != native:
+            out = F.interpolate(out, size=native, mode="bilinear", align_corners=False)
+        # max(dim).indices is argmax (first maximal channel on a tie), many times faster than argmax on the CPU
+        return out.max(dim=1).indices.to(torch.uint8)
+
+    labels = run_batches(model, spec, x.numpy(), dev, post=to_labels)
+    return labels, spec
