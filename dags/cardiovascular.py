@@ -1,8 +1,10 @@
-"""## Cardiovascular: CT calcium scoring
-Agatston, volume and mass calcium scores per non-contrast cardiac CT study, with a per-lesion table.
+"""## Cardiovascular: calcium scoring, cine-MR LV function, phase-contrast and 4-D flow
+Agatston, volume and mass calcium scores per non-contrast cardiac CT; LV volumes, ejection fraction and mass per
+short-axis cine; net, forward and backward flow, regurgitant fraction and peak velocity per phase-contrast plane or
+4-D flow. A study may hold any of these series; each step takes its own.
 
 **Chain**: landing bucket → index (headers only) → de-identify (DICOM PS3.15) → PHI audit (fail closed)
-→ only audited studies → calcium scoring (GPU queue) → warehouse.
+→ only audited studies → route series → calcium scoring → cine function → flow (GPU queue) → warehouse.
 """
 # An Airflow DAG file (Airflow parses files naming both "airflow" and "dag"): the chain, top to bottom.
 from imaging_dags import (audit_phi, deidentify, imaging_dag, index_studies, landing_sensor, load_metadata,
@@ -18,8 +20,11 @@ def cardiovascular():
     clean = deidentify.partial(specialty=SPECIALTY).expand(study=studies)
     audited = audit_phi.partial(specialty=SPECIALTY).expand(study=clean)   # fail closed
     ready = ready_for_processing(SPECIALTY, audited)                       # quarantined studies stop here
-    processed = study_step(SPECIALTY, "process_study").expand(study=ready)
-    load_metadata(SPECIALTY, processed)
+    routed = study_step(SPECIALTY, "route_series").expand(study=ready)     # which series each step takes
+    calcium = study_step(SPECIALTY, "calcium_scoring").expand(study=routed)
+    cine = study_step(SPECIALTY, "cine_function").expand(study=calcium)
+    flow = study_step(SPECIALTY, "flow").expand(study=cine)
+    load_metadata(SPECIALTY, flow)
 
 
 cardiovascular()

@@ -121,14 +121,18 @@ def test_study_series_routes_each_kind(tmp_path):
         # a magnitude series with no flow marker at all, matching the phase series' geometry and timing
         write(_mr(study, rng, bare, 7, z=20, trigger=t), f"bare-{t}")
     write(_mr(study, rng, plain, 9, z=50), "survey")  # no cardiac timing: not for us
+    odd = _mr(study, rng, phi.new_uid(rng), 8, z=20.2, trigger=0)  # a magnitude in the flow plane, other matrix:
+    odd.Rows = odd.Columns = 8                                      # flow's (refused there as a mismatch), not cine
+    odd.PixelData = np.zeros((8, 8), "<u2").tobytes()
+    write(odd, "odd")
     kinds = {s.number: s.kind for s in cs.study_series(files)}
-    assert kinds == {3: "cine", 5: "flow", 6: "flow", 7: "flow", 9: "other"}
-    assert [s.number for s in cs.of_kind(files, "flow")] == [5, 6, 7]
+    assert kinds == {3: "cine", 5: "flow", 6: "flow", 7: "flow", 8: "flow", 9: "other"}
+    assert [s.number for s in cs.of_kind(files, "flow")] == [5, 6, 7, 8]
     assert [len(s.items) for s in cs.of_kind(files, "cine")] == [4]
 
     out = cs.route_series(files, tmp_path / "out")
     assert {m["name"]: m["value"] for m in out["metrics"]} == {"series_calcium_ct": 0, "series_cine": 1,
-                                                               "series_flow": 3}
+                                                               "series_flow": 4}
     with pytest.raises(BadInput) as exc:
         cs.route_series([tmp_path / "survey.dcm"], tmp_path / "out2")
     assert exc.value.reason == "no_series"

@@ -36,7 +36,7 @@ def test_every_task_has_owner_retries_and_timeout(dagbag):
 
 
 def test_processing_runs_on_gpu_queue_and_pool(dagbag):
-    gpu_tasks = {"cardiovascular": "process_study", "neuroimaging": "brain_extraction",
+    gpu_tasks = {"cardiovascular": "calcium_scoring", "neuroimaging": "brain_extraction",
                  "mammography": "process_study", "pathology": "tile_features"}
     for dag_id, task_id in gpu_tasks.items():
         t = dagbag.dags[dag_id].get_task(task_id)

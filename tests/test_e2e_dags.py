@@ -84,6 +84,15 @@ def check_results(specialty: str, wh, truths: list[dict]) -> None:
             m = metrics[_pseudo_study(t)]
             assert m["agatston_score"] == pytest.approx(t["truth"]["agatston"], abs=1e-9)
             assert m["calcium_volume_mm3"] == pytest.approx(t["truth"]["volume_mm3"], abs=1e-6)
+            cine, flow = t["truth"].get("cine"), t["truth"].get("flow") or {}
+            if cine:  # the targets: EF within 2 points, EDV/ESV within 5 %
+                assert m["lv_ef_pct"] == pytest.approx(cine["ef_pct"], abs=2.0)
+                assert m["lv_edv_ml"] == pytest.approx(cine["edv_ml"], rel=0.05)
+                assert m["lv_esv_ml"] == pytest.approx(cine["esv_ml"], rel=0.05)
+            for prefix, truth in flow.items():  # net flow within 2 %, regurgitant fraction within 2 points
+                assert m[f"{prefix}_net_flow_ml"] == pytest.approx(truth["net_flow_ml"], rel=0.02)
+                assert m[f"{prefix}_regurgitant_fraction_pct"] == pytest.approx(truth["regurgitant_fraction_pct"],
+                                                                                abs=2.0)
     elif specialty == "neuroimaging":
         for t in truths:
             study = _pseudo_study(t)
@@ -136,6 +145,8 @@ def test_dag_end_to_end(specialty, airflow_db, buckets, monkeypatch):
         # (DICOM BOLD/DWI, classic and enhanced, through index, de-identification and loading: test_neuro_4d_inputs)
         synthesizer(specialty)(buckets["landing"], 2, 11, layout=["dicom", "nifti"], with_bold=[False, True],
                                with_dwi=[False, True])
+    elif specialty == "cardiovascular":  # one study: calcium CT + short-axis cine + 2-D phase contrast + 4-D flow
+        synthesizer(specialty)(buckets["landing"], 1, 11, with_cine=True, with_flow="both")
     else:
         synthesizer(specialty)(buckets["landing"], 1, 11)
     expected_bad = write_bad_inputs(buckets["landing"], specialty, seed=3)

@@ -239,7 +239,7 @@ def test_dag_fails_closed_when_de_identification_leaks(airflow_db, buckets, monk
     assert run.state == "failed"
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
     assert states["deidentify"] == "success" and states["audit_phi"] == "failed"
-    assert states["process_study"] in ("upstream_failed", None) and states["load_metadata"] != "success"
+    assert states["route_series"] in ("upstream_failed", None) and states["load_metadata"] != "success"
     assert not (buckets["lake"] / "derived").exists()
     assert not buckets["warehouse"].exists() or _studies(buckets["warehouse"]) == 0
 

@@ -77,6 +77,12 @@ def test_the_options_schema_is_one_for_params_cli_and_library():
     pathology = get("pathology")
     assert run_options("pathology", {"tile_px": 512, "target_mpp": None, "prefix": "x"}) == {"tile_px": 512}
     assert pathology.options_for({"tile_px": 512})["target_mpp"] == 1.0  # missing: the default
+    # a site-wide Variable fills an option the run leaves empty (a model URI); the run's own value wins
+    site = {"imaging_cine_model_uri": "s3://models/lv.pt"}.get
+    assert run_options("cardiovascular", {"cine_model_uri": None}, variable=site)["cine_model_uri"] == "s3://models/lv.pt"
+    assert run_options("cardiovascular", {"cine_model_uri": "m.pt"}, variable=site)["cine_model_uri"] == "m.pt"
+    assert "cine_model_uri" not in run_options("cardiovascular", {}, variable=lambda name: None)
+    assert "imaging_cine_model_uri" in specialty_params("cardiovascular")["cine_model_uri"].description
     with pytest.raises(ValueError, match="tile_px.*minimum 32"):
         pathology.options_for({"tile_px": 10})
     args = build_parser().parse_args(["run", "pathology", "--landing", "l", "--lake", "k", "--warehouse", "w",
@@ -165,9 +171,10 @@ def test_mapped_tasks_are_named_by_study_and_quarantined_studies_never_reach_the
     held = {v["study"] for v in returned.values() if v["status"] != "ok"}
     assert len(ok) == 2 and held, "the planted truncated CT should end quarantined at de-identification"
     assert {ti.rendered_map_index for ti in deid} == ok | held  # every instance named by its study
-    gpu = _tis("cardiovascular", run.run_id, "process_study")
-    assert {ti.rendered_map_index for ti in gpu} == ok  # only audited studies took a GPU slot
-    assert all(ti.pool == "gpu" and ti.state == "success" for ti in gpu)
+    for step in ("calcium_scoring", "cine_function", "flow"):
+        gpu = _tis("cardiovascular", run.run_id, step)
+        assert {ti.rendered_map_index for ti in gpu} == ok  # only audited studies took a GPU slot
+        assert all(ti.pool == "gpu" and ti.state == "success" for ti in gpu)
 
     (event,) = _asset_events("cardiovascular", run.run_id)
     assert event.extra["studies"] == 2 and set(event.extra["study_ids"]) == ok

@@ -479,3 +479,17 @@ def process_study(files: list[pathlib.Path], out_dir: pathlib.Path, *, device: s
     ]
     return {"metrics": metrics, "findings": lesions_3d, "outputs": ["lesions.json", "qc_calcium.png"],
             "device": str(dev)}
+
+
+def calcium_scoring(files: list[pathlib.Path], out_dir: pathlib.Path, *, device: str | None = None,
+                    previous: dict | None = None, **options) -> dict:
+    """The chain's calcium step: :func:`process_study` on a study that holds a calcium-scoring CT series
+    (``series.route_series`` kind ``calcium_ct``); an MR-only study passes with no numbers."""
+    from imaging_tasks.cardiovascular.series import of_kind
+
+    if not of_kind([pathlib.Path(f) for f in files], "calcium_ct"):
+        return {"metrics": [], "findings": [], "outputs": [], "note": "no calcium-scoring CT series"}
+    accepted = ("roi", "threshold_hu", "min_area_mm2", "calibration_mg_per_hu_ml", "bone_min_volume_mm3",
+                "max_dense_fraction", "min_coverage_mm")
+    return process_study(files, out_dir, device=device, **{k: v for k, v in options.items() if k in accepted})
+

@@ -163,6 +163,20 @@ def geometry_key(ds) -> tuple:
             ds.get("Columns"), _float(ds.get("TriggerTime")))
 
 
+def plane_key(ds) -> tuple | None:
+    """Orientation and distance along the slice normal (to 0.5 mm): the plane an image lies in, whatever its
+    matrix or field of view."""
+    try:
+        o = np.array([float(v) for v in ds.ImageOrientationPatient])
+        n = np.cross(o[:3], o[3:])
+        d = float(np.dot(n, [float(v) for v in ds.ImagePositionPatient]))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if o.shape != (6,) or not np.isfinite(d):
+        return None
+    return tuple(np.round(o, 3)), round(d * 2) / 2
+
+
 def study_series(files: list[Path]) -> list[Series]:
     """Every DICOM series of the study with its kind (module docstring), sorted by series number.
 
@@ -196,9 +210,14 @@ def study_series(files: list[Path]) -> list[Series]:
             elif any(_has_timing(ds) for _p, ds in s.items):
                 s.kind = "cine"
     flow_keys = {geometry_key(ds) for s in by_uid.values() if s.kind == "flow" for _p, ds in s.items}
+    flow_planes = {plane_key(ds) for s in by_uid.values() if s.kind == "flow" for _p, ds in s.items}
     for s in by_uid.values():  # a magnitude series stored apart from its phase series
-        if s.kind == "cine" and flow_keys and all(geometry_key(ds) in flow_keys for _p, ds in s.items):
+        if s.kind != "cine" or not flow_keys:
+            continue
+        if all(geometry_key(ds) in flow_keys for _p, ds in s.items):
             s.kind = "flow"
+        elif all(component(ds) == "magnitude" and plane_key(ds) in flow_planes for _p, ds in s.items):
+            s.kind = "flow"  # in a flow plane but not matching it: flow.py refuses the pair with its reason
     return sorted(by_uid.values(), key=lambda s: (s.number is None, s.number or 0, s.uid))
 
 

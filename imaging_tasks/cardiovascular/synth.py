@@ -264,14 +264,32 @@ def _pixels(ds, arr: np.ndarray) -> None:
     ds.PixelData = (arr.astype(np.int32) + 1024).astype("<i2").tobytes()
 
 
+def _per_study(name: str, value, studies: int) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * studies
+    if len(values) != studies:
+        raise ValueError(f"{name} has {len(values)} values for {studies} studies")
+    return values
+
+
+FLOW_CHOICES = (None, "pc", "4d", "both")
+
+
 def synthesize(out: pathlib.Path, studies: int, seed: int, *, rows: int = 192, slices: int = 24,
-               pixel_mm: float = 0.75, contrast: bool = False) -> list[pathlib.Path]:
+               pixel_mm: float = 0.75, contrast: bool = False, with_cine: bool | list = False,
+               with_flow: str | None | list = None) -> list[pathlib.Path]:
     """Write ``studies`` calcium-scoring CT studies (plus a scout each) and their exact score truth.
 
     ``contrast=True`` makes CT angiograms instead (enhanced blood pool), which calcium scoring must refuse.
     Keep ``pixel_mm`` a binary fraction (0.75, 0.625, 0.5) so areas stay exact in floating point.
+    ``with_cine`` adds a short-axis cine stack (:mod:`.synth_cine`), ``with_flow`` a 2-D phase-contrast plane
+    ("pc"), a 4-D flow ("4d") or both (:mod:`.synth_flow`) to the same study, each with its truth under
+    ``truth["cine"]`` / ``truth["flow"]``; one value for all studies or a list with one per study.  The MR series
+    draw from their own random streams, so a study's CT is the same with or without them.
     """
     out = pathlib.Path(out)
+    cine_of, flow_of = _per_study("with_cine", with_cine, studies), _per_study("with_flow", with_flow, studies)
+    if any(f not in FLOW_CHOICES for f in flow_of):
+        raise ValueError(f"with_flow must be one of {FLOW_CHOICES}")
     truth_paths = []
     for idx in range(studies):
         rng = np.random.default_rng([seed, idx])
@@ -323,6 +341,7 @@ def synthesize(out: pathlib.Path, studies: int, seed: int, *, rows: int = 192, s
             _pixels(ds, hu[k])
             phi.write_dicom(ds, str(folder / f"CT-{inst:04d}.dcm"))
 
+        mr_truth = _write_mr(folder, study, np.random.default_rng([seed, idx, 13]), cine_of[idx], flow_of[idx])
         counted = [sl for les in lesions for sl in les["slices"] if sl["counted"]]
         truth = {
             "contrast": contrast,
@@ -341,6 +360,7 @@ def synthesize(out: pathlib.Path, studies: int, seed: int, *, rows: int = 192, s
             "ignored_lesions": ignored,
             "distractors": {"lung_granuloma": granuloma},
             "heart": {k: float(v) for k, v in heart.items()},
+            **mr_truth,
         }
         record = {"specialty": SPECIALTY, "label": label, "study_uid": study.study_uid,
                   "phi": phi.phi_values(study), "truth": truth}
@@ -349,6 +369,22 @@ def synthesize(out: pathlib.Path, studies: int, seed: int, *, rows: int = 192, s
         tpath.write_text(json.dumps(record, indent=1))
         truth_paths.append(tpath)
     return truth_paths
+
+
+def _write_mr(folder: pathlib.Path, study, rng: np.random.Generator, cine: bool, flow: str | None) -> dict:
+    """The study's cardiac MR series (cine stack, phase-contrast plane, 4-D flow) and their truth."""
+    from imaging_tasks.cardiovascular import synth_cine, synth_flow
+
+    truth = {}
+    if cine:
+        truth["cine"] = synth_cine.write_cine_series(folder, study, rng, series_number=3)
+    if flow:
+        truth["flow"] = {}
+        if flow in ("pc", "both"):
+            truth["flow"]["pc"] = synth_flow.write_pc_series(folder, study, rng, series_number=20)
+        if flow in ("4d", "both"):
+            truth["flow"]["flow4d"] = synth_flow.write_flow4d_series(folder, study, rng, series_number=30)
+    return truth
 
 
 # --------------------------------------------------------------------------- malformed-but-readable cases
