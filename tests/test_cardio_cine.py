@@ -219,21 +219,9 @@ def test_model_path_identical_to_running_the_model_by_hand(tmp_path_factory, tmp
     volumes and LV mass equal voxel counts of the model run by hand, exactly."""
     torch = pytest.importorskip("torch")
 
-    class Bands(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("mu", torch.tensor([0.05, 0.9, 0.3]).view(1, 3, 1, 1))
+    from byo_models import Bands, config, save_model
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            d = x - self.mu
-            return -(d * d) * 16.0
-
-    model_path = tmp_path / "bands.pt"
-    torch.jit.save(torch.jit.script(Bands()), str(model_path))
-    cfg = {"name": "bands", "task": "segmentation", "input_size": None, "channels": 1,
-           "normalization": {"method": "percentile", "low": 1, "high": 99},
-           "labels": {"lv_blood_pool": 1, "lv_myocardium": 2}, "output": "logits", "batch_size": 7, "amp": True}
-    model_path.with_suffix(".json").write_text(json.dumps(cfg))
+    model_path = save_model(tmp_path, Bands(mus=(0.05, 0.9, 0.3)), config(name="bands", batch_size=7), "bands.pt")
     folder, truth = _study(tmp_path_factory, "model", slices=5, phases=10, matrix=48, pixel_mm=5.0)
     res = cine.cine_function(sorted(folder.glob("*.dcm")), tmp_path / "out", cine_segmentation="model",
                              cine_model_uri=str(model_path), device="cpu")

@@ -1,6 +1,7 @@
 """Which series of a cardiac study goes to which step, and where the velocity encoding is read from."""
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
@@ -131,8 +132,9 @@ def test_study_series_routes_each_kind(tmp_path):
     assert [len(s.items) for s in cs.of_kind(files, "cine")] == [4]
 
     out = cs.route_series(files, tmp_path / "out")
-    assert {m["name"]: m["value"] for m in out["metrics"]} == {"series_calcium_ct": 0, "series_cine": 1,
-                                                               "series_flow": 4}
+    assert out["series"] == {"cine": 1, "flow": 4, "other": 1}
+    routed = json.loads((tmp_path / "out" / "series.json").read_text())
+    assert [(s["number"], s["kind"]) for s in routed["series"]] == sorted(kinds.items())
     with pytest.raises(BadInput) as exc:
         cs.route_series([tmp_path / "survey.dcm"], tmp_path / "out2")
     assert exc.value.reason == "no_series"

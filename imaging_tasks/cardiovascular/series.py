@@ -263,6 +263,6 @@ def route_series(files: list[Path], out_dir: Path, *, device: str | None = None,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "series.json").write_text(json.dumps(info, indent=1))
-    metrics = [{"name": f"series_{kind}", "value": float(info["counts"].get(kind, 0)), "unit": ""}
-               for kind in KINDS if kind != "other"]
-    return {"metrics": metrics, "findings": [], "outputs": ["series.json"]}
+    # No metrics: the series table has the series; the study's key numbers (what the QC pages list first) are the
+    # measurements of the steps that follow.
+    return {"metrics": [], "findings": [], "outputs": ["series.json"], "series": info["counts"]}
