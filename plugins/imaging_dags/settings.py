@@ -17,6 +17,7 @@ Variables (so ``AIRFLOW_VAR_IMAGING_LAKE_URI`` etc.) and Connections, read insid
 | nightly schedule | config ``[imaging] schedule`` | ``0 2 * * *`` |
 | sensor timeout (s) | config ``[imaging] sensor_timeout`` | ``3600`` |
 | landing quiet period (s): an upload is finished when nothing new arrived for this long | config ``[imaging] landing_quiet_seconds`` (read at run time); a Param / run conf ``landing_quiet_seconds`` wins | ``120`` |
+| a specialty option left empty in a run (e.g. the cine model URI) | the Variable its record names (``Option.variable``: ``imaging_cine_model_uri``) | none |
 | connection for ``s3://`` URIs that name none | Variable ``imaging_aws_conn_id`` | none: the provider's ambient credentials (instance role, env) |
 | connection for ``gs://`` URIs that name none | Variable ``imaging_gcs_conn_id`` | none: Application Default Credentials |
 
