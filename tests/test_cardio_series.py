@@ -82,7 +82,8 @@ def test_component(image_type, cic, expected):
     assert cs.component(ds) == expected
 
 
-def _mr(study, rng, series_uid, number, *, z=0.0, trigger=None, sequence_name="", image_type=("ORIGINAL", "PRIMARY", "M")):
+def _mr(study, rng, series_uid, number, *, z=0.0, trigger=None, sequence_name="",
+        image_type=("ORIGINAL", "PRIMARY", "M")):
     ds = phi.dicom_dataset(study, modality="MR", sop_class_uid=MR_IMAGE_STORAGE, series_uid=series_uid,
                            sop_uid=phi.new_uid(rng), series_number=number, instance_number=1,
                            series_description="x")

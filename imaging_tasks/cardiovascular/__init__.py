@@ -45,7 +45,8 @@ SPECIALTY = Specialty(
                "this plane; for 2-D phase contrast the point picks the vessel and the normal sets 'forward'. "
                "Empty: the brightest pulsatile vessel, found automatically"),
         Option("flow_unwrap", "boolean", True, "Unwrap phase aliasing",
-               "Correct velocities above the VENC (phase wraps) before measuring flow; aliasing is reported either way"),
+               "Correct velocities above the VENC (phase wraps) before measuring flow; aliasing is reported either "
+               "way"),
     ),
     synthesizer="imaging_tasks.cardiovascular.synth:synthesize",
     results="`results` holds `agatston_score`, `calcium_volume_mm3`, `calcium_mass_mg`, `lesion_count` (CT); "
