@@ -39,7 +39,7 @@ DAG_ID = "cardiovascular"
 STUDIES = 2
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 REDIS = ("127.0.0.1", 6379)
-GPU_STEP = "process_study"  # declared with imaging_dags.tasks.gpu_task: queue and pool `gpu`
+GPU_STEP = "calcium_scoring"  # a step its record marks gpu: queue and pool `gpu`
 # A cron whose first interval after the DAG's start_date (2026-01-01) ends in 2032: unpausing creates no
 # scheduled run that would compete with the triggered one (max_active_runs=1). Routing is under test here,
 # the nightly schedule in test_scheduling.py.

@@ -27,15 +27,15 @@ def _pseudo_study(truth: dict) -> str:
     return pseudo_id(DEMO_KEY, truth["study_uid"], "study")
 
 
-def _process_study_map_indexes(dag_id: str, run_id: str) -> dict[str, int]:
-    """study -> map index of its process_study instance, from the XComs."""
+def _study_map_indexes(dag_id: str, run_id: str) -> dict[str, int]:
+    """study -> map index of its calcium_scoring instance, from the XComs."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
     with create_session() as session:
         rows = session.execute(select(XComModel.map_index, XComModel.value).where(
-            XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.task_id == "process_study",
+            XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.task_id == "calcium_scoring",
             XComModel.key == "return_value")).all()
     out = {}
     for map_index, value in rows:
@@ -104,7 +104,7 @@ def test_qc_pages_of_a_real_run(qc_client, buckets):
     assert client.get(run_url, headers={"Authorization": "Bearer not-a-jwt"}).status_code == 403
     assert client.get(run_url, headers={"Authorization": f"Bearer {tokens['no_role']}"}).status_code == 403
     some_study, some_patient = next(iter(studies.items()))
-    assert client.get(f"/imaging/dags/cardiovascular/studies/{some_patient}/{some_study}/files/qc_calcium.png",
+    assert client.get(f"/imaging/dags/cardiovascular/studies/{some_patient}/{some_study}/files/calcium_scoring/qc_calcium.png",
                       headers={"Authorization": f"Bearer {tokens['no_role']}"}).status_code == 403
     client.cookies.set("_token", tokens["admin"])  # the UI's session cookie works as well as a Bearer token
     assert get("/imaging/").status_code == 200
@@ -152,14 +152,14 @@ def test_qc_pages_of_a_real_run(qc_client, buckets):
         for src in sources:
             image = get(unescape(src))
             assert image.headers["content-type"] == "image/png" and image.content.startswith(PNG)
-        assert "process_study" in page and "deidentify" in page and "DEMO KEY" in page
+        assert "calcium_scoring" in page and "flow" in page and "deidentify" in page and "DEMO KEY" in page
         data = get(f"{url}/study.json").json()
         assert {m["name"]: m["value"] for m in data["metrics"]} == {m["name"]: m["value"] for m in results["metrics"]}
 
         # the file route serves manifest outputs only
         files = f"{url}/files"
-        assert get(f"{files}/lesions.json").json() == json.loads(
-            (lake / "derived" / "cardiovascular" / patient / study / "lesions.json").read_text())
+        assert get(f"{files}/calcium_scoring/lesions.json").json() == json.loads(
+            (lake / "derived" / "cardiovascular" / patient / study / "calcium_scoring" / "lesions.json").read_text())
         deid = f"anonymized/cardiovascular/{patient}/{study}/_DEID.json"
         quarantined = next((lake / "quarantine" / "cardiovascular").glob("*/input*")).relative_to(lake).as_posix()
         for name in ("_MANIFEST.json", "nope.png", "../results.json", f"../../../../{deid}",
@@ -171,26 +171,26 @@ def test_qc_pages_of_a_real_run(qc_client, buckets):
             assert not response.content.startswith((b"DICM", PNG)) and b"instances" not in response.content
         for other in (f"/imaging/dags/cardiovascular/studies/..%2F..%2Fquarantine/{study}/files/results.json",
                       f"/imaging/dags/cardiovascular/studies/{patient}/{study}/files/",
-                      f"/imaging/dags/not_imaging/studies/{patient}/{study}/files/qc_calcium.png"):
+                      f"/imaging/dags/not_imaging/studies/{patient}/{study}/files/calcium_scoring/qc_calcium.png"):
             assert client.get(other).status_code == 404, other
 
-    # the resolver: a mapped process_study instance -> its study page; a task that holds no study says so
-    indexes = _process_study_map_indexes("cardiovascular", run_id)
+    # the resolver: a mapped calcium_scoring instance -> its study page; a task that holds no study says so
+    indexes = _study_map_indexes("cardiovascular", run_id)
     assert set(indexes) == set(studies)
     for study, map_index in indexes.items():
-        response = get(f"{run_url}/tasks/process_study/{map_index}", follow_redirects=False, status=303)
+        response = get(f"{run_url}/tasks/calcium_scoring/{map_index}", follow_redirects=False, status=303)
         location = response.headers["location"]
         assert urlsplit(location).path == f"/imaging/dags/cardiovascular/studies/{studies[study]}/{study}"
         assert "Metrics" in get(location).text
     assert "holds no single study" in get(f"{run_url}/tasks/load_metadata/-1").text
     assert "holds no single study" in get(f"{run_url}/tasks/index_studies/%7BMAP_INDEX%7D").text
-    get(f"{run_url}/tasks/process_study/99", status=404)
+    get(f"{run_url}/tasks/calcium_scoring/99", status=404)
 
     # the "Study QC" extra link, evaluated by the api-server on the serialized DAG
     links = f"/api/v2/dags/cardiovascular/dagRuns/{quote(run_id, safe='')}/taskInstances"
     some = next(iter(indexes.items()))
-    got = client.get(f"{links}/process_study/links", params={"map_index": some[1]}).json()["extra_links"]
-    assert got["Study QC"] == f"{run_url}/tasks/process_study/{some[1]}"
+    got = client.get(f"{links}/calcium_scoring/links", params={"map_index": some[1]}).json()["extra_links"]
+    assert got["Study QC"] == f"{run_url}/tasks/calcium_scoring/{some[1]}"
     assert client.get(f"{links}/index_studies/links").json()["extra_links"]["Study QC"] is None
 
     # the plugin's UI entries

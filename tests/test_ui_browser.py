@@ -170,16 +170,16 @@ def test_cardiovascular_run_from_the_ui_succeeds_and_links_its_studies(ui):
         run_id = ui.runs.get("cardiovascular") or _trigger_at_defaults(ui, "cardiovascular")
         stack.wait_for_run("cardiovascular", run_id, timeout=150)
         quoted = urllib.parse.quote(run_id, safe="")
-        instances = [t for t in stack.api.task_instances("cardiovascular", run_id) if t["task_id"] == "process_study"]
+        instances = [t for t in stack.api.task_instances("cardiovascular", run_id) if t["task_id"] == "calcium_scoring"]
         assert sorted(t["rendered_map_index"] for t in instances) == ui.studies, instances  # named by study
         page.goto(f"{stack.url}/dags/cardiovascular/runs/{quoted}")
         expect(page.get_by_role("heading", name=run_id)).to_be_visible()
         expect(page.get_by_text("Success", exact=True).first).to_be_visible()
     with ui.step("mapped study instance: extra link to its QC page"):
         first = min(instances, key=lambda t: t["map_index"])
-        page.goto(f"{stack.url}/dags/cardiovascular/runs/{quoted}/tasks/process_study/mapped/{first['map_index']}"
+        page.goto(f"{stack.url}/dags/cardiovascular/runs/{quoted}/tasks/calcium_scoring/mapped/{first['map_index']}"
                   "/details")  # the Details tab shows the instance's extra links
-        expect(page.get_by_role("heading", name=f"process_study [{first['rendered_map_index']}]")).to_be_visible()
+        expect(page.get_by_role("heading", name=f"calcium_scoring [{first['rendered_map_index']}]")).to_be_visible()
         links = page.get_by_role("heading", name="Extra Links").locator("xpath=..")
         link = links.get_by_role("link", name="Study QC")
         expect(link).to_be_visible()

@@ -17,6 +17,22 @@ from imaging_dags.qc.lake import PATIENT, STUDY, LakeView
 STEP_ORDER = {t: n for n, t in enumerate(("index_studies", "deidentify", "audit_phi", "ready_for_processing",
                                           "plan_tiles", "tile_batches", "tile_features", "process_study",
                                           "finish_slide", "load_metadata"))}
+
+
+def _step_rank(task_id: str) -> float:
+    """Position in a chain: the generic tasks above, a specialty's own steps in their record's order in place of
+    ``process_study`` (so "quarantined at" names the step that quarantined, not a later one passing it on)."""
+    if task_id in STEP_ORDER:
+        return STEP_ORDER[task_id]
+    from imaging_tasks.specialties import get
+
+    from imaging_dags.qc import specialties
+
+    for name in specialties():
+        names = [s.name for s in get(name).steps]
+        if task_id in names:
+            return STEP_ORDER["process_study"] + (names.index(task_id) - len(names)) / (len(names) + 1)
+    return 99
 FAILED = ("failed", "upstream_failed")
 UNFINISHED = ("scheduled", "queued", "running", "up_for_retry", "up_for_reschedule", "deferred", "restarting")
 MISSING = object()
@@ -186,7 +202,7 @@ def _patient(value: dict) -> str | None:
 
 def _settle(r: StudyRow) -> None:
     """One status per study, from its steps: published > quarantined > failed > running > skipped > pending."""
-    steps = sorted(r.steps.items(), key=lambda kv: STEP_ORDER.get(kv[0], 99))
+    steps = sorted(r.steps.items(), key=lambda kv: _step_rank(kv[0]))
     final = [s for t, s in steps if t in final_tasks()]
     quarantined = [(t, s) for t, s in steps if s.get("status") == "quarantined"]
     failed = [(t, s) for t, s in steps if s.get("state") in FAILED]
