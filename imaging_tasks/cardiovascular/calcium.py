@@ -489,7 +489,7 @@ def calcium_scoring(files: list[pathlib.Path], out_dir: pathlib.Path, *, device:
 
     if not of_kind([pathlib.Path(f) for f in files], "calcium_ct"):
         return {"metrics": [], "findings": [], "outputs": [], "note": "no calcium-scoring CT series"}
-    accepted = ("roi", "threshold_hu", "min_area_mm2", "calibration_mg_per_hu_ml", "bone_min_volume_mm3",
-                "max_dense_fraction", "min_coverage_mm")
-    return process_study(files, out_dir, device=device, **{k: v for k, v in options.items() if k in accepted})
+    import inspect
 
+    accepted = inspect.signature(process_study).parameters  # the chain passes every option; take ours
+    return process_study(files, out_dir, device=device, **{k: v for k, v in options.items() if k in accepted})
