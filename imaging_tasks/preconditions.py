@@ -216,6 +216,28 @@ def _position(ds, what: str) -> np.ndarray:
     return np.array(floats)
 
 
+def finite_float(value) -> float | None:
+    """``value`` as a finite float, or None (absent, text, NaN, infinite)."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def unique_instances(items: list[tuple[Path, object]]) -> tuple[list[tuple[Path, object]], list[str]]:
+    """``(path, header)`` items with a re-sent instance (same SOPInstanceUID) kept once, and a note if any was."""
+    seen, unique = set(), []
+    for path, ds in items:
+        uid = str(ds.get("SOPInstanceUID", "") or "")
+        if uid and uid in seen:
+            continue
+        seen.add(uid)
+        unique.append((Path(path), ds))
+    dropped = len(items) - len(unique)
+    return unique, [f"{dropped} duplicate copy(ies) of an instance ignored"] if dropped else []
+
+
 def check_stack(items: list[tuple[Path, object]], *, what: str, min_slices: int, too_few_reason: str,
                 too_few_why: str) -> Stack:
     """Check a single-frame series (``(path, header)`` pairs, any order) and sort it along its normal.
@@ -225,16 +247,7 @@ def check_stack(items: list[tuple[Path, object]], *, what: str, min_slices: int,
     single frame, Rows/Columns, PixelSpacing, orientation, position, rescale; one geometry for all
     slices; positions on one line, distinct and evenly spaced.
     """
-    notes: list[str] = []
-    seen, unique = set(), []
-    for path, ds in items:
-        uid = str(ds.get("SOPInstanceUID", "") or "")
-        if uid and uid in seen:
-            continue
-        seen.add(uid)
-        unique.append((Path(path), ds))
-    if len(unique) < len(items):
-        notes.append(f"{len(items) - len(unique)} duplicate copy(ies) of an instance ignored")
+    unique, notes = unique_instances(items)
     if len(unique) < min_slices:
         raise BadInput(too_few_reason, f"{what} has {len(unique)} slice(s); at least {min_slices} are needed: "
                        f"{too_few_why}")

@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from imaging_tasks.errors import BadInput, ConfigError
+from imaging_tasks.preconditions import finite_float
 
 log = logging.getLogger(__name__)
 
@@ -96,30 +97,13 @@ class CineStack:
         return len(self.items[0])
 
 
-def _float(value) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def check_cine(items: list[tuple]) -> CineStack:
     """Preconditions of LV function on one cine series (module docstring); ``items`` are (path, header) pairs."""
-    from imaging_tasks.preconditions import _orientation, check_stack, image_size, pixel_spacing
+    from imaging_tasks.preconditions import _orientation, check_stack, image_size, pixel_spacing, unique_instances
 
     what = "the cine series"
-    seen, unique = set(), []
-    for path, ds in items:
-        uid = str(ds.get("SOPInstanceUID", "") or "")
-        if uid and uid in seen:
-            continue
-        seen.add(uid)
-        unique.append((Path(path), ds))
-    notes = []
-    if len(unique) < len(items):
-        notes.append(f"{len(items) - len(unique)} duplicate copy(ies) of an instance ignored")
-    no_time = sum(_float(ds.get("TriggerTime")) is None for _p, ds in unique)
+    unique, notes = unique_instances(items)
+    no_time = sum(finite_float(ds.get("TriggerTime")) is None for _p, ds in unique)
     if no_time:
         raise BadInput("missing_trigger_time", f"{no_time} of {len(unique)} images of the cine series have no "
                        "TriggerTime (0018,1060); without it the phases cannot be ordered in the cardiac cycle and "
@@ -139,7 +123,7 @@ def check_cine(items: list[tuple]) -> CineStack:
             raise BadInput("mixed_geometry", f"{what}: Rows/Columns or PixelSpacing differ between images; send one "
                            "reconstruction per series")
         ipp = ds.get("ImagePositionPatient")
-        vals = [_float(v) for v in ipp] if ipp is not None and len(ipp) == 3 else None
+        vals = [finite_float(v) for v in ipp] if ipp is not None and len(ipp) == 3 else None
         if vals is None or None in vals:
             raise BadInput("missing_position", f"{what} has images without a usable ImagePositionPatient; slices "
                            "cannot be told apart; re-export the series with its Image Plane attributes")
@@ -164,8 +148,8 @@ def check_cine(items: list[tuple]) -> CineStack:
                        "needed to sample end systole; send a cine with more cardiac phases")
     stack_items, times = [], []
     for g in groups:
-        g = sorted(g, key=lambda i: _float(unique[i][1].get("TriggerTime")))
-        t = [_float(unique[i][1].get("TriggerTime")) for i in g]
+        g = sorted(g, key=lambda i: finite_float(unique[i][1].get("TriggerTime")))
+        t = [finite_float(unique[i][1].get("TriggerTime")) for i in g]
         if np.any(np.diff(t) <= 0):
             raise BadInput("duplicate_trigger_time", f"{what}: two images share one slice position and trigger "
                            "time (two acquisitions in one series?); which to use cannot be decided; send one")
@@ -176,14 +160,14 @@ def check_cine(items: list[tuple]) -> CineStack:
                         too_few_reason="too_few_slices", too_few_why="a volume needs several slice positions")
     first = stack_items[0][0][1]
     rr, source = None, "none"
-    nominal = _float(first.get("NominalInterval"))
+    nominal = finite_float(first.get("NominalInterval"))
     if nominal and nominal > 0:
         rr, source = nominal, "NominalInterval"
     else:
-        hr = _float(first.get("HeartRate"))
+        hr = finite_float(first.get("HeartRate"))
         if hr and hr > 0:
             rr, source = 60000.0 / hr, "HeartRate"
-    thickness = _float(first.get("SliceThickness"))
+    thickness = finite_float(first.get("SliceThickness"))
     return CineStack(items=stack_items, trigger_ms=np.array(times), spacing_mm=stack.spacing_mm, rows=rows,
                      cols=cols, rr_ms=rr, rr_source=source, slice_thickness_mm=thickness,
                      notes=notes + stack.notes)

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imaging_tasks.preconditions import finite_float
+
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 KINDS = ("calcium_ct", "cine", "flow", "other")
 PHASE_TOKENS = frozenset({"P", "PHASE", "P_PCA", "VELOCITY", "PHASE CONTRAST P"})
@@ -77,14 +79,6 @@ class Series:
         return self.items[0][1]
 
 
-def _float(value) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if np.isfinite(f) else None
-
-
 def _encoding_items(ds):
     """MR Velocity Encoding Sequence items: top level first, then shared, then the first per-frame group."""
     for holder in (ds, *_groups(ds, "SharedFunctionalGroupsSequence"),
@@ -102,12 +96,12 @@ def _groups(ds, keyword: str) -> list:
 def velocity_encoding(ds) -> VelocityEncoding | None:
     """The series' velocity encoding from its header (module docstring: which attributes), or None."""
     for item in _encoding_items(ds):
-        venc = _float(item.get("VelocityEncodingMaximumValue"))
-        low = _float(item.get("VelocityEncodingMinimumValue"))
+        venc = finite_float(item.get("VelocityEncodingMaximumValue"))
+        low = finite_float(item.get("VelocityEncodingMinimumValue"))
         if venc is None and low is not None:
             venc = abs(low)
         direction = item.get("VelocityEncodingDirection")
-        vec = [_float(v) for v in direction] if direction is not None and len(direction) == 3 else None
+        vec = [finite_float(v) for v in direction] if direction is not None and len(direction) == 3 else None
         if venc and venc > 0 and vec and None not in vec and np.linalg.norm(vec) > 0:
             return VelocityEncoding(float(venc), tuple(float(v) for v in vec), "MRVelocityEncodingSequence")
     name = str(ds.get("SequenceName", "") or "")
@@ -160,7 +154,7 @@ def geometry_key(ds) -> tuple:
         except (TypeError, ValueError):
             return None
     return (rounded("ImageOrientationPatient", 4), rounded("ImagePositionPatient"), ds.get("Rows"),
-            ds.get("Columns"), _float(ds.get("TriggerTime")))
+            ds.get("Columns"), finite_float(ds.get("TriggerTime")))
 
 
 def plane_key(ds) -> tuple | None:
