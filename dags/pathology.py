@@ -1,13 +1,14 @@
 """## Pathology: whole-slide images
-Tissue detection, tiling at a target µm/px and torch stain features per tile batch, summarised per slide.
+Tissue detection, tiling at a target µm/px, stain features, tile QC and (optionally) a bring-your-own encoder's
+embedding per tile, as Parquet; a slide summary and a MIL bag per slide.
 
 **Chain**: landing bucket → index → de-identify (label/macro removed, description scrubbed) → PHI audit
-→ only audited slides → plan tiles → features fanned out over tile batches (GPU queue, ≤ 1,000 mapped tasks)
-→ per-slide summary → warehouse.
+→ only audited slides → per slide: plan tiles → tile features (worker processes; encoder on the GPU queue)
+→ slide summary → warehouse.
 """
 # An Airflow DAG file (Airflow parses files naming both "airflow" and "dag"): the chain, top to bottom.
-from imaging_dags import (audit_phi, deidentify, finish_slide, imaging_dag, index_studies, landing_sensor,
-                          load_metadata, plan_tiles, ready_for_processing, tile_batches, tile_features)
+from imaging_dags import (audit_phi, deidentify, imaging_dag, index_studies, landing_sensor, load_metadata,
+                          per_slide, ready_for_processing)
 
 SPECIALTY = "pathology"
 
@@ -19,9 +20,7 @@ def pathology():
     clean = deidentify.partial(specialty=SPECIALTY).expand(study=slides)
     audited = audit_phi.partial(specialty=SPECIALTY).expand(study=clean)   # fail closed
     ready = ready_for_processing(SPECIALTY, audited)                       # quarantined slides stop here
-    plans = plan_tiles.partial(specialty=SPECIALTY).expand(study=ready)
-    features = tile_features.partial(specialty=SPECIALTY).expand(batch=tile_batches(SPECIALTY, plans))
-    summaries = finish_slide.partial(specialty=SPECIALTY, features=features).expand(plan=plans)
+    summaries = per_slide(SPECIALTY).expand(study=ready)   # plan_tiles → tile_features → finish_slide, per slide
     load_metadata(SPECIALTY, summaries)
 
 

@@ -73,11 +73,10 @@ def _run(args) -> int:
             step = "audit_phi"
             pipeline.audit_deidentified(clean, lake, run=run)
             step = "process"
-            if record.fan_out:  # the DAG's fan-out over tile batches, in process
+            if record.fan_out:  # the DAG's per-slide chain, in process
                 plan = record.fan_out_step("plan_slide")(clean, lake, options=options, run=run)
-                feats = [record.fan_out_step("tile_features_batch")(b, lake, run=run)
-                         for b in record.fan_out_step("tile_batches")([plan])]
-                processed.append(record.fan_out_step("finish_slide")(plan, feats, lake, run=run))
+                feats = record.fan_out_step("slide_features")(plan, lake, options=options, run=run)
+                processed.append(record.fan_out_step("finish_slide")(feats, lake, run=run))
             else:
                 processed.append(pipeline.process_study(clean, lake, options=options, run=run))
         except PHILeak as exc:  # recorded by the audit itself

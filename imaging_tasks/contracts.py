@@ -29,9 +29,12 @@ class StudyRecord(TypedDict, total=False):
     steps_done: list[str]  # a multi-step chain's finished steps
     derived: str  # the published results (last step)
     metrics: dict[str, Any]
-    plan: str  # tile fan-out: the plan, the slide, the tile count
-    slide: str
+    plan: str  # per-slide chain: the tile plan, its checksum and tile count
+    plan_sha256: str
     n_tiles: int
+    features: str  # the tile-feature parts, the device that computed them, the encoder's name (or None)
+    device: str
+    encoder: str | None
 
 
 REQUIRED = ("specialty", "study", "patient", "fingerprint", "status")
@@ -49,7 +52,8 @@ JSON_SCHEMA = {
         "anonymized": {"type": "string"}, "n_instances": {"type": "integer"}, "n_quarantined": {"type": "integer"},
         "reason": {"type": "string"}, "steps_done": {"type": "array", "items": {"type": "string"}},
         "derived": {"type": "string"}, "metrics": {"type": "object"}, "plan": {"type": "string"},
-        "slide": {"type": "string"}, "n_tiles": {"type": "integer"},
+        "plan_sha256": {"type": "string"}, "n_tiles": {"type": "integer"}, "features": {"type": "string"},
+        "device": {"type": "string"}, "encoder": {"type": ["string", "null"]},
     },
     "additionalProperties": False,
 }

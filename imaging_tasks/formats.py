@@ -2,6 +2,11 @@
 
 Kept apart so that all three can import them without importing each other: this module imports nothing of
 the project.  A file is told by its name only (a landing tree holds DICOM files under any name, often none).
+
+Whole-slide formats are told apart by content, not here: :mod:`imaging_tasks.slide_files` sniffs the
+first bytes (Aperio, generic TIFF, OME-TIFF, NDPI, DICOM whole-slide) and knows which files make one slide (a
+MIRAX ``X.mrxs`` with its folder ``X/``, a DICOM-WSI series).  ``.dcm`` stays ``"dicom"`` here for every
+specialty; only a slide specialty's index reads a DICOM file as part of a whole-slide series.
 """
 from __future__ import annotations
 

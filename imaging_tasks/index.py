@@ -30,6 +30,8 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import hashlib
+import re
+import struct
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
@@ -38,7 +40,7 @@ from typing import Any, Callable
 from imaging_tasks import retry, storage
 from imaging_tasks.contracts import StudyRecord, study_record
 from imaging_tasks.deid.pseudonym import pseudo_id
-from imaging_tasks.deid.slide import read_description, slide_pseudonyms
+from imaging_tasks.deid.slide import slide_pseudonyms
 from imaging_tasks.dicom_io import read_header
 from imaging_tasks.errors import BadInput
 from imaging_tasks.formats import SLIDE_SUFFIXES  # defined below index and deid; still index.SLIDE_SUFFIXES
@@ -269,26 +271,205 @@ def _read_header(uri: str):
 
 def _index_slides(objects: list[storage.ObjectInfo], *, specialty: str, key: bytes,
                   quarantine: Quarantine) -> IndexResult:
-    """Each slide file is a study named by its content; the patient by barcode/Filename (``slide_pseudonyms``)."""
+    """One study per slide; a slide is one file or several (``slide_files``).
+
+    * single-file slides (Aperio SVS, generic pyramidal TIFF, OME-TIFF, NDPI; told by their first bytes): the
+      study is the file (its SHA-256), the patient its barcode/Filename (``slide_pseudonyms``), as before, or
+      for NDPI its Reference tag (the label text; ``deid.ndpi.ndpi_pseudonyms``);
+    * a MIRAX slide: ``X.mrxs`` plus every file under ``X/`` beside it; the study is the SHA-256 of the member
+      list (relative name and SHA-256 of each file), the patient Slidedat.ini's SLIDE_NAME when it has one
+      (``deid.mirax.mirax_pseudonyms``' rule);
+    * a DICOM whole-slide series (VL Whole Slide Microscopy Image Storage; ``.dcm`` or any name with the DICOM
+      signature): all instances of one SeriesInstanceUID, wherever they sit in the landing; study =
+      ``pseudo_id(key, SeriesInstanceUID, "study")`` (one series is one slide; a DICOM study may hold several),
+      patient = ``pseudo_id(key, PatientID, "patient")``, the rule of every DICOM study, so a patient's slides
+      and radiology share one pseudonym.  Its label and overview instances stay in the study: the
+      de-identifier refuses them (quarantined with their reason) and the slide goes on without them.
+
+    Each file row carries ``sha256`` and ``slide``: ``{"format", "role"}`` (role ``main``; MIRAX ``data`` for
+    the folder's files, with ``path`` relative to the ``.mrxs``'s folder; DICOM ``volume``/``label``/
+    ``overview``/``other`` from ImageType).  Refused, each file on its own, with a reason: empty files
+    (``empty_file``), unknown file types (``not_a_slide``), a slide suffix whose content is neither TIFF nor
+    DICOM or does not parse (``unreadable_slide``), DICOM that is not whole-slide (``not_wsi``) or whose header
+    does not read (the DICOM reader's reasons), a DICOM series without a VOLUME image (``no_volume_image``),
+    files under a MIRAX folder with no ``.mrxs`` beside it (``mirax_orphan``), and a ``.mrxs`` without its folder
+    or Slidedat.ini (``mirax_incomplete``: the ``.mrxs`` and every file of its folder).
+    """
+    from imaging_tasks.slide_files import is_dicom_head, mirax_folder, sniff
+
     studies, quarantined = [], []
+
+    def refuse(obj: storage.ObjectInfo, exc: BadInput) -> None:
+        quarantined.append(quarantine(obj, exc))
+
+    empty = BadInput("empty_file", "the slide file is empty (0 bytes); re-scan or re-export it")
+    kept = []
+    for obj in objects:  # a MIRAX .mrxs may be empty: OpenSlide reads only the folder beside it
+        if obj.size == 0 and not obj.relpath.lower().endswith(".mrxs"):
+            refuse(obj, empty)
+        else:
+            kept.append(obj)
+    objects = kept
+    # MIRAX: X.mrxs owns every file under X/ beside it
+    folders = {mirax_folder(o.relpath): o for o in objects if o.relpath.lower().endswith(".mrxs")}
+    members: dict[PurePosixPath, list[storage.ObjectInfo]] = {f: [] for f in folders}
+    rest = []
     for obj in objects:
+        if obj.relpath.lower().endswith(".mrxs"):
+            continue
+        owner = next((p for p in PurePosixPath(obj.relpath).parents if p in folders), None)
+        if owner is not None:
+            members[owner].append(obj)
+        else:
+            rest.append(obj)
+    for folder, mrxs in folders.items():
         try:
-            if obj.size == 0:
-                raise BadInput("empty_file", "the slide file is empty (0 bytes); re-scan or re-export it")
-            if not obj.relpath.lower().endswith(SLIDE_SUFFIXES):
-                raise BadInput("not_a_slide", f"file type is not a supported whole-slide format "
-                               f"({', '.join(SLIDE_SUFFIXES)}); only slides belong in this prefix")
-            description = read_description(obj.uri)
+            studies.append(_mirax_study(mrxs, members[folder], folder, specialty=specialty, key=key))
         except BadInput as exc:
-            quarantined.append(quarantine(obj, exc))
+            for obj in (mrxs, *members[folder]):
+                refuse(obj, exc)
+    # DICOM-WSI series and single-file slides
+    series: dict[str, list[tuple[storage.ObjectInfo, Any]]] = {}
+    for obj in rest:
+        try:
+            name = PurePosixPath(obj.relpath).name
+            if _is_mirax_member_name(name):
+                raise BadInput("mirax_orphan", "a MIRAX data file with no X.mrxs beside its folder X/; upload the "
+                               "whole slide: X.mrxs and the folder X/ with every file in it, side by side")
+            if name.lower().endswith(".dcm"):
+                fmt = "dicom"  # the DICOM reader gives its own reasons for what is not DICOM
+            elif name.lower().endswith(SLIDE_SUFFIXES):
+                fmt, description = retry.call(sniff, obj.uri, operation="read header",
+                                              target=storage.where(obj.uri))
+            else:  # DICOM comes under any name, often none
+                head = retry.call(_head, obj.uri, operation="read header", target=storage.where(obj.uri))
+                if not is_dicom_head(head):
+                    raise BadInput("not_a_slide", f"file type is not a supported whole-slide format "
+                                   f"({', '.join(SLIDE_SUFFIXES)}, or DICOM whole-slide); only slides belong in "
+                                   "this prefix")
+                fmt = "dicom"
+            if fmt == "dicom":
+                ds = retry.call(_read_header, obj.uri, operation="read header", target=storage.where(obj.uri))
+                _check_wsi(ds)
+                series.setdefault(str(ds.SeriesInstanceUID), []).append((obj, ds))
+                continue
+        except BadInput as exc:
+            refuse(obj, exc)
             continue
         digest = storage.sha256_of(obj.uri)
         study, patient = slide_pseudonyms(key, digest, description)
-        entry = StudyEntry(specialty=specialty, study=study, patient=patient,
-                           files=[{**_file_row(obj), "sha256": digest}],
-                           modalities={"SM": 1}, newest=obj.modified.isoformat() if obj.modified else None)
+        if fmt == "ndpi":  # the patient from the Reference tag (the label text): deid.ndpi's own rule
+            try:
+                study, patient = retry.call(_ndpi_pseudonyms, key, digest, obj.uri, operation="read header",
+                                            target=storage.where(obj.uri))
+            except BadInput as exc:
+                refuse(obj, exc)
+                continue
+        studies.append(StudyEntry(specialty=specialty, study=study, patient=patient,
+                                  files=[{**_file_row(obj), "sha256": digest,
+                                          "slide": {"format": fmt, "role": "main"}}],
+                                  modalities={"SM": 1}, newest=obj.modified.isoformat() if obj.modified else None))
+    for series_uid, items in series.items():
+        roles = [_wsi_role(ds) for _, ds in items]
+        if "volume" not in roles:
+            exc = BadInput("no_volume_image", "a DICOM whole-slide series without a VOLUME image (only label, "
+                           "overview or thumbnail instances): there is no slide to read; send the whole series")
+            for obj, _ in items:
+                refuse(obj, exc)
+            continue
+        first = items[0][1]
+        entry = StudyEntry(specialty=specialty, study=pseudo_id(key, series_uid, "study"),
+                           patient=pseudo_id(key, str(first.get("PatientID", "")), "patient"))
+        for (obj, ds), role in sorted(zip(items, roles), key=lambda x: x[0][0].relpath):
+            entry.files.append({**_file_row(obj), "slide": {"format": "dicom", "role": role}})
+            entry.modalities["SM"] = entry.modalities.get("SM", 0) + 1
+            if obj.modified:
+                entry.newest = max(entry.newest or "", obj.modified.isoformat())
         studies.append(entry)
     return IndexResult(studies=sorted(studies, key=lambda e: e.study), quarantined=quarantined, waiting=[])
+
+
+# MIRAX folder files by name: what a 3DHISTECH scanner writes beside X.mrxs
+_MIRAX_MEMBER = re.compile(r"^(slidedat\.ini|index\.dat|data\d{4}\.dat)$", re.IGNORECASE)
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+
+
+def _is_mirax_member_name(name: str) -> bool:
+    return bool(_MIRAX_MEMBER.match(name))
+
+
+def _head(uri: str) -> bytes:
+    with storage.as_path(uri).open("rb") as fh:
+        return fh.read(132)
+
+
+def _check_wsi(ds) -> None:
+    sop_class = str(ds.get("SOPClassUID", "") or "").strip()
+    if sop_class != WSI_SOP_CLASS:
+        raise BadInput("not_wsi", f"a DICOM file that is not a whole-slide image (modality {ds.get('Modality', '?')}, "
+                       f"SOP class {sop_class or 'missing'}); the pathology pipeline takes VL Whole Slide Microscopy "
+                       "images; other DICOM belongs in its specialty's landing prefix")
+
+
+def _wsi_role(ds) -> str:
+    """``volume``, ``label``, ``overview`` or ``other`` (thumbnails) from ImageType's third value."""
+    try:
+        kinds = {str(v).strip().upper() for v in (ds.get("ImageType") or [])}
+    except TypeError:
+        kinds = {str(ds.get("ImageType")).strip().upper()}
+    for role in ("LABEL", "OVERVIEW", "VOLUME"):
+        if role in kinds:
+            return role.lower()
+    return "other"
+
+
+def _mirax_study(mrxs: storage.ObjectInfo, files: list[storage.ObjectInfo], folder: PurePosixPath, *,
+                 specialty: str, key: bytes) -> StudyEntry:
+    """The study of one MIRAX slide (see :func:`_index_slides`); BadInput ``mirax_incomplete`` without the folder
+    or its Slidedat.ini."""
+    from imaging_tasks.slide_files import mirax_digest
+
+    base = folder.parent
+    by_name = {PurePosixPath(f.relpath).relative_to(folder).as_posix().lower(): f for f in files}
+    if "slidedat.ini" not in by_name:
+        raise BadInput("mirax_incomplete", f"a MIRAX slide without {'its folder' if not files else 'Slidedat.ini'} "
+                       "(X.mrxs needs the folder X/ beside it, holding Slidedat.ini, Index.dat and the Data*.dat "
+                       "files); upload the whole slide")
+    rows = []
+    for obj in (mrxs, *sorted(files, key=lambda o: o.relpath)):
+        rel = PurePosixPath(obj.relpath).relative_to(base).as_posix()
+        rows.append({**_file_row(obj), "sha256": storage.sha256_of(obj.uri),
+                     "slide": {"format": "mirax", "role": "main" if obj is mrxs else "data", "path": rel}})
+    digest = mirax_digest(rows)
+    slide_name = _mirax_slide_name(by_name["slidedat.ini"].uri)
+    newest = max((o.modified.isoformat() for o in (mrxs, *files) if o.modified), default=None)
+    return StudyEntry(specialty=specialty, study=pseudo_id(key, digest, "study"),
+                      patient=pseudo_id(key, slide_name or digest, "patient"), files=rows, modalities={"SM": 1},
+                      newest=newest)
+
+
+def _mirax_slide_name(slidedat_uri: str) -> str | None:
+    """Slidedat.ini's GENERAL.SLIDE_NAME (the label text the scanner read, e.g. an accession), so a case's slides
+    group under one patient pseudonym, the rule of ``deid.mirax.mirax_pseudonyms``; None when absent.  BadInput
+    ``unreadable_slide`` for a Slidedat.ini that does not parse."""
+    from imaging_tasks.deid.mirax import _parse_ini  # the reader OpenSlide's format implies, shared with deid
+
+    groups = _parse_ini(storage.read_bytes(slidedat_uri))
+    return (groups.get("GENERAL", {}).get("SLIDE_NAME") or "").strip() or None
+
+
+def _ndpi_pseudonyms(key: bytes, digest: str, uri: str) -> tuple[str, str]:
+    from imaging_tasks.deid.ndpi import ndpi_pseudonyms
+    from imaging_tasks.slide_files import local_file
+
+    try:
+        with local_file(uri) as path:
+            return ndpi_pseudonyms(key, digest, path)
+    except BadInput:
+        raise
+    except (ValueError, OverflowError, struct.error) as exc:  # OSError: a storage fault, retried by the caller
+        raise BadInput("unreadable_slide", f"not a readable NDPI slide ({type(exc).__name__}); check the file is "
+                       "a complete whole-slide image") from None
 
 
 def _file_row(obj: storage.ObjectInfo) -> dict[str, Any]:

@@ -7,7 +7,7 @@ Layout under a lake root (a ``file://``, ``s3://`` or ``gs://`` URI; see :mod:`i
     quarantine/<specialty>/<sha256[:16]>/input.* + reason.json     offending input and why (PHI zone)
     work/<specialty>/studies/<S…>.json                            study manifests pointing at raw inputs (PHI zone)
     work/<specialty>/steps/<S…>/<step>/...                        outputs of a multi-step chain's earlier steps
-    work/<specialty>/plans|features/<S…>/...                      the tile fan-out's plans and feature batches
+    work/<specialty>/plans|features/<S…>/...                      each slide's tile plan and feature parts
     runs/<specialty>/<run id>/<task>.<map index>.<S…>.json        lineage records (processing_runs)
     ledger/<specialty>/studies/<S…>.json                          each study's state and history (ledger table)
     ledger/<specialty>/to_load/<S…>.json                          present until that state reached the warehouse

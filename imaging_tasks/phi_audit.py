@@ -39,7 +39,9 @@ DICOM_IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "PatientAdd
                      "InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "OperatorsName",
                      "PerformingPhysicianName", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                      "FrameOfReferenceUID", "OtherPatientIDs", "DeviceSerialNumber", "StationName", "StudyDate",
-                     "PatientMotherBirthName", "OtherPatientNames", "StudyID", "RequestingPhysician")
+                     "PatientMotherBirthName", "OtherPatientNames", "StudyID", "RequestingPhysician",
+                     # whole-slide microscopy: the slide's barcode and specimen identifiers, label text
+                     "ContainerIdentifier", "SpecimenIdentifier", "SpecimenUID", "LabelText", "BarcodeValue")
 MIN_LEN = 6  # characters of a value, and bytes of an encoded form, below which it is not evidence (see above)
 MIN_IDEOGRAPHIC_LEN = 2
 
@@ -52,7 +54,7 @@ class PHILeak(RuntimeError):
 RETAINED_BY_OPTION = {
     "retain_device_identity": {"DeviceSerialNumber", "StationName"},
     "retain_institution_identity": {"InstitutionName", "InstitutionAddress"},
-    "retain_uids": {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"},
+    "retain_uids": {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID", "SpecimenUID"},
 }
 
 
@@ -250,12 +252,15 @@ def scan_stream(values: dict[str, set[str]], fh, *, chunk: int = _CHUNK) -> list
         block = following
 
 
-def values_of_input(uri: str) -> dict[str, set[str]]:
-    """Identifying values held by one raw input (DICOM header, slide description, NIfTI text fields, JSON
-    sidecar values).
+def values_of_input(uri: str, fmt: str | None = None) -> dict[str, set[str]]:
+    """Identifying values held by one raw input (DICOM header, slide text by slide format, NIfTI text fields,
+    JSON sidecar values).
 
-    Reads headers only where the format allows; an input that cannot be parsed yields nothing (it was
-    quarantined, and quarantine is the PHI zone).
+    ``fmt``: the slide format the index recorded for the file (``slide_files.SLIDE_FORMATS``), None
+    to tell by the name (a slide suffix is sniffed, anything else read as DICOM, NIfTI or sidecar).  A MIRAX
+    slide's values come from its ``.mrxs`` row (which reads the folder beside it); its data files yield none
+    of their own.  Reads headers only where the format allows; an input that cannot be parsed yields nothing
+    (it was quarantined, and quarantine is the PHI zone).
     """
     import gzip
 
@@ -264,9 +269,13 @@ def values_of_input(uri: str) -> dict[str, set[str]]:
     kind = file_kind(uri)
     path = storage.as_path(uri)
     try:
-        if kind == "slide":
-            from imaging_tasks.deid.slide import TECHNICAL_FIELDS, read_description  # here: tifffile only if needed
-            return slide_identifying_values(read_description(path), set(TECHNICAL_FIELDS))
+        if fmt == "mirax":
+            return mirax_values(uri) if str(uri).lower().endswith(".mrxs") else {}
+        if fmt == "dicom":
+            with path.open("rb") as fh:
+                return dicom_identifying_values(read_header(fh))
+        if fmt is not None or kind == "slide":
+            return slide_file_values(path, fmt)
         if kind == "nifti":
             data = path.read_bytes()
             return nifti_identifying_values(gzip.decompress(data) if str(uri).lower().endswith(".gz") else data)
@@ -276,6 +285,130 @@ def values_of_input(uri: str) -> dict[str, set[str]]:
             return dicom_identifying_values(read_header(fh))
     except Exception:  # noqa: BLE001 - BadInput, OSError, or what tifffile/nibabel raise on garbled input
         return {}
+
+
+# --------------------------------------------------------------------------- slide formats
+# TIFF text tags naming the device make, model and software (not a person, a place or a date): not searched.
+TIFF_TECHNICAL_TEXT_TAGS = frozenset({271, 272, 305})
+_ASCII = 2
+# OME-XML attributes that describe pixels and structure (sizes, types, references), not the patient or operator.
+OME_TECHNICAL_ATTRIBUTES = frozenset({
+    "ID", "DimensionOrder", "Type", "SizeX", "SizeY", "SizeZ", "SizeC", "SizeT", "PhysicalSizeX", "PhysicalSizeY",
+    "PhysicalSizeZ", "PhysicalSizeXUnit", "PhysicalSizeYUnit", "PhysicalSizeZUnit", "Interleaved", "BigEndian",
+    "SignificantBits", "SamplesPerPixel", "IFD", "PlaneCount", "FirstC", "FirstZ", "FirstT", "TheC", "TheZ", "TheT",
+    "Color", "TimeIncrement", "TimeIncrementUnit", "Namespace",
+})
+
+
+def slide_file_values(location, fmt: str | None = None) -> dict[str, set[str]]:
+    """Identifying values of one slide file, by format (sniffed when ``fmt`` is None): every TIFF text tag of every
+    page but make/model/software (:func:`tiff_text_values`: DocumentName, Artist, HostComputer, DateTime...) plus,
+    by format, the Aperio description fields that are not technical, the generic ImageDescription whole, or the
+    OME-XML's text and non-structural attributes (:func:`ome_identifying_values`); NDPI through ``deid.ndpi``'s
+    reader (Reference, DateTime, serial, property-map values...); a DICOM-WSI instance's header; a MIRAX slide
+    (its ``.mrxs``) through :func:`mirax_values`.  Raises when the file cannot be read: the de-identifier calls
+    it on an input it is about to copy, where nothing found must not mean nothing to find."""
+    from imaging_tasks.deid.slide import TECHNICAL_FIELDS  # here: tifffile only if needed
+    from imaging_tasks.slide_files import sniff
+
+    found, description = sniff(location)
+    fmt = fmt or found
+    if fmt == "ndpi":  # deid.ndpi's own reader: tifffile misreads NDPI's 8-byte IFD pointers
+        from imaging_tasks.deid.ndpi import ndpi_identifying_fields
+        from imaging_tasks.slide_files import local_file
+
+        with local_file(location) as path:
+            return {f"ndpi:{k}": v for k, v in ndpi_identifying_fields(path).items()}
+    if fmt == "dicom":
+        from imaging_tasks import storage
+
+        with storage.as_path(location).open("rb") as fh:
+            return dicom_identifying_values(read_header(fh))
+    if fmt == "mirax":
+        return mirax_values(location)
+    values = tiff_text_values(location)
+    if fmt == "aperio":
+        return merge(values, slide_identifying_values(description, set(TECHNICAL_FIELDS)))
+    if fmt == "ome-tiff":
+        return merge(values, ome_identifying_values(description))
+    text = description.strip()
+    return merge(values, {"tiff:ImageDescription": {text}} if long_enough(text) else {})
+
+
+def tiff_text_values(location) -> dict[str, set[str]]:
+    """Values of the TIFF text (ASCII) tags of every page and SubIFD but ImageDescription (read by format) and
+    make/model/software: whole, each line, and each ``key=value`` line's value (NDPI's property map).
+    Attribute: ``tiff:<tag name>``."""
+    import tifffile
+
+    from imaging_tasks import storage
+
+    found: dict[str, set[str]] = {}
+    with storage.as_path(location).open("rb") as fh, tifffile.TiffFile(fh) as tif:
+        pages = list(tif.pages)
+        for offset in pages[0].subifds or ():
+            tif.filehandle.seek(offset)
+            pages.append(tifffile.TiffPage(tif, index=(0, 0)))
+        for page in pages:
+            for tag in page.tags.values():
+                if int(tag.dtype) != _ASCII or tag.code == 270 or tag.code in TIFF_TECHNICAL_TEXT_TAGS:
+                    continue
+                text = tag.value if isinstance(tag.value, str) else str(tag.value)
+                parts = {text.strip()}
+                for line in re.split(r"[\r\n\0]+", text):
+                    parts.add(line.strip())
+                    parts.add(line.partition("=")[2].strip())
+                found.setdefault(f"tiff:{tag.name}", set()).update(p for p in parts if long_enough(p))
+    return {k: v for k, v in found.items() if v}
+
+
+def ome_identifying_values(xml: str) -> dict[str, set[str]]:
+    """Every text value and every attribute of an OME-XML document but the structural ones
+    (:data:`OME_TECHNICAL_ATTRIBUTES`, references, the schema location): Image Name and Description,
+    AcquisitionDate, Experimenter names, e-mail and user name, institution, annotation values...
+    Attribute: ``ome:<element>`` or ``ome:<element>@<attribute>``.  Nothing for text that is not XML."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except (ET.ParseError, ValueError):
+        return {}
+    found: dict[str, set[str]] = {}
+    for el in root.iter():
+        name = el.tag.rsplit("}", 1)[-1]
+        if el.text and long_enough(el.text):
+            found.setdefault(f"ome:{name}", set()).add(el.text.strip())
+        for attr, value in el.attrib.items():
+            attr = attr.rsplit("}", 1)[-1]
+            if attr in OME_TECHNICAL_ATTRIBUTES or attr == "schemaLocation" or name.endswith("Ref"):
+                continue
+            if long_enough(value):
+                found.setdefault(f"ome:{name}@{attr}", set()).add(value.strip())
+    return found
+
+
+def mirax_values(mrxs_uri) -> dict[str, set[str]]:
+    """A MIRAX slide's identifying values (``deid.mirax.mirax_identifying_fields``: Slidedat.ini's values outside
+    its technical allow-list, SLIDE_ID...), read from the ``.mrxs`` and the folder beside it; a bucket slide's
+    folder is copied to a temporary folder first.  Attribute: ``mirax:<GROUP.KEY>``."""
+    import tempfile
+    from pathlib import Path
+
+    from imaging_tasks import storage
+    from imaging_tasks.deid.mirax import mirax_identifying_fields
+
+    path = storage.as_path(mrxs_uri)
+    if storage.is_local(path):
+        fields = mirax_identifying_fields(Path(path.path))
+    else:
+        with tempfile.TemporaryDirectory(prefix="mirax-audit-") as tmp:
+            local = storage.download(path, Path(tmp) / path.name)
+            folder = path.parent / path.name[: -len(".mrxs")]
+            for obj in storage.list_objects(folder):
+                storage.download(obj.uri, Path(tmp) / local.stem / obj.relpath)
+            fields = mirax_identifying_fields(local)
+    found = {f"mirax:{k}": {str(v).strip() for v in vs if long_enough(str(v))} for k, vs in fields.items()}
+    return {k: v for k, v in found.items() if v}
 
 
 def nifti_identifying_values(data: bytes) -> dict[str, set[str]]:

@@ -10,7 +10,7 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import imaging_tasks
@@ -155,7 +155,8 @@ def deidentify_study(study: dict, lake: Lake, *, key: bytes, demo: bool, options
     manifest = storage.read_json(study["manifest"])
     dest = lake.anonymized(study["patient"], study["study"])
     if get_specialty(lake.specialty).file_kind == "slide":
-        instances, quarantined = _deidentify_slides(manifest["files"], dest, lake, key=key)
+        instances, quarantined = _deidentify_slides(manifest["files"], dest, lake, key=key, demo=demo,
+                                                    options=options)
     else:  # DICOM, NIfTI uploads, or DICOM with an upload beside it (a BOLD series' events table)
         dicoms = [f for f in manifest["files"] if not f.get("upload")]
         uploads = [f for f in manifest["files"] if f.get("upload")]
@@ -288,33 +289,206 @@ def _deidentify_uploads(files: list[dict], dest, lake: Lake, *, study: str, opti
     return instances, quarantined
 
 
-def _deidentify_slides(files: list[dict], dest, lake: Lake, *, key: bytes) -> tuple[list, int]:
-    from imaging_tasks.deid.slide import TECHNICAL_FIELDS, deidentify_svs, read_description
-    from imaging_tasks.phi_audit import assert_no_leaks, slide_identifying_values
+def _deidentify_slides(files: list[dict], dest, lake: Lake, *, key: bytes, demo: bool = False,
+                       options=None) -> tuple[list, int]:
+    """One slide study (``index._index_slides``), de-identified by format into the study's anonymized folder.
 
+    * Aperio SVS, generic TIFF, NDPI, OME-TIFF: ``deid.slide.deidentify_svs`` (byte copy, label/macro dropped,
+      text allow-listed; NDPI through ``deid.ndpi``; OME-TIFF through ``deid.ome``: the first image's pyramid as a
+      generic pyramidal TIFF, OME-XML and other images dropped).  Written as ``slide_files.OUTPUT_NAMES[format]``
+      (``slide.svs``, ``slide.tif``, ``slide.ndpi``): a suffix OpenSlide recognises.
+    * DICOM whole-slide: each instance through the DICOM de-identifier (``deid.dicom``) like any DICOM study,
+      written as ``<series uid>/<sop uid>.dcm`` (one folder: OpenSlide reads the series from it).  Label and
+      overview instances are refused by it (``slide_label_image``) and quarantined; the slide goes on without
+      them.  A refused VOLUME instance makes the slide incomplete: its other files are quarantined too
+      (``incomplete_slide``).
+    * MIRAX: ``deid.mirax.deidentify_mirax`` into ``slide.mrxs`` + ``slide/``.
+
+    Every copy is opened with OpenSlide (first and last pixel of every level) before anything is written to the
+    lake; one that does not open sends the slide's inputs to quarantine (``unreadable_slide``).  Every output file
+    is audited against the identifying values of its inputs, read by format (``phi_audit.slide_file_values``,
+    ``dicom_identifying_values``, ``mirax_values``), streamed.
+    Instances carry ``relpath`` (their path under the study's folder) and ``format``: ``fetch_instances`` lays
+    them out as written.  Returns ``(instances, number of input files quarantined)``.
+    """
+    from imaging_tasks.slide_files import sniff
+
+    rows = []
+    for f in files:
+        row = dict(f)
+        if not row.get("slide"):  # a manifest written before slide formats: one single-file slide
+            try:
+                fmt = sniff(row["uri"])[0]
+            except BadInput:
+                fmt = "unreadable"
+            row["slide"] = {"format": fmt, "role": "main"}
+        rows.append(row)
+    mirax = [r for r in rows if r["slide"]["format"] == "mirax"]
+    dicom = [r for r in rows if r["slide"]["format"] == "dicom"]
+    singles = [r for r in rows if r["slide"]["format"] not in ("mirax", "dicom")]
     instances, quarantined = [], 0
     with tempfile.TemporaryDirectory(prefix="deid-slide-") as tmp:
-        for i, f in enumerate(files):
-            src = storage.download(f["uri"], Path(tmp) / f"in-{i}{Path(f['uri']).suffix}")
-            dst = Path(tmp) / f"out-{i}.svs"
-            try:
-                description = read_description(src)
-                info = deidentify_svs(src, dst, key, digest=f.get("sha256"))
-            except BadInput as exc:
-                _quarantine(lake, src.read_bytes(), exc, stage="deidentify", source_uri=f["uri"],
-                            suffix=src.suffix)
-                quarantined += 1
-                continue
-            out = dst.read_bytes()
-            assert_no_leaks(slide_identifying_values(description, TECHNICAL_FIELDS), out, "slide")
-            uri = storage.join(dest, "slide.svs")
-            sha = storage.write_bytes(uri, out)
-            instances.append({"uri": str(uri), "sha256": sha, "bytes": len(out),
-                              "source_sha256": f.get("sha256") or storage.sha256_of(src),  # hashed at index
-                              "study_uid": None, "series_uid": None,
-                              "sop_uid": f"slide-{sha[:16]}", "modality": "SM", "sop_class_uid": None,
-                              "header": {k: v for k, v in info.items() if k in ("mpp", "removed", "dimensions")}})
+        tmp = Path(tmp)
+        if mirax:
+            made, refused = _deidentify_mirax(mirax, dest, lake, key=key, tmp=tmp / "mirax")
+            instances, quarantined = instances + made, quarantined + refused
+        if dicom:
+            from imaging_tasks.deid.dicom import DeidOptions
+
+            made, refused = _deidentify_dicom_slide(dicom, dest, lake, key=key, demo=demo,
+                                                    options=options or DeidOptions(), tmp=tmp / "dicom")
+            instances, quarantined = instances + made, quarantined + refused
+        for i, row in enumerate(singles):
+            made, refused = _deidentify_single_slide(row, dest, lake, key=key, tmp=tmp / f"single-{i}",
+                                                     name=None if len(singles) == 1 else f"slide-{i}")
+            instances, quarantined = instances + made, quarantined + refused
     return instances, quarantined
+
+
+def _refuse_slide(lake: Lake, rows: list[dict], exc: BadInput) -> int:
+    """Every input file of a slide to quarantine with one reason; returns how many."""
+    for r in rows:
+        _quarantine(lake, storage.read_bytes(r["uri"]), exc, stage="deidentify", source_uri=r["uri"],
+                    suffix=_suffix(r["uri"]))
+    return len(rows)
+
+
+def _audit_file(values: dict[str, set[str]], path: Path, what: str) -> None:
+    """The PHI audit of one output file, streamed (a slide may not fit in memory)."""
+    from imaging_tasks.phi_audit import PHILeak, scan_stream
+
+    with open(path, "rb") as fh:
+        leaked = scan_stream(values, fh)
+    if leaked:
+        raise PHILeak(f"{what}: identifying values of {', '.join(leaked)} survived de-identification; nothing was "
+                      "published — fix the de-identification profile before re-running")
+
+
+def _slide_instance(path: Path, dest, relpath: str, *, source_sha256: str, fmt: str, header: dict,
+                    series_uid: str | None = None, sop_uid: str | None = None, study_uid: str | None = None,
+                    sop_class_uid: str | None = None) -> dict:
+    """Write one de-identified slide file to the lake (streamed) and describe it as an instance."""
+    uri = storage.join(dest, *relpath.split("/"))
+    sha = storage.write_file(uri, path)
+    return {"uri": str(uri), "sha256": sha, "bytes": path.stat().st_size, "source_sha256": source_sha256,
+            "study_uid": study_uid, "series_uid": series_uid, "sop_uid": sop_uid or f"slide-{sha[:16]}",
+            "modality": "SM", "sop_class_uid": sop_class_uid, "header": {"format": fmt, **header},
+            "relpath": relpath, "format": fmt}
+
+
+def _deidentify_single_slide(row: dict, dest, lake: Lake, *, key: bytes, tmp: Path,
+                             name: str | None) -> tuple[list, int]:
+    from imaging_tasks.deid.slide import deidentify_svs
+    from imaging_tasks.slide_files import OUTPUT_NAMES, check_readable
+    from imaging_tasks.phi_audit import slide_file_values
+
+    fmt = row["slide"]["format"]
+    src = storage.download(row["uri"], tmp / f"in{_suffix(row['uri'])}")
+    out_name = OUTPUT_NAMES.get(fmt, "slide.tif")
+    if name:
+        out_name = name + Path(out_name).suffix
+    dst = tmp / "out" / out_name
+    try:
+        if fmt in ("aperio", "generic-tiff", "ndpi", "ome-tiff"):  # it hands NDPI and OME-TIFF to their own paths
+            info = deidentify_svs(src, dst, key, digest=row.get("sha256"))
+        else:
+            raise BadInput("unreadable_slide", "not a readable whole-slide file (neither DICOM nor a TIFF whose "
+                           "first page parses); check it is a complete slide and re-send it")
+        check_readable(dst)
+    except BadInput as exc:
+        return [], _refuse_slide(lake, [row], exc)
+    _audit_file(slide_file_values(src, fmt), dst, f"slide {out_name}")
+    header = {k: v for k, v in info.items() if k in ("mpp", "removed", "dimensions", "vendor", "resolution_from")}
+    return [_slide_instance(dst, dest, out_name, source_sha256=row.get("sha256") or storage.sha256_of(src),
+                            fmt=fmt, header=header)], 0
+
+
+def _deidentify_dicom_slide(rows: list[dict], dest, lake: Lake, *, key: bytes, demo: bool, options,
+                            tmp: Path) -> tuple[list, int]:
+    """A DICOM-WSI series: each instance through the DICOM de-identifier into ``<series>/<sop>.dcm``; see
+    :func:`_deidentify_slides` for what is refused."""
+    from imaging_tasks.deid.dicom import deidentify_bytes
+    from imaging_tasks.dicom_io import read_header
+    from imaging_tasks.slide_files import check_readable, main_slide_file
+    from imaging_tasks.phi_audit import dicom_identifying_values, merge, retained_by
+
+    made, refused, seen = [], [], {}
+    for r in rows:
+        data = storage.read_bytes(r["uri"])
+        try:
+            seen = merge(seen, dicom_identifying_values(read_header(data), retained_by(options)))
+        except BadInput:
+            pass  # the de-identifier refuses it below, with its reason
+        try:
+            out, info = deidentify_bytes(data, key, options, demo=demo)
+        except BadInput as exc:
+            _quarantine(lake, data, exc, stage="deidentify", source_uri=r["uri"], suffix=".dcm")
+            refused.append(r)
+            continue
+        relpath = f"{info['series_uid']}/{info['sop_uid']}.dcm"
+        local = tmp / relpath
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(out)
+        made.append((r, info, local, relpath, storage.sha256_bytes(data)))
+    if any(r["slide"].get("role") == "volume" for r in refused) and made:
+        exc = BadInput("incomplete_slide", f"{len(refused)} instance(s) of this DICOM whole-slide series were "
+                       "refused, a VOLUME image among them (see their own quarantine rows); the slide cannot be "
+                       "read whole without it; fix or re-export the series and send it again")
+        return [], len(refused) + _refuse_slide(lake, [m[0] for m in made], exc)
+    if not made:
+        return [], len(refused)
+    try:
+        check_readable(main_slide_file([m[2] for m in made]))
+    except BadInput as exc:
+        return [], len(refused) + _refuse_slide(lake, [m[0] for m in made], exc)
+    for _r, info, local, _relpath, _sha in made:  # every file audited before any is written
+        _audit_file(seen, local, f"slide instance {info['sop_uid']}")
+    instances = []
+    for r, info, local, relpath, source_sha in made:
+        instances.append(_slide_instance(local, dest, relpath, source_sha256=source_sha, fmt="dicom",
+                                         header={**info.get("header", {}), "role": r["slide"].get("role")},
+                                         series_uid=info["series_uid"], sop_uid=info["sop_uid"],
+                                         study_uid=info["study_uid"], sop_class_uid=info["sop_class_uid"]))
+    return instances, len(refused)
+
+
+def _deidentify_mirax(rows: list[dict], dest, lake: Lake, *, key: bytes, tmp: Path) -> tuple[list, int]:
+    """A MIRAX slide (``X.mrxs`` + ``X/``) through ``deid.mirax`` into ``slide.mrxs`` + ``slide/``."""
+    from imaging_tasks.slide_files import check_readable, mirax_digest
+    from imaging_tasks.phi_audit import mirax_values
+
+    try:
+        from imaging_tasks.deid.mirax import deidentify_mirax, mirax_files
+    except ImportError:  # the MIRAX de-identifier is not installed: refuse rather than copy
+        return [], _refuse_slide(lake, rows, BadInput(
+            "unsupported_slide", "MIRAX slides cannot be de-identified by this installation; convert the slide"))
+    main = [r for r in rows if r["slide"].get("role") == "main"]
+    if len(main) != 1:
+        return [], _refuse_slide(lake, rows, BadInput("mirax_incomplete", "a MIRAX slide needs exactly one .mrxs"))
+    for r in rows:
+        storage.download(r["uri"], tmp / "in" / Path(*PurePosixPath(r["slide"]["path"]).parts))
+    src = tmp / "in" / Path(*PurePosixPath(main[0]["slide"]["path"]).parts)
+    dst = tmp / "out" / "slide.mrxs"
+    try:
+        values = mirax_values(str(src))
+        info = deidentify_mirax(src, dst, key, digest=mirax_digest(rows))
+        check_readable(dst)
+    except BadInput as exc:
+        return [], _refuse_slide(lake, rows, exc)
+    # each output file's source: the input of the same name (``slide.mrxs`` <- ``X.mrxs``, ``slide/F`` <- ``X/F``)
+    source = {"slide.mrxs": main[0]["sha256"],
+              **{"slide/" + PurePosixPath(r["slide"]["path"]).name: r["sha256"] for r in rows if r is not main[0]}}
+    outputs = [Path(p) for p in mirax_files(dst)]
+    for path in outputs:  # every file audited before any is written
+        _audit_file(values, path, f"slide file {path.relative_to(dst.parent).as_posix()}")
+    instances = []
+    for path in outputs:
+        relpath = path.relative_to(dst.parent).as_posix()
+        header = {k: v for k, v in info.items() if k in ("mpp", "removed", "dimensions")} \
+            if relpath == "slide.mrxs" else {"role": "data"}
+        instances.append(_slide_instance(path, dest, relpath, fmt="mirax", header=header,
+                                         source_sha256=source.get(relpath, mirax_digest(rows))))
+    return instances, 0
 
 
 # --------------------------------------------------------------------------- PHI audit
@@ -322,7 +496,7 @@ def _input_values(study: dict, lake: Lake) -> dict[str, set[str]]:
     from imaging_tasks.phi_audit import merge, upload_identifying_values, values_of_input
 
     manifest = storage.read_json(study.get("manifest") or lake.work("studies", f"{study['study']}.json"))
-    return merge(*(values_of_input(f["uri"]) for f in manifest["files"]),
+    return merge(*(values_of_input(f["uri"], (f.get("slide") or {}).get("format")) for f in manifest["files"]),
                  *(upload_identifying_values(f["upload"]) for f in manifest["files"] if f.get("upload")))
 
 
@@ -447,11 +621,22 @@ def _step_dir(lake: Lake, study: dict, step: str):
 def fetch_instances(instances: list[dict], local: Path) -> list[Path]:
     """The study's de-identified files in a local folder, numbered in instance order: DICOM as ``00001.dcm``,
     anything else keeps its name after the number (``00001-pet.nii.gz``, ``00002-pet.json``), so a step can
-    tell the MR from the PET NIfTI and find a sidecar."""
+    tell the MR from the PET NIfTI and find a sidecar.
+
+    A slide's instances carry ``relpath`` (``pipeline._deidentify_slides``) and are laid out as written, which is
+    what OpenSlide needs: a MIRAX ``slide.mrxs`` with its ``slide/`` folder beside it, a DICOM-WSI series'
+    files together in one folder, ``slide.svs`` / ``slide.tif`` / ``slide.ndpi`` as they are.  Returns the
+    local paths in instance order."""
     out = []
     for n, inst in enumerate(instances):
-        name = Path(inst["uri"]).name
-        target = f"{n:05d}.dcm" if name.lower().endswith(".dcm") else f"{n:05d}-{name}"
+        if inst.get("relpath"):
+            rel = PurePosixPath(inst["relpath"])
+            if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+                raise ValueError(f"instance {n}: relpath must be a relative path inside the study folder")
+            target = Path(*rel.parts)
+        else:
+            name = Path(inst["uri"]).name
+            target = f"{n:05d}.dcm" if name.lower().endswith(".dcm") else f"{n:05d}-{name}"
         out.append(storage.download(inst["uri"], local / target))
     return out
 

@@ -101,8 +101,8 @@ class Specialty:
     ready: str | None = None  # "module:attribute": ready(modalities: dict, newest: datetime, now, options) -> bool
     results: str = ""  # what the warehouse holds for it (doc text)
     bad_modality: str = "CT"  # a modality it refuses (synthetic bad inputs)
-    fan_out: str | None = None  # module with plan_slide / tile_batches / tile_features_batch / finish_slide: the
-    #                             DAG maps the features over tile batches of all studies instead of one step each
+    fan_out: str | None = None  # module with plan_slide / slide_features / finish_slide: the DAG runs them as one
+    #                             mapped task group per study (plan_tiles -> tile_features -> finish_slide)
     order: int = 100  # position in listings; ``imaging-tasks synth`` seeds it with seed + 1000 x order
     nifti_uploads: dict | None = None  # NIfTI file stem -> modality (e.g. {"mri": "MR", "pet": "PT"}): a DICOM
     #   specialty that also takes NIfTI uploads laid out as <patient>/<session>/<stem>.nii[.gz] (+ <stem>.json
@@ -175,8 +175,8 @@ class Specialty:
         return index, fn, {k: v for k, v in self.options_for(options, "process").items() if takes_all or k in params}
 
     def fan_out_step(self, name: str) -> Callable:
-        """One function of the fan-out module (``plan_slide``, ``tile_batches``, ``tile_features_batch``,
-        ``finish_slide``); a specialty without a fan-out has none."""
+        """One function of the fan-out module (``plan_slide``, ``slide_features``, ``finish_slide``); a specialty
+        without a fan-out has none."""
         if not self.fan_out:
             raise ValueError(f"specialty {self.name} has no tile fan-out; its steps are {[s.name for s in self.steps]}")
         return load_callable(f"{self.fan_out}:{name}")

@@ -63,3 +63,80 @@ def save_model(folder, module, cfg=None, name="model.pt"):
     if cfg is not None:
         path.with_suffix(".json").write_text(json.dumps(cfg))
     return path
+
+
+# --------------------------------------------------------------------------------------------- tile encoders
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+class TinyEncoder(torch.nn.Module):
+    """conv 3->8 (stride 2) -> ReLU -> conv 8->16 (stride 2) -> ReLU -> global mean -> linear to ``dim``.
+
+    Weights drawn from ``seed`` (a fixed generator, not the global one), so every build is the same model.  Real
+    convolutions over all three channels, so a wrong channel order, normalisation or resize changes its output.
+    """
+
+    def __init__(self, dim: int = 16, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.head = torch.nn.Linear(16, dim)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.ndim > 1 else 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1(x))
+        y = torch.relu(self.conv2(y))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+class LayoutProbe(torch.nn.Module):
+    """(N, 4): the per-channel means of its input and 1.0 when the input arrived channels-last (TorchScript only:
+    torch.export would bake the layout check in as a constant)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flag = torch.full((x.shape[0], 1), float(x.is_contiguous(memory_format=torch.channels_last)), device=x.device)
+        return torch.cat([x.mean(dim=(2, 3)), flag], dim=1)
+
+
+def encoder_config(**changes):
+    base = {"name": "tiny-encoder", "task": "embedding", "input_size": [64, 64], "channels": 3,
+            "normalization": {"method": "mean_std", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+            "output": "features", "output_dim": 16, "um_per_px": 0.5, "batch_size": 4}
+    base.update(changes)
+    return {k: v for k, v in base.items() if v is not ...}
+
+
+def export_model(module, example_shape=(2, 3, 64, 64), dynamic_batch=True):
+    """torch.export of ``module`` in eval mode with a dynamic batch dimension (what the docs ask users for)."""
+    shapes = {"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None
+    return torch.export.export(module.eval(), (torch.zeros(example_shape),), dynamic_shapes=shapes)
+
+
+def save_encoder(folder, cfg=None, *, kind="torchscript", module=None, name=None, **export_args):
+    """The tiny encoder (or ``module``) saved as TorchScript (``model.pt``) or torch.export (``model.pt2``)."""
+    module = (module if module is not None else TinyEncoder()).eval()
+    path = folder / (name or ("model.pt2" if kind == "export" else "model.pt"))
+    if kind == "export":
+        torch.export.save(export_model(module, **export_args), str(path))
+    else:
+        torch.jit.save(torch.jit.script(module), str(path))
+    if cfg is not None:
+        path.with_suffix(".json").write_text(json.dumps(cfg))
+    return path
+
+
+def ihc_tiles(n: int = 10, size: int = 96, seed: int = 0):
+    """(n, size, size, 3) uint8 crops of real IHC microscopy (scikit-image's immunohistochemistry sample, shipped
+    in the wheel), at random positions."""
+    import numpy as np
+    from skimage import data
+
+    image = data.immunohistochemistry()
+    rng = np.random.default_rng(seed)
+    ys = rng.integers(0, image.shape[0] - size, n)
+    xs = rng.integers(0, image.shape[1] - size, n)
+    return np.stack([image[y:y + size, x:x + size] for y, x in zip(ys, xs)])

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from byo_models import LABELS, Bands, BlurBands, Embed, Pair, config, save_model
+from byo_models import LABELS, Bands, BlurBands, Embed, Pair, config, export_model, save_model
 from imaging_tasks import byo_model
 from imaging_tasks.errors import ConfigError
 
@@ -277,3 +277,109 @@ def test_normalisation_of_constant_frames_and_empty_input(tmp_path):
     path = save_model(tmp_path, Bands(), config())
     labels, _ = byo_model.segment_frames(np.zeros((0, 8, 9), np.float32), (1.0, 1.0), path, device="cpu")
     assert labels.shape == (0, 8, 9) and labels.dtype == np.uint8
+
+
+# ------------------------------------------------------------------------ torch.export, mean_std, new keys
+
+def save_exported(folder, module, cfg, example_shape, name="model.pt2", dynamic_spatial=False):
+    shapes = {0: torch.export.Dim("batch")}
+    if dynamic_spatial:
+        shapes.update({2: torch.export.Dim("h", min=2), 3: torch.export.Dim("w", min=2)})
+    program = torch.export.export(module.eval(), (torch.zeros(example_shape),), dynamic_shapes={"x": shapes})
+    path = folder / name
+    torch.export.save(program, str(path))
+    path.with_suffix(".json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_torch_export_segmentation_identical_to_torchscript(tmp_path):
+    """The same network as TorchScript and as a torch.export archive: the same labels, through both geometries."""
+    frames, truth = phantom(n=7, shape=(50, 47), seed=4)
+    cfg = config(input_size=[32, 40], normalization={"method": "minmax"}, batch_size=3)
+    mus = (0.0, 1.0, 0.4)
+    ts = save_model(tmp_path, BlurBands(mus), cfg)
+    pt2 = save_exported(tmp_path, BlurBands(mus), cfg, (2, 1, 32, 40))
+    labels, spec = byo_model.segment_frames(frames, (1.5, 1.5), pt2, device="cpu")
+    assert spec.format == "torch.export" and spec.record()["format"] == "torch.export"
+    assert spec.sha256 == hashlib.sha256(pt2.read_bytes()).hexdigest()
+    np.testing.assert_array_equal(labels, byo_model.segment_frames(frames, (1.5, 1.5), ts, device="cpu")[0])
+    np.testing.assert_array_equal(labels, by_hand(ts, frames, cfg))
+    assert (labels == truth).mean() > 0.85
+    native = config()  # input_size null: frames at their native size, so H and W exported dynamic
+    fcn = save_exported(tmp_path, Bands(), native, (2, 1, 16, 16), name="fcn.pt2", dynamic_spatial=True)
+    labels, _ = byo_model.segment_frames(frames, (1.5, 1.5), fcn, device="cpu")
+    np.testing.assert_array_equal(labels, by_hand(save_model(tmp_path, Bands(), native, name="fcn.pt"), frames,
+                                                  native))
+
+
+def test_archive_format_from_content(tmp_path):
+    ts = save_model(tmp_path, Bands(), name="a.pt")
+    program = export_model(Embed(), example_shape=(2, 1, 8, 8))
+    torch.export.save(program, str(tmp_path / "b.pt2"))
+    torch.save(Bands().state_dict(), tmp_path / "c.pt")
+    assert byo_model.archive_format(ts.read_bytes()) == "torchscript"
+    assert byo_model.archive_format((tmp_path / "b.pt2").read_bytes()) == "torch.export"
+    assert byo_model.archive_format((tmp_path / "c.pt").read_bytes()) == "checkpoint"
+    assert byo_model.archive_format(b"\x00" * 100) == "other"
+    # a torch.export archive under a .pt name is still run as one
+    (tmp_path / "d.pt").write_bytes((tmp_path / "b.pt2").read_bytes())
+    (tmp_path / "d.json").write_text(json.dumps(config(task="embedding", labels=..., output="features",
+                                                       output_dim=2, input_size=[8, 8])))
+    model, spec = byo_model.load_model(tmp_path / "d.pt", device="cpu", task="embedding")
+    x = np.random.default_rng(2).normal(size=(3, 1, 8, 8)).astype(np.float32)
+    out = byo_model.run_batches(model, spec, x, "cpu")
+    assert spec.format == "torch.export"
+    np.testing.assert_allclose(out, np.stack([x.mean(axis=(1, 2, 3)), x.max(axis=(1, 2, 3))], 1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"output_dim": 4}, "'output_dim' is for embedding models"),
+    ({"channels_last": "yes"}, "'channels_last' is 'yes'"),
+    ({"mean": [0.5], "std": [0.2]}, "'mean' and 'std' go inside 'normalization'"),
+    ({"std": [0.2]}, "'std' go inside 'normalization'"),
+    ({"um_per_px": 0}, "'um_per_px' is 0"),
+    ({"um_per_px": 0.5, "pixel_spacing_mm": 1.0}, "both 'um_per_px' and 'pixel_spacing_mm'"),
+    ({"normalization": {"method": "mean_std", "mean": [0.5], "std": [0]}}, "every one > 0"),
+    ({"normalization": {"method": "mean_std", "mean": [0.5, 0.5], "std": [0.2]}},
+     "'mean' has 2 number(s), the model has 'channels': 1"),
+    ({"normalization": {"method": "mean_std", "mean": [0.5], "std": [0.2], "low": 1}}, "takes no 'low'"),
+    ({"normalization": {"method": "mean_std", "std": [0.2]}}, "'mean_std' needs 'mean'"),
+    ({"normalization": {"method": "percentile", "low": 1, "high": 99, "mean": [0.5]}}, "unknown key(s) 'mean'"),
+])
+def test_new_keys_checked(tmp_path, changes, expected):
+    path = save_model(tmp_path, Bands(), config(**changes))
+    with pytest.raises(ConfigError) as info:
+        byo_model.load_model(path, device="cpu")
+    message = str(info.value)
+    assert expected in message and str(tmp_path / "model.json") in message and "Fix the file" in message
+
+
+def test_mean_std_parsed_and_refused_for_mr_frames(tmp_path):
+    cfg = config(normalization={"method": "mean_std", "mean": [0.5], "std": [0.25]}, um_per_px=0.5,
+                 channels_last=False)
+    path = save_model(tmp_path, Bands(), cfg)
+    _, spec = byo_model.load_model(path, device="cpu")
+    assert spec.normalization == byo_model.Normalization("mean_std", mean=(0.5,), std=(0.25,))
+    assert spec.um_per_px == 0.5 and spec.channels_last is False and spec.output_dim is None
+    record = json.loads(json.dumps(spec.record()))
+    assert record["normalization"] == {"method": "mean_std", "mean": [0.5], "std": [0.25]}
+    assert record["um_per_px"] == 0.5 and record["channels_last"] is False and record["format"] == "torchscript"
+    with pytest.raises(ConfigError, match="'mean_std', which is for 8-bit images; MR frames have no fixed scale"):
+        byo_model.segment_frames(phantom(n=2)[0], (1.0, 1.0), path, device="cpu")
+    with pytest.raises(ValueError, match="not a per-frame normalization"):
+        byo_model.normalize_frames(np.zeros((1, 4, 4)), spec.normalization)
+
+
+def test_cache_reloads_when_channels_last_changes(tmp_path):
+    from byo_models import TinyEncoder, encoder_config, save_encoder
+
+    path = save_encoder(tmp_path, encoder_config())
+    first, spec = byo_model.load_model(path, device="cpu")
+    assert spec.channels_last and first.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    path.with_suffix(".json").write_text(json.dumps(encoder_config(batch_size=2)))
+    assert byo_model.load_model(path, device="cpu")[0] is first  # only the JSON's batch size changed
+    path.with_suffix(".json").write_text(json.dumps(encoder_config(channels_last=False)))
+    model, spec = byo_model.load_model(path, device="cpu")
+    assert model is not first and not spec.channels_last
+    assert not model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert TinyEncoder().conv1.weight.shape == model.conv1.weight.shape

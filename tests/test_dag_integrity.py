@@ -60,11 +60,18 @@ def test_neuro_chain_is_one_task_per_step_in_order(dagbag):
     assert steps[-1] in dag.get_task("load_metadata").upstream_task_ids
 
 
-def test_pathology_fans_out_over_tile_batches(dagbag):
+def test_pathology_maps_one_task_group_per_slide(dagbag):
+    from airflow.sdk.definitions.taskgroup import MappedTaskGroup
+
     dag = dagbag.dags["pathology"]
-    assert dag.get_task("tile_features").upstream_task_ids == {"tile_batches"}
-    assert {"wait_for_landing", "index_studies", "deidentify", "plan_tiles", "tile_batches", "tile_features",
-            "finish_slide", "load_metadata"} <= set(dag.task_ids)
+    chain = ("plan_tiles", "tile_features", "finish_slide")
+    assert dag.get_task("plan_tiles").upstream_task_ids == {"ready_for_processing"}
+    for earlier, later in zip(chain, chain[1:]):
+        assert dag.get_task(later).upstream_task_ids == {earlier}
+    assert "finish_slide" in dag.get_task("load_metadata").upstream_task_ids
+    groups = [dag.get_task(t).task_group for t in chain]
+    assert all(g is groups[0] for g in groups) and isinstance(groups[0], MappedTaskGroup)  # one of each per slide
+    assert "tile_batches" not in dag.task_ids
 
 
 def test_chain_is_sensor_deid_process_load(dagbag):

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 from imaging_tasks.errors import BadInput
-from imaging_tasks.pathology.tiles import (RGB_FROM_HED, plan_tiles, process_study, stain_features, summarize,
-                                     tile_features)
+from imaging_tasks.pathology.features_io import summarize_table, tile_table, write_table
+from imaging_tasks.pathology.reader import tile_chunks
+from imaging_tasks.pathology.slide_features import process_study
+from imaging_tasks.pathology.stain import stain_features_np
+from imaging_tasks.pathology.tiles import RGB_FROM_HED, plan_tiles
 from imaging_tasks.pathology.synth import synthesize
 
 
@@ -89,7 +92,7 @@ def _stain_tile(od_h: float = 0.0, od_e: float = 0.0, od_d: float = 0.0, size: i
 def test_colour_deconvolution_recovers_the_pure_stain(stain):
     amounts = [0.0, 0.0, 0.0]
     amounts[stain] = 0.8
-    f = stain_features(_stain_tile(*amounts), "cpu")
+    f = stain_features_np(_stain_tile(*amounts))
     assert int(np.argmax(f["mean"][0])) == stain
     assert f["mean"][0, stain] == pytest.approx(0.8, rel=0.03)
     assert f["mean"][0, [i for i in range(3) if i != stain]] == pytest.approx([0, 0], abs=0.02)
@@ -97,48 +100,57 @@ def test_colour_deconvolution_recovers_the_pure_stain(stain):
 
 
 def test_mixture_glass_and_texture():
-    mix = stain_features(_stain_tile(0.5, 0.3), "cpu")
+    mix = stain_features_np(_stain_tile(0.5, 0.3))
     assert mix["mean"][0] == pytest.approx([0.5, 0.3, 0.0], abs=0.02)
-    glass = stain_features(np.full((1, 32, 32, 3), 238, np.uint8), "cpu")
+    glass = stain_features_np(np.full((1, 32, 32, 3), 238, np.uint8))
     assert glass["tissue_fraction"][0] == 0.0 and glass["mean"][0].tolist() == [0.0, 0.0, 0.0]
     # Same mean haematoxylin, once flat and once as sharp "nuclei": only the second has edge texture.
     flat = _stain_tile(0.4, 0.3)
     spots = _stain_tile(0.2, 0.3)
     dark = _stain_tile(1.0, 0.3)[0, 0, 0]
     spots[0, 0::8], spots[0, 1::8] = dark, dark  # a quarter of the rows at OD 1.0: mean 0.4
-    f = stain_features(np.concatenate([flat, spots]), "cpu")
+    f = stain_features_np(np.concatenate([flat, spots]))
     assert f["h_gradient_od_per_um"][0] < 1e-3 and f["h_gradient_od_per_um"][1] > 0.02
     assert f["p90"][1, 0] > 0.8 and f["p10"][1, 0] < 0.3  # percentiles see the two populations
 
 
-def test_features_on_the_slide_match_the_planted_stains_and_ignore_batching(slide, plan):
+def test_features_on_the_slide_match_the_planted_stains_and_ignore_batching(slide, plan, tmp_path):
     path, truth = slide
     tiles = plan["tiles"][:12]
-    whole = tile_features(path, tiles, device="cpu")
-    split = [r for i in range(0, len(tiles), 5) for r in tile_features(path, tiles[i:i + 5], device="cpu",
-                                                                         batch_size=2)]
-    assert [(r["x"], r["y"]) for r in whole] == [(r["x"], r["y"]) for r in split] == [tuple(t[:2]) for t in tiles]
-    for a, b in zip(whole, split, strict=True):
-        assert a["hematoxylin_od_mean"] == pytest.approx(b["hematoxylin_od_mean"], rel=1e-5)
-    s = summarize(plan, whole[::-1])
-    assert s == summarize(plan, whole)  # order-independent, as the DAG gathers batches in any order
+
+    def columns(**kw):
+        chunks = list(tile_chunks(path, tiles, target_mpp=1.0, tile_px=256, **kw))
+        assert [c.start for c in chunks] == list(range(0, len(tiles), kw.get("chunk", 128)))
+        return {k: np.concatenate([c.columns[k] for c in chunks]) for k in chunks[0].columns}
+
+    whole = columns(workers=0)
+    split = columns(workers=2, chunk=5)  # worker processes, another chunking: the same numbers
+    for k in whole:
+        assert np.array_equal(whole[k], split[k]), k
+    table = write_table(tile_table(0, tiles, whole, slide_mpp=truth["truth"]["mpp"]), tmp_path / "t.parquet")
+    s = summarize_table(plan, table)
     t = truth["truth"]
     assert _metric(s, "hematoxylin_od_mean") == pytest.approx(t["hematoxylin_od_mean"], rel=0.1)
     assert _metric(s, "eosin_od_mean") == pytest.approx(t["eosin_od_mean"], rel=0.1)
     assert _metric(s, "dab_positive_tile_fraction") == 0.0  # an H&E slide
+    assert _metric(s, "n_tiles_qc_pass") == 12  # a clean synthetic slide: no tile flagged
 
 
 def test_process_study_in_process(slide, tmp_path):
+    import pyarrow.parquet as pq
+
     path, truth = slide
     result = process_study([path], tmp_path, device="cpu")
     json.dumps(result)
     assert _metric(result, "n_tiles_computed") == _metric(result, "n_tiles") > 0
     assert _metric(result, "tissue_area_mm2") == pytest.approx(truth["truth"]["tissue_area_mm2"], rel=0.05)
     assert {f["kind"] for f in result["findings"]} == {"tissue_region", "hematoxylin_hotspot"}
-    assert set(result["outputs"]) == {"qc_tissue.png", "tissue_mask.png", "tile_features.json"}
+    assert set(result["outputs"]) == {"qc_tissue.png", "tissue_mask.png", "tile_features.parquet", "mil_bag.npz"}
     assert all((tmp_path / o).exists() for o in result["outputs"]) and result["device"] == "cpu"
-    rows = json.loads((tmp_path / "tile_features.json").read_text())
-    assert len(rows) == _metric(result, "n_tiles") and {"eosin_od_p90", "h_gradient_od_per_um"} <= set(rows[0])
+    table = pq.read_table(tmp_path / "tile_features.parquet")
+    assert table.num_rows == _metric(result, "n_tiles") and {"eosin_od_p90", "h_gradient_od_per_um"} <= set(
+        table.schema.names)
+    assert len(np.load(tmp_path / "mil_bag.npz")["features"]) == _metric(result, "n_tiles_qc_pass")
 
 
 def test_ihc_slide_is_dab_positive(tmp_path):

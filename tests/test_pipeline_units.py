@@ -8,7 +8,6 @@ import pytest
 
 from imaging_tasks import storage
 from imaging_tasks.errors import BadInput
-from imaging_tasks.pathology.fanout import tile_batches
 from imaging_tasks.specialties import get
 from imaging_tasks.warehouse import DuckDBWarehouse
 
@@ -66,16 +65,14 @@ def test_neuro_session_waits_for_pet_or_the_mr_only_delay():
     assert get("cardiovascular").is_ready({"CT": 30}, fresh, now)  # no rule: ready when indexed
 
 
-@pytest.mark.parametrize("tiles_per_slide,slides", [(10, 3), (5000, 4), (300_000, 2)])
-def test_tile_batches_cover_every_tile_once_and_never_exceed_1000(tiles_per_slide, slides):
-    plans = [{"study": f"S{i}", "plan": f"p{i}", "slide": f"s{i}", "n_tiles": tiles_per_slide, "status": "ok"}
-             for i in range(slides)]
-    batches = tile_batches(plans)
-    assert 0 < len(batches) <= 1000
-    for p in plans:
-        mine = sorted((b["start"], b["stop"]) for b in batches if b["study"] == p["study"])
-        assert mine[0][0] == 0 and mine[-1][1] == tiles_per_slide
-        assert all(a[1] == b[0] for a, b in zip(mine, mine[1:]))
+def test_part_ranges_cover_every_tile_once_at_any_slide_size():
+    from imaging_tasks.pathology.features_io import PART_TILES
+    from imaging_tasks.pathology.slide_features import part_ranges
+
+    for n in (0, 1, PART_TILES - 1, PART_TILES, PART_TILES + 1, 100_000):
+        ranges = part_ranges(n)
+        assert sum(b - a for a, b in ranges) == n and all(b - a <= PART_TILES for a, b in ranges)
+        assert all(x[1] == y[0] for x, y in zip(ranges, ranges[1:])) and (not ranges or ranges[0][0] == 0)
 
 
 def test_warehouse_upsert_replaces_by_key_and_scope(tmp_path):

@@ -236,23 +236,24 @@ def wsi(tmp_path_factory):
 
 
 def test_good_slide_matches_its_truth(wsi, tmp_path):
-    from imaging_tasks.pathology import tiles as pathology
+    from imaging_tasks.pathology import slide_features
 
     base, record = wsi
-    result = pathology.process_study([base / "slide.svs"], tmp_path, device="cpu", target_mpp=0.5)
+    result = slide_features.process_study([base / "slide.svs"], tmp_path, device="cpu", target_mpp=0.5)
     assert _metrics(result)["tissue_area_mm2"] == pytest.approx(record["truth"]["tissue_area_mm2"], rel=0.05)
 
 
 @pytest.mark.parametrize("case", _cases("pathology", bad=True))
 def test_uncalibrated_slide_is_refused_with_its_reason(wsi, tmp_path, case):
-    from imaging_tasks.pathology import tiles as pathology
+    from imaging_tasks.pathology import slide_features
 
     base, record = wsi
     files, reason = _case_files(base, tmp_path, "pathology", case)
-    _refused(lambda f, o: pathology.process_study(f, o, device="cpu"), files, tmp_path / "out", reason, record["phi"])
+    _refused(lambda f, o: slide_features.process_study(f, o, device="cpu"), files, tmp_path / "out", reason, record["phi"])
 
 
 def test_blank_and_tiny_slides_are_refused(tmp_path):
+    from imaging_tasks.pathology import slide_features
     from imaging_tasks.pathology import tiles as pathology
     from imaging_tasks.pathology import synth
 
@@ -260,7 +261,7 @@ def test_blank_and_tiny_slides_are_refused(tmp_path):
     synth.synthesize(tmp_path / "tiny", 1, 4, width=256, height=192, fragments=1)
     for name, reason in (("blank", "no_tissue"), ("tiny", "slide_too_small")):
         slide = tmp_path / name / "pathology" / "study-000" / "slide.svs"
-        _refused(lambda f, o: pathology.process_study(f, o, device="cpu"), [slide], tmp_path / f"out-{name}", reason)
+        _refused(lambda f, o: slide_features.process_study(f, o, device="cpu"), [slide], tmp_path / f"out-{name}", reason)
         _refused(lambda f, o: pathology.plan_tiles(f[0], o), [slide], tmp_path / f"plan-{name}", reason)  # DAG path
 
 

@@ -1,4 +1,4 @@
-"""Whole-slide image de-identification for Aperio SVS and generic tiled TIFF.
+"""Whole-slide image de-identification for Aperio SVS, generic tiled TIFF and Hamamatsu NDPI.
 
 Slides keep PHI in three places: the label image (a photo of the handwritten/printed slide label), the
 macro image (an overview photo that includes the label), and text tags (Aperio's ImageDescription holds
@@ -12,12 +12,14 @@ IFD chain is written with:
 * the Aperio ImageDescription rebuilt from its header line (which OpenSlide needs to recognise the
   vendor) plus an allow-list of technical ``key = value`` fields; generic TIFF descriptions are dropped.
 Anything not on an allow-list goes, so a field a vendor adds later is removed, not leaked.
+
+Hamamatsu NDPI (classic TIFF with 8-byte IFD pointers and one restart-marked JPEG strip per level, which
+tifffile cannot write back) takes the same approach in :mod:`.ndpi`; :func:`deidentify_svs` dispatches to it.
 """
 from __future__ import annotations
 
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,22 +28,16 @@ import tifffile
 from imaging_tasks.errors import BadInput
 from imaging_tasks.storage import as_path, sha256_of
 
-from .pseudonym import pseudo_id
-
-# TIFF tags copied as they are (everything else is dropped).  273/279/324/325 (strip/tile offsets and
-# byte counts) are rewritten, 270 (ImageDescription) is scrubbed.
-KEPT_TAGS = {
-    254: "NewSubfileType", 255: "SubfileType", 256: "ImageWidth", 257: "ImageLength", 258: "BitsPerSample",
-    259: "Compression", 262: "PhotometricInterpretation", 266: "FillOrder", 274: "Orientation",
-    277: "SamplesPerPixel", 278: "RowsPerStrip", 282: "XResolution", 283: "YResolution",
-    284: "PlanarConfiguration", 296: "ResolutionUnit", 317: "Predictor", 320: "ColorMap", 322: "TileWidth",
-    323: "TileLength", 338: "ExtraSamples", 339: "SampleFormat", 340: "SMinSampleValue",
-    341: "SMaxSampleValue", 347: "JPEGTables", 529: "YCbCrCoefficients", 530: "YCbCrSubSampling",
-    531: "YCbCrPositioning", 532: "ReferenceBlackWhite", 32997: "ImageDepth", 32998: "TileDepth",
-    34675: "InterColorProfile",
-}
-_OFFSET_TAGS = {273: 279, 324: 325}  # offsets tag -> byte counts tag
-_DESCRIPTION = 270
+from .ndpi import deidentify_ndpi, is_ndpi
+from .ome import deidentify_ome
+from .tiff_copy import DESCRIPTION as _DESCRIPTION
+from .tiff_copy import KEPT_TAGS, slide_pseudonyms
+from .tiff_copy import OFFSET_TAGS as _OFFSET_TAGS
+from .tiff_copy import TiffOut as _TiffOut
+from .tiff_copy import aperio_fields as _aperio_fields
+from .tiff_copy import check_file as _check_file
+from .tiff_copy import note as _note
+from .tiff_copy import raw_tag_bytes as _raw_tag_bytes
 
 # Aperio ImageDescription fields that describe the optics and scan geometry, not the patient/operator.
 # Matched case-sensitively, as Aperio writes them (the PHI audit in phi_audit.py uses the same set).
@@ -50,10 +46,6 @@ TECHNICAL_FIELDS = frozenset({
     "Focus Offset", "Left", "Top", "LineCameraSkew", "LineAreaXOffset", "LineAreaYOffset", "Exposure Time",
     "Exposure Scale", "DisplayColor", "Gamma", "ICC Profile",
 })
-
-_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
-_COPY_BLOCK = 1 << 20
-
 
 @dataclass
 class _Page:
@@ -64,27 +56,6 @@ class _Page:
     bytecounts: tuple[int, ...]
     description: str | None
     fields: dict[str, str] = field(default_factory=dict)
-
-
-def _aperio_fields(desc: str) -> dict[str, str]:
-    out = {}
-    for part in desc.split("|")[1:]:
-        name, sep, value = part.partition("=")
-        if sep:
-            out[name.strip()] = value.strip()
-    return out
-
-
-def slide_pseudonyms(key: bytes, digest: str, description: str | None) -> tuple[str, str]:
-    """``(study, patient)`` pseudonyms of a slide, the one rule used by the index and the de-identifier.
-
-    The study is the file (its SHA-256); the patient is the slide's barcode or Aperio Filename when the
-    scanner recorded one (so a case's slides group together), else the file too.
-    """
-    lower = {k.lower(): v for k, v in _aperio_fields(description or "").items()}
-    patient_source = next((v for k, v in lower.items() if "barcode" in k and v), None) \
-        or lower.get("filename") or digest
-    return pseudo_id(key, digest, "study"), pseudo_id(key, patient_source, "patient")
 
 
 def associated_kind(desc: str | None) -> str | None:
@@ -125,13 +96,6 @@ def scrub_description(desc: str | None, removed: list[str]) -> str | None:
     return "\r\n".join(kept_lines) + "".join("|" + p for p in kept_parts)
 
 
-def _check_file(src) -> None:
-    if not src.is_file():
-        raise BadInput("unreadable_slide", "the slide file is missing; re-send it")
-    if src.stat().st_size == 0:
-        raise BadInput("empty_file", "the slide file is empty (0 bytes); re-scan or re-export it")
-
-
 def read_description(src) -> str:
     """The first page's ImageDescription of a slide ('' if none); BadInput if it is not readable TIFF.
 
@@ -147,26 +111,10 @@ def read_description(src) -> str:
                        "check the file is a complete whole-slide image") from None
 
 
-def _note(removed: list[str], what: str) -> None:
-    if what not in removed:
-        removed.append(what)
-
-
-def _raw_tag_bytes(fh, tag) -> bytes:
-    size = _TYPE_SIZES.get(int(tag.dtype))
-    if size is None:
-        raise ValueError(f"unknown TIFF type {int(tag.dtype)}")
-    fh.seek(tag.valueoffset)
-    data = fh.read(size * tag.count)
-    if len(data) != size * tag.count:
-        raise ValueError("tag value runs past the end of the file")
-    return data
-
-
 def _plan(tif: tifffile.TiffFile, removed: list[str]) -> list[_Page]:
-    if getattr(tif, "is_ndpi", False):
-        raise BadInput("unsupported_slide", "Hamamatsu NDPI is not a standard TIFF and cannot be rewritten here; "
-                       "convert it to tiled TIFF/SVS first")
+    if getattr(tif, "is_ndpi", False):  # is_ndpi() said no (no format flag in the first IFD): not one we can write
+        raise BadInput("unsupported_slide", "this NDPI variant (no format flag in its first directory) cannot be "
+                       "rewritten here; convert it to tiled TIFF/SVS first")
     fh = tif.filehandle
     pages = []
     for index in range(len(tif.pages)):
@@ -197,72 +145,6 @@ def _plan(tif: tifffile.TiffFile, removed: list[str]) -> list[_Page]:
     return pages
 
 
-class _TiffOut:
-    """Minimal classic/BigTIFF writer for copying IFDs with relocated data."""
-
-    def __init__(self, fh, byteorder: str, big: bool):
-        self.fh, self.bo, self.big = fh, byteorder, big
-        mark = b"II" if byteorder == "<" else b"MM"
-        if big:
-            fh.write(mark + struct.pack(byteorder + "HHHQ", 43, 8, 0, 0))
-            self._next_ptr = 8
-        else:
-            fh.write(mark + struct.pack(byteorder + "HI", 42, 0))
-            self._next_ptr = 4
-
-    def align(self, n: int = 8) -> None:
-        pad = -self.fh.tell() % n
-        if pad:
-            self.fh.write(b"\0" * pad)
-
-    def copy(self, src, offset: int, count: int) -> int:
-        pos = self.fh.tell()
-        src.seek(offset)
-        left = count
-        while left:
-            block = src.read(min(left, _COPY_BLOCK))
-            if not block:
-                raise ValueError("strip/tile data runs past the end of the file")
-            self.fh.write(block)
-            left -= len(block)
-        return pos
-
-    def write_ifd(self, entries: dict[int, tuple[int, int, bytes]]) -> None:
-        bo, big = self.bo, self.big
-        inline = 8 if big else 4
-        self.align(8)
-        pos = self.fh.tell()
-        n = len(entries)
-        ifd_size = (8 + 20 * n + 8) if big else (2 + 12 * n + 4)
-        ext_pos = pos + ifd_size
-        body = bytearray(struct.pack(bo + ("Q" if big else "H"), n))
-        blobs = bytearray()
-        for code in sorted(entries):
-            typ, count, raw = entries[code]
-            body += struct.pack(bo + ("HHQ" if big else "HHI"), code, typ, count)
-            if len(raw) <= inline:
-                body += raw + b"\0" * (inline - len(raw))
-            else:
-                if (ext_pos + len(blobs)) % 2:
-                    blobs += b"\0"
-                body += struct.pack(bo + ("Q" if big else "I"), ext_pos + len(blobs))
-                blobs += raw
-        body += b"\0" * (8 if big else 4)  # next IFD: patched when another page follows
-        self.fh.write(bytes(body) + bytes(blobs))
-        end = self.fh.tell()
-        self.fh.seek(self._next_ptr)
-        self.fh.write(struct.pack(bo + ("Q" if big else "I"), pos))
-        self.fh.seek(end)
-        self._next_ptr = pos + ifd_size - (8 if big else 4)
-
-    def int_array(self, values: tuple[int, ...] | list[int]) -> tuple[int, int, bytes]:
-        if self.big:
-            return 16, len(values), struct.pack(f"{self.bo}{len(values)}Q", *values)
-        if values and max(values) > 0xFFFFFFFF:
-            raise ValueError("offset beyond 4 GiB in a classic TIFF")
-        return 4, len(values), struct.pack(f"{self.bo}{len(values)}I", *values)
-
-
 def _mpp(pages: list[_Page], tif_page0) -> float | None:
     raw = pages[0].fields.get("MPP")
     try:
@@ -281,17 +163,32 @@ def _mpp(pages: list[_Page], tif_page0) -> float | None:
     return None
 
 
+def _is_ome(src: Path) -> bool:
+    try:
+        with tifffile.TiffFile(src) as tif:
+            return bool(tif.is_ome)
+    except Exception:  # noqa: BLE001 - not a TIFF: the copier below says so with its reason
+        return False
+
+
 def deidentify_svs(src: Path, dst: Path, key: bytes, *, digest: str | None = None) -> dict:
     """Write a de-identified copy of the slide ``src`` to ``dst``; returns what was done.
 
     Returns ``{"pseudo_study", "pseudo_patient", "removed": [what was dropped, no values], "mpp",
-    "dimensions": [width, height] of level 0, "pages": kept page count, "vendor": "aperio" | "generic"}``.  Raises BadInput("unreadable_slide") for
-    files that are not readable TIFF.  ``digest``: the source's SHA-256 when the caller already has it.
+    "dimensions": [width, height] of level 0, "pages": kept page count, "vendor": "aperio" | "generic" |
+    "hamamatsu"}``.  Raises BadInput("unreadable_slide") for files that are not readable TIFF (and
+    "unsupported_slide" for NDPI of 4 GiB or more).  ``digest``: the source's SHA-256 when the caller already
+    has it.  Hamamatsu NDPI is handled by :func:`.ndpi.deidentify_ndpi` (pseudo_patient from its Reference tag),
+    OME-TIFF by :func:`.ome.deidentify_ome`.
     """
     src, dst = Path(src), Path(dst)
     _check_file(src)
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError("dst must differ from src: the source is needed while the copy is written")
+    if is_ndpi(src):
+        return deidentify_ndpi(src, dst, key, digest=digest)
+    if _is_ome(src):  # its label is a second OME image, not a page this copier would know to drop
+        return deidentify_ome(src, dst, key, digest=digest)
     digest = digest or sha256_of(src)
     removed: list[str] = []
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")

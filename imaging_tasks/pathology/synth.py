@@ -134,15 +134,24 @@ def _fragment_mask(frag: dict, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- slide
-def _compose(rng: np.random.Generator, height: int, width: int, stain: str, n_fragments: int):
-    """Level-0 RGB, the exact tissue mask, and per-fragment areas (px)."""
+def _compose(rng: np.random.Generator, height: int, width: int, stain: str, n_fragments: int, *,
+             noise_sd: float = NOISE_SD, stain_scale: float = 1.0, folds: int = 0,
+             art_rng: np.random.Generator | None = None, labels: np.ndarray | None = None,
+             truth: dict | None = None):
+    """Level-0 RGB, the exact tissue mask, and per-fragment areas (px).
+
+    ``stain_scale`` multiplies the tissue optical density (paler or darker staining); ``folds`` plants that many
+    folds (see :func:`_plant_fold`) drawn from ``art_rng``, marked in ``labels`` and listed in ``truth``.  With
+    the defaults the output is what it always was (``rng`` is consumed identically).
+    """
     import torch
     from scipy import ndimage
 
     src = torch.from_numpy(_source_od(stain)).permute(2, 0, 1)[None].contiguous()
     frags = _fragments(rng, height, width, n_fragments)
+    fold_at = set(art_rng.choice(len(frags), size=min(folds, len(frags)), replace=False).tolist()) if folds else set()
     boxes = []
-    for f in frags:
+    for index, f in enumerate(frags):
         y0, y1 = int(max(0, np.floor(f["cy"] - f["reach"] - 4))), int(min(height, np.ceil(f["cy"] + f["reach"] + 5)))
         x0, x1 = int(max(0, np.floor(f["cx"] - f["reach"] - 4))), int(min(width, np.ceil(f["cx"] + f["reach"] + 5)))
         mask = _fragment_mask(f, np.arange(y0, y1, dtype=np.float32) + 0.5, np.arange(x0, x1, dtype=np.float32) + 0.5)
@@ -153,7 +162,16 @@ def _compose(rng: np.random.Generator, height: int, width: int, stain: str, n_fr
         alpha *= thick
         del thick
         od = _fragment_od(rng, src, y1 - y0, x1 - x0)
+        if stain_scale != 1.0:
+            alpha *= np.float32(stain_scale)
         od *= alpha[..., None]
+        if index in fold_at:
+            doubled = _plant_fold(art_rng, od, mask, f["cy"] - y0, f["cx"] - x0, f["radius"])
+            labels[y0:y1, x0:x1][doubled] |= ARTEFACT_BITS["fold"]
+            ys, xs = np.nonzero(doubled)
+            truth.setdefault("fold", []).append({"bbox": [int(x0 + xs.min()), int(y0 + ys.min()),
+                                                          int(x0 + xs.max()) + 1, int(y0 + ys.max()) + 1],
+                                                 "area_px": int(doubled.sum())})
         od = od.astype(np.float16)  # kept until compositing: half the memory
         boxes.append((y0, y1, x0, x1, mask, od))
     # Dust on the glass: a few specks of a few µm, which a tissue detector must not count.
@@ -180,7 +198,7 @@ def _compose(rng: np.random.Generator, height: int, width: int, stain: str, n_fr
                 lo, hi = int(max(0, x - r - 1)), int(min(width, x + r + 2))
                 xx = np.arange(lo, hi)[None, :] + 0.5
                 od[:, lo:hi] += 0.6 * ((yy - y) ** 2 + (xx - x) ** 2 <= r * r)[..., None]
-        noise = rng.standard_normal((b1 - b0, width, 3), dtype=np.float32) * NOISE_SD
+        noise = rng.standard_normal((b1 - b0, width, 3), dtype=np.float32) * np.float32(noise_sd)
         rgb[b0:b1] = np.clip(glass * np.power(10.0, -od) + noise, 0, 255).round().astype(np.uint8)
     areas = [int(mask.sum()) for *_, mask, _ in boxes]
     return rgb, full_mask, areas
@@ -212,6 +230,170 @@ def expected_tiles(mask: np.ndarray, mpp: float, *, target_mpp: float = TRUTH_TA
             if mask[y0:int(round(y0 + side)), x0:int(round(x0 + side))].mean() >= min_fraction:
                 count += 1
     return count
+
+
+# ----------------------------------------------------------------------------------------------- artefacts
+# Optional, each with level-0 ground truth (a label image of these bits plus boxes in the truth JSON), so the
+# tile QC (pathology.tile_qc) can be scored: which tiles carry ink, lie in the blurred patch or on a fold.
+ARTEFACT_BITS = {"pen": 1, "blur": 2, "fold": 4, "blur_edge": 8, "pen_on_tissue": 16}
+# Colour of each marker ink laid thick on glass, as HSV ranges (hue in degrees) a stroke's ink is drawn from:
+# what blue, green and black markers look like scanned.  Blue-violet inks (hue > ~230°, the hue of
+# haematoxylin) are left out on purpose: no colour rule can tell them from a dense nucleus (see tile_qc).
+PEN_HSV = {"blue": ((205, 226), (0.5, 0.8), (0.55, 0.78)), "green": ((110, 165), (0.45, 0.75), (0.4, 0.65)),
+           "black": ((0, 360), (0.0, 0.12), (0.08, 0.2))}
+
+
+def _plant_fold(rng: np.random.Generator, od: np.ndarray, mask: np.ndarray, cy: float, cx: float,
+                radius: float) -> np.ndarray:
+    """A fold inside one fragment box: the section beyond a random line is folded back over a band of width
+    0.35-0.6 radius, so there the tissue is two layers thick and its optical density the sum of both (the
+    mirror image across the line is added).  ``od`` (h, w, 3) is edited in place; returns the level-0 mask
+    (box coordinates) where both layers are tissue."""
+    h, w = mask.shape
+    theta = rng.uniform(0, 2 * np.pi)
+    ny, nx = np.sin(theta), np.cos(theta)
+    offset = rng.uniform(-0.3, 0.3) * radius
+    band = rng.uniform(0.35, 0.6) * radius
+    ly, lx = cy + offset * ny, cx + offset * nx  # a point on the fold line
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + np.float32(0.5)
+    dist = (ys - np.float32(ly)) * np.float32(ny) + (xs - np.float32(lx)) * np.float32(nx)
+    inside = (dist > 0) & (dist < band)
+    sy = np.floor(ys[inside] - 2 * dist[inside] * np.float32(ny)).astype(np.int64)
+    sx = np.floor(xs[inside] - 2 * dist[inside] * np.float32(nx)).astype(np.int64)
+    ok = (sy >= 0) & (sy < h) & (sx >= 0) & (sx < w)
+    iy, ix = np.nonzero(inside)
+    iy, ix, sy, sx = iy[ok], ix[ok], sy[ok], sx[ok]
+    od[iy, ix] += od[sy, sx]
+    doubled = np.zeros((h, w), bool)
+    doubled[iy, ix] = mask[iy, ix] & mask[sy, sx]
+    return doubled
+
+
+def _plant_blur(rng: np.random.Generator, rgb: np.ndarray, labels: np.ndarray, centre: tuple[float, float],
+                mpp: float, noise_sd: float) -> dict:
+    """An out-of-focus patch: a rectangle around ``centre`` (y, x) blurred by a Gaussian of 1.5-3 µm (defocus
+    spreads light, so it is applied to intensities), fading to sharp over a margin of 4 sigma; fresh sensor
+    noise is added where it was blurred away.  ``labels`` gets ``blur`` on the core, ``blur_edge`` on the margin."""
+    from scipy import ndimage
+
+    height, width = labels.shape
+    short = min(height, width)
+    sigma_um = rng.uniform(1.5, 3.0)
+    sigma = sigma_um / mpp
+    ramp = int(np.ceil(4 * sigma))
+    half_h, half_w = rng.uniform(0.12, 0.2, 2) * short
+    cy, cx = centre[0] + rng.uniform(-0.05, 0.05) * short, centre[1] + rng.uniform(-0.05, 0.05) * short
+    core = [int(max(0, cx - half_w)), int(max(0, cy - half_h)), int(min(width, cx + half_w)),
+            int(min(height, cy + half_h))]
+    outer = [max(0, core[0] - ramp), max(0, core[1] - ramp), min(width, core[2] + ramp), min(height, core[3] + ramp)]
+    pad = int(np.ceil(4 * sigma))
+    rx0, ry0 = max(0, outer[0] - pad), max(0, outer[1] - pad)
+    rx1, ry1 = min(width, outer[2] + pad), min(height, outer[3] + pad)
+    region = rgb[ry0:ry1, rx0:rx1].astype(np.float32)
+    blurred = ndimage.gaussian_filter(region, (sigma, sigma, 0), mode="nearest")
+    yy = np.arange(ry0, ry1, dtype=np.float32)[:, None] + 0.5
+    xx = np.arange(rx0, rx1, dtype=np.float32)[None, :] + 0.5
+    out_y = np.maximum(np.maximum(core[1] - yy, yy - core[3]), 0)
+    out_x = np.maximum(np.maximum(core[0] - xx, xx - core[2]), 0)
+    weight = np.clip(1 - np.maximum(out_y, out_x) / ramp, 0, 1)[..., None]
+    noise = rng.standard_normal(region.shape, dtype=np.float32) * np.float32(noise_sd)
+    region += weight * (blurred - region + noise)
+    rgb[ry0:ry1, rx0:rx1] = np.clip(region, 0, 255).round().astype(np.uint8)
+    lab = labels[ry0:ry1, rx0:rx1]
+    lab[(weight[..., 0] > 0) & (weight[..., 0] < 1)] |= ARTEFACT_BITS["blur_edge"]
+    lab[weight[..., 0] >= 1] |= ARTEFACT_BITS["blur"]
+    return {"core": core, "outer": outer, "sigma_um": round(float(sigma_um), 3)}
+
+
+def _stroke_points(rng: np.random.Generator, through: tuple[float, float], length: float) -> np.ndarray:
+    """A gently curved marker stroke (a cubic Bezier) of about ``length`` px passing near ``through`` (y, x)."""
+    angle = rng.uniform(0, np.pi)
+    d = np.array([np.sin(angle), np.cos(angle)])
+    n = np.array([-d[1], d[0]])
+    p0 = np.asarray(through) - d * length * rng.uniform(0.3, 0.7)
+    ctrl = [p0, p0 + d * length / 3 + n * rng.normal(0, 0.15) * length,
+            p0 + 2 * d * length / 3 + n * rng.normal(0, 0.15) * length, p0 + d * length]
+    t = np.linspace(0, 1, 64)[:, None]
+    return ((1 - t) ** 3 * ctrl[0] + 3 * (1 - t) ** 2 * t * ctrl[1] + 3 * (1 - t) * t ** 2 * ctrl[2]
+            + t ** 3 * ctrl[3])
+
+
+def _plant_pen(rng: np.random.Generator, rgb: np.ndarray, labels: np.ndarray, colour: str,
+               through: tuple[float, float], tissue: np.ndarray, noise_sd: float) -> dict:
+    """A marker stroke on the coverslip: ink of ``colour`` (jittered), streaky (density 0.6-1.2 varying along
+    and across the stroke), soft-edged; absorbs on top of whatever is below (transmission multiplies).
+    ``labels`` gets ``pen`` where the ink covers at least half a pixel, and ``pen_on_tissue`` where that is
+    over the section (``tissue``, level 0), where ink and stain colours mix."""
+    from scipy import ndimage
+
+    height, width = labels.shape
+    short = min(height, width)
+    import colorsys
+
+    (h0, h1), (s0, s1), (v0, v1) = PEN_HSV[colour]
+    ink_rgb = 255.0 * np.array(colorsys.hsv_to_rgb(rng.uniform(h0, h1) / 360, rng.uniform(s0, s1),
+                                                   rng.uniform(v0, v1)))
+    ink_od = -np.log10(np.clip(ink_rgb, 4, 250) / 255.0)
+    stroke_w = max(16, int(rng.uniform(0.08, 0.14) * short))
+    pts = _stroke_points(rng, through, rng.uniform(0.5, 0.9) * short)
+    x0 = int(max(0, np.floor(pts[:, 1].min()) - stroke_w))
+    y0 = int(max(0, np.floor(pts[:, 0].min()) - stroke_w))
+    x1 = int(min(width, np.ceil(pts[:, 1].max()) + stroke_w))
+    y1 = int(min(height, np.ceil(pts[:, 0].max()) + stroke_w))
+    if x1 <= x0 or y1 <= y0:
+        return {"colour": colour, "bbox": None}
+    img = Image.new("L", (x1 - x0, y1 - y0), 255)
+    ImageDraw.Draw(img).line([(float(x - x0), float(y - y0)) for y, x in pts], fill=0, width=1)
+    # distance to the centre line, so the stroke is one smooth band (a wide polyline leaves seams at its joints)
+    dist = ndimage.distance_transform_edt(np.asarray(img) > 0).astype(np.float32)
+    cover = np.clip((stroke_w / 2 - dist) / 3.0 + 0.5, 0, 1)  # soft edge over ~3 px
+    del dist
+    streak = Image.fromarray(rng.uniform(0.6, 1.2, (12, 12)).astype(np.float32), mode="F")
+    density = np.asarray(streak.resize((x1 - x0, y1 - y0), Image.BICUBIC)) * cover
+    region = rgb[y0:y1, x0:x1].astype(np.float32)
+    region *= np.power(10.0, -density[..., None] * ink_od.astype(np.float32)).astype(np.float32)
+    region += rng.standard_normal(region.shape, dtype=np.float32) * np.float32(0.5 * noise_sd) * (cover[..., None] > 0)
+    rgb[y0:y1, x0:x1] = np.clip(region, 0, 255).round().astype(np.uint8)
+    inked = cover >= 0.5
+    labels[y0:y1, x0:x1][inked] |= ARTEFACT_BITS["pen"]
+    labels[y0:y1, x0:x1][inked & tissue[y0:y1, x0:x1]] |= ARTEFACT_BITS["pen_on_tissue"]
+    return {"colour": colour, "rgb": [round(float(c), 1) for c in ink_rgb], "width_px": stroke_w,
+            "bbox": [x0, y0, x1, y1]}
+
+
+def _tissue_sites(mask: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> list[dict]:
+    """Per tissue fragment: a point deep inside it and its outline points (y, x), in random order but fragments
+    carrying a fold last, so that blur and pen strokes land on other fragments while there are any."""
+    from scipy import ndimage
+
+    step = max(1, int(max(mask.shape) // 512))
+    small = mask[::step, ::step]
+    depth = ndimage.distance_transform_edt(small)
+    comps, n = ndimage.label(small)
+    if not n:
+        return [{"centre": (mask.shape[0] / 2, mask.shape[1] / 2), "edge": np.array([[mask.shape[0] / 2,
+                                                                                      mask.shape[1] / 2]])}]
+    folded = set(np.unique(comps[(labels[::step, ::step] & ARTEFACT_BITS["fold"]) > 0]).tolist()) - {0}
+    peaks = ndimage.maximum_position(depth, comps, range(1, n + 1))
+    edge = small & ~ndimage.binary_erosion(small)
+    sites = []
+    for i in rng.permutation(n).tolist():
+        ey, ex = np.nonzero(edge & (comps == i + 1))
+        sites.append({"centre": ((peaks[i][0] + 0.5) * step, (peaks[i][1] + 0.5) * step),
+                      "edge": np.stack([(ey + 0.5) * step, (ex + 0.5) * step], 1), "folded": i + 1 in folded})
+    return sorted(sites, key=lambda site: site["folded"])
+
+
+def artefact_fractions(labels: np.ndarray, tiles: list, side_l0: float) -> dict[str, np.ndarray]:
+    """Per tile (``[x, y, ...]`` level-0 origins of ``side_l0`` squares), the fraction of its area under each
+    artefact of the label image that :func:`synthesize` writes (``<label>_artefacts.png``)."""
+    side = int(round(side_l0))
+    out = {name: np.zeros(len(tiles)) for name in ARTEFACT_BITS}
+    for i, (x, y, *_rest) in enumerate(tiles):
+        patch = labels[int(y):int(y) + side, int(x):int(x) + side]
+        for name, bit in ARTEFACT_BITS.items():
+            out[name][i] = float(np.count_nonzero(patch & bit)) / max(1, patch.size)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- label
@@ -285,11 +467,23 @@ def write_svs(path: Path, rgb: np.ndarray, *, mpp: float, fields: dict[str, str]
 
 # ----------------------------------------------------------------------------------------------- entry
 def synthesize(out: Path, studies: int, seed: int, *, width: int = 6144, height: int = 4608, mpp: float = 0.5,
-               stain: str = "he", fragments: int = 3, compression: str = "jpeg", **_ignored) -> list[Path]:
+               stain: str = "he", fragments: int = 3, compression: str = "jpeg", noise_sd: float = NOISE_SD,
+               stain_scale: float = 1.0, pen: tuple[str, ...] = (), blur: int = 0, folds: int = 0,
+               **_ignored) -> list[Path]:
     """One Aperio SVS per study under ``out/pathology/<label>/slide.svs``; truth JSON per study.
 
     ``fragments=0`` gives a glass-only slide (dust, no tissue), which processing must refuse.
+
+    Variation and artefacts (all off by default, and then the files are byte-for-byte what they were):
+    ``noise_sd`` sensor noise (grey levels), ``stain_scale`` staining intensity (x tissue OD), ``pen`` one marker
+    stroke per listed colour (``"blue"``, ``"green"``, ``"black"``), ``blur`` out-of-focus patches, ``folds``
+    tissue folds.  Artefacts come from their own random stream, are centred on tissue fragments, and their
+    truth is ``truth["artefacts"]`` (boxes in level-0 px) plus a level-0 label image
+    ``_truth/pathology/<label>_artefacts.png`` of :data:`ARTEFACT_BITS` (see :func:`artefact_fractions`).
     """
+    unknown = set(pen) - set(PEN_HSV)
+    if unknown:
+        raise ValueError(f"pen colours must be among {sorted(PEN_HSV)}, not {sorted(unknown)}")
     out = Path(out)
     truths = []
     for n in range(studies):
@@ -302,7 +496,23 @@ def synthesize(out: Path, studies: int, seed: int, *, width: int = 6144, height:
         barcode = f"{study.accession}-A1-{stain.upper()}"
         filename = f"{study.accession}_{family}"
         study.extra_phi += [barcode, filename, person, operator]
-        rgb, mask, areas = _compose(rng, height, width, stain, fragments)
+        planting = bool(pen or blur or folds)
+        art_rng = np.random.default_rng([seed, n, 14]) if planting else None
+        labels = np.zeros((height, width), np.uint8) if planting else None
+        art: dict = {}
+        rgb, mask, areas = _compose(rng, height, width, stain, fragments, noise_sd=noise_sd,
+                                    stain_scale=stain_scale, folds=folds, art_rng=art_rng, labels=labels, truth=art)
+        if planting:
+            sites = _tissue_sites(mask, labels, art_rng)
+            for k in range(blur):
+                art.setdefault("blur", []).append(_plant_blur(art_rng, rgb, labels, sites[k % len(sites)]["centre"],
+                                                              mpp, noise_sd))
+            for k, colour in enumerate(pen):
+                # pathologists mark around and across tissue: strokes pass the outline of a fragment, so part of
+                # the ink lies on glass and part on tissue
+                edge = sites[(k + blur) % len(sites)]["edge"]
+                through = tuple(edge[int(art_rng.integers(len(edge)))])
+                art.setdefault("pen", []).append(_plant_pen(art_rng, rgb, labels, colour, through, mask, noise_sd))
         label_img = _label_image([study.institution[:28], person, p.patient_id, study.accession,
                                   f"DOB {p.birth_date}  {stain.upper()}"], barcode)
         macro = _macro_image(label_img, rgb)
@@ -335,6 +545,11 @@ def synthesize(out: Path, studies: int, seed: int, *, width: int = 6144, height:
                      **_stain_truth(rgb, mask)}}
         tpath = out / "_truth" / SPECIALTY / f"{label}.json"
         tpath.parent.mkdir(parents=True, exist_ok=True)
+        if noise_sd != NOISE_SD or stain_scale != 1.0:
+            truth["truth"].update(noise_sd=noise_sd, stain_scale=stain_scale)
+        if planting:
+            Image.fromarray(labels).save(tpath.parent / f"{label}_artefacts.png")
+            truth["truth"]["artefacts"] = {**art, "labels": f"{label}_artefacts.png", "bits": ARTEFACT_BITS}
         tpath.write_text(json.dumps(truth, indent=2, sort_keys=True))
         truths.append(tpath)
     return truths

@@ -1,9 +1,8 @@
-"""Whole-slide images: tissue detection, tiling at a target µm/px, per-tile stain features on torch.
+"""Whole-slide images: opening a slide, its calibration, tissue detection and the tile plan at a target µm/px.
 
-Three steps so the DAG can fan the expensive one out: ``plan_tiles`` (one low-resolution read per slide:
-tissue mask, area, tile list), ``tile_features`` (any slice of the tile list, batched on the GPU when
-present) and ``summarize`` (order-independent, from the plan and all rows).  ``process_study`` runs them in
-process for the CLI and tests.
+``plan_tiles`` makes one low-resolution read per slide (tissue mask, area, tile list); the tiles' features are
+computed by :mod:`.reader` (worker processes running :mod:`.stain` and :mod:`.tile_qc` where each tile is read)
+and summarised by :mod:`.features_io`; :mod:`.slide_features` runs the lot for one slide.
 
 Stain features use Ruifrok & Johnston colour deconvolution: optical density (Beer-Lambert) projected on
 the haematoxylin, eosin and DAB absorption vectors, the standard first description of H&E and IHC tiles.
@@ -19,7 +18,6 @@ Preconditions (:func:`check_inputs` before the overview is read, the tissue chec
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -41,9 +39,7 @@ TISSUE_OD = 0.15
 MASK_OD_RANGE = (0.12, 0.40)
 MASK_MIN_SIDE, MASK_MAX_SIDE = 1024, 4096  # mask resolution: ~2-50 µm/px whatever the slide size
 MIN_REGION_MM2 = 0.005  # connected pieces smaller than this are dust or debris, not a tissue section
-DAB_POSITIVE_OD = 0.15  # tile mean DAB OD above which a tile counts as DAB-positive
 QC_MAX_SIDE = 1600
-SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide"}
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -233,20 +229,21 @@ def plan_tiles(slide_path: Path, out_dir: Path, *, target_mpp: float = 1.0, tile
     from PIL import Image
 
     Image.fromarray((mask * 255).astype(np.uint8)).save(out_dir / "tissue_mask.png")
-    _qc_png(rgb, mask, tiles, side_l0, ds_x, ds_y, out_dir / "qc_tissue.png")
+    qc_sx, qc_sy = _qc_png(rgb, mask, out_dir / "qc_tissue.png")
     return {"metrics": [{"name": "tissue_area_mm2", "value": area_mm2, "unit": "mm2"},
                         {"name": "n_tiles", "value": float(len(tiles)), "unit": "count"},
                         {"name": "n_tissue_regions", "value": float(n), "unit": "count"},
                         {"name": "slide_mpp", "value": mpp, "unit": "um/px"},
                         {"name": "tissue_threshold_od", "value": threshold, "unit": "OD"}],
             "findings": regions, "tiles": tiles, "mpp": mpp, "target_mpp": target_mpp, "tile_px": tile_px,
-            "mask_um_per_px": [ds_x * mpp, ds_y * mpp], "outputs": ["tissue_mask.png", "qc_tissue.png"]}
+            "mask_um_per_px": [ds_x * mpp, ds_y * mpp], "tile_side_level0_px": side_l0,
+            "qc_downsample": [ds_x / qc_sx, ds_y / qc_sy], "outputs": ["tissue_mask.png", "qc_tissue.png"]}
 
 
-def _qc_png(rgb: np.ndarray, mask: np.ndarray, tiles: list, side_l0: float, ds_x: float, ds_y: float,
-            path: Path) -> None:
-    """Overview with the tissue outline in green and the kept tiles in blue, for a reviewer's glance."""
-    from PIL import Image, ImageDraw
+def _qc_png(rgb: np.ndarray, mask: np.ndarray, path: Path) -> tuple[float, float]:
+    """Overview with the tissue outline in green (the tile step draws its kept and rejected tiles over it);
+    returns the picture's scale (x, y) relative to the overview."""
+    from PIL import Image
     from scipy import ndimage
 
     scale = min(1.0, QC_MAX_SIDE / max(rgb.shape[:2]))
@@ -256,144 +253,5 @@ def _qc_png(rgb: np.ndarray, mask: np.ndarray, tiles: list, side_l0: float, ds_x
     pil = Image.fromarray(img)
     if scale < 1:
         pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.BOX)
-    draw = ImageDraw.Draw(pil)
-    sx, sy = scale / ds_x, scale / ds_y
-    for x, y, *_ in tiles:
-        draw.rectangle([x * sx, y * sy, (x + side_l0) * sx - 1, (y + side_l0) * sy - 1], outline=(30, 60, 220))
     pil.save(path)
-
-
-# --------------------------------------------------------------------------------------------- features
-def stain_features(batch_rgb, device, um_per_px: float = 1.0) -> dict[str, np.ndarray]:
-    """Per-tile stain statistics on ``device``; input (B, H, W, 3) uint8 RGB (numpy or torch).
-
-    Returns numpy arrays: ``tissue_fraction``, ``mean_od`` and ``h_gradient_od_per_um`` (B,), and
-    ``mean``, ``std``, ``p10``, ``p50``, ``p90`` (B, 3) over tissue pixels, columns H, E, DAB.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.as_tensor(np.asarray(batch_rgb) if not torch.is_tensor(batch_rgb) else batch_rgb, device=device)
-    od = -torch.log10(x.float().clamp(min=1.0) / 255.0)  # (B, H, W, 3)
-    hed = (od @ torch.as_tensor(HED_FROM_RGB, dtype=od.dtype, device=od.device)).clamp(min=0.0)
-    od_sum = od.sum(dim=-1)
-    tissue = od_sum > TISSUE_OD  # (B, H, W)
-    w = tissue.float()
-    count = w.sum(dim=(1, 2)).clamp(min=1.0)  # (B,)
-    mean = (hed * w[..., None]).sum(dim=(1, 2)) / count[:, None]
-    var = (((hed - mean[:, None, None, :]) ** 2) * w[..., None]).sum(dim=(1, 2)) / count[:, None]
-    flat = hed.reshape(hed.shape[0], -1, 3).masked_fill(~tissue.reshape(hed.shape[0], -1, 1), float("nan"))
-    q = torch.nanquantile(flat, torch.tensor([p / 100 for p in PERCENTILES], device=od.device), dim=1)
-    q = torch.nan_to_num(q, nan=0.0)  # tiles without tissue pixels
-    # Texture: haematoxylin edge strength (Sobel), i.e. how sharply nuclei stand out, per µm.
-    sobel = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=od.device) / 8.0
-    h = F.pad(hed[..., 0][:, None], (1, 1, 1, 1), mode="replicate")
-    gx, gy = F.conv2d(h, sobel[None, None]), F.conv2d(h, sobel.t()[None, None])
-    grad = torch.sqrt(gx ** 2 + gy ** 2)[:, 0] / um_per_px
-    return {"tissue_fraction": w.mean(dim=(1, 2)).cpu().numpy(),
-            "mean_od": ((od_sum * w).sum(dim=(1, 2)) / count).cpu().numpy(),
-            "h_gradient_od_per_um": ((grad * w).sum(dim=(1, 2)) / count).cpu().numpy(),
-            "mean": mean.cpu().numpy(), "std": var.sqrt().cpu().numpy(),
-            **{f"p{p}": q[i].cpu().numpy() for i, p in enumerate(PERCENTILES)}}
-
-
-def _read_batch(slide, tiles: list, tile_px: int, device):
-    """Tiles read at their planned level and size, resized (antialiased) to tile_px on the device."""
-    import torch
-    import torch.nn.functional as F
-
-    sizes = {(int(t[3]), int(t[4])) for t in tiles}
-    if len(sizes) != 1:
-        raise ValueError("a batch mixes read sizes; plan_tiles gives one size per slide")
-    arr = np.stack([_read_rgb(slide, (int(x), int(y)), int(level), (int(w), int(h)))
-                    for x, y, level, w, h in tiles])
-    batch = torch.from_numpy(arr).to(device)
-    if arr.shape[1:3] == (tile_px, tile_px):
-        return batch
-    chw = batch.permute(0, 3, 1, 2).float()
-    chw = F.interpolate(chw, size=(tile_px, tile_px), mode="bilinear", antialias=True, align_corners=False)
-    return chw.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def tile_features(slide_path: Path, tiles: list, *, target_mpp: float = 1.0, tile_px: int = 256,
-                  device=None, batch_size: int = 64, progress=None) -> list[dict]:
-    """One row per tile (same order): level-0 position in px and mm, and its stain statistics.
-
-    ``progress(n)`` is called after every batch of ``n`` tiles (progress lines in long task logs).
-    """
-    from imaging_tasks.device import pick_device
-
-    dev = pick_device(str(device) if device is not None else None)
-    slide = open_slide(slide_path)
-    mpp = slide_mpp(slide)
-    rows = []
-    for start in range(0, len(tiles), max(1, int(batch_size))):
-        chunk = tiles[start:start + batch_size]
-        f = stain_features(_read_batch(slide, chunk, tile_px, dev), dev, um_per_px=target_mpp)
-        for i, (x, y, level, *_rest) in enumerate(chunk):
-            row = {"x": int(x), "y": int(y), "level": int(level),
-                   "x_mm": round(x * mpp / 1000, 4), "y_mm": round(y * mpp / 1000, 4),
-                   "tissue_fraction": float(f["tissue_fraction"][i]), "mean_od": float(f["mean_od"][i]),
-                   "h_gradient_od_per_um": float(f["h_gradient_od_per_um"][i])}
-            for j, stain in enumerate(STAINS):
-                row[f"{stain}_od_mean"] = float(f["mean"][i, j])
-                row[f"{stain}_od_std"] = float(f["std"][i, j])
-                for p in PERCENTILES:
-                    row[f"{stain}_od_p{p}"] = float(f[f"p{p}"][i, j])
-            rows.append(row)
-        if progress is not None:
-            progress(len(chunk))
-    return rows
-
-
-# --------------------------------------------------------------------------------------------- summary
-def summarize(plan: dict, rows: list[dict], *, hotspots: int = 3) -> dict:
-    """Slide-level metrics and findings from the plan and all tile rows (any order, any batching)."""
-    metrics = list(plan["metrics"])
-    findings = list(plan.get("findings", []))
-    metrics.append({"name": "n_tiles_computed", "value": float(len(rows)), "unit": "count"})
-    if rows:
-        rows = sorted(rows, key=lambda r: (r["y"], r["x"]))
-        weight = np.array([r["tissue_fraction"] for r in rows])
-        weight = weight if weight.sum() > 0 else np.ones(len(rows))
-        means = {}
-        for stain in STAINS:
-            means[stain] = float(np.average([r[f"{stain}_od_mean"] for r in rows], weights=weight))
-            metrics.append({"name": f"{stain}_od_mean", "value": means[stain], "unit": "OD"})
-        metrics += [
-            {"name": "hematoxylin_eosin_ratio", "value": means["hematoxylin"] / max(means["eosin"], 1e-6),
-             "unit": "ratio"},
-            {"name": "dab_positive_tile_fraction", "unit": "fraction",
-             "value": float(np.mean([r["dab_od_mean"] > DAB_POSITIVE_OD for r in rows]))},
-            {"name": "h_gradient_od_per_um", "unit": "OD/um",
-             "value": float(np.average([r["h_gradient_od_per_um"] for r in rows], weights=weight))},
-            {"name": "tile_tissue_fraction_mean", "value": float(np.mean(weight)), "unit": "fraction"},
-        ]
-        # The most haematoxylin-dense tiles: where nuclei crowd (tumour, inflammation), for review first.
-        top = sorted(rows, key=lambda r: -r["hematoxylin_od_mean"])[:hotspots]
-        for i, r in enumerate(top):
-            findings.append({"kind": "hematoxylin_hotspot", "index": i, "x_mm": r["x_mm"], "y_mm": r["y_mm"],
-                             "hematoxylin_od_mean": r["hematoxylin_od_mean"],
-                             "tissue_fraction": r["tissue_fraction"]})
-    return {"metrics": metrics, "findings": findings}
-
-
-def process_study(files: list[Path], out_dir: Path, *, device=None, target_mpp: float = 1.0, tile_px: int = 256,
-                  min_tissue_fraction: float = 0.5, batch_size: int = 64, **_options) -> dict:
-    """All three steps in process for one slide (the DAG fans tile_features out over tile batches)."""
-    from imaging_tasks.device import pick_device
-
-    files = [Path(f) for f in files]
-    slides = [f for f in files if f.suffix.lower() in SLIDE_SUFFIXES] or files
-    if len(slides) != 1:
-        raise BadInput("not_one_slide", f"a pathology study is one slide file, got {len(slides)}; "
-                       "send each slide as its own study")
-    dev = pick_device(str(device) if device is not None else None)
-    out_dir = Path(out_dir)
-    plan = plan_tiles(slides[0], out_dir, target_mpp=target_mpp, tile_px=tile_px,
-                      min_tissue_fraction=min_tissue_fraction)
-    rows = tile_features(slides[0], plan["tiles"], target_mpp=target_mpp, tile_px=tile_px, device=dev,
-                         batch_size=batch_size)
-    (out_dir / "tile_features.json").write_text(json.dumps(rows))
-    result = summarize(plan, rows)
-    return {**result, "outputs": plan["outputs"] + ["tile_features.json"], "device": str(dev)}
+    return pil.width / rgb.shape[1], pil.height / rgb.shape[0]

@@ -233,7 +233,7 @@ def study_step(specialty: str, name: str):
     return _study_step.override(task_id=step.name, **routing).partial(specialty=specialty, step=step.name)
 
 
-# --------------------------------------------------------------------------- tile fan-out (whole-slide specialties)
+# --------------------------------------------------------------------------- per-slide chain (whole-slide specialties)
 @task(map_index_template=STUDY_LABEL)
 @in_object_storage
 def plan_tiles(specialty: str, study: dict) -> dict:
@@ -250,36 +250,44 @@ def plan_tiles(specialty: str, study: dict) -> dict:
     return plan
 
 
-@task
-def tile_batches(specialty: str, plans: list[dict], max_batches: int = 1000) -> list[dict]:
-    """Never more than ``max_batches`` mapped feature tasks, however many tiles arrive."""
-    from imaging_tasks.specialties import get
-
-    batches = get(specialty).fan_out_step("tile_batches")(list(plans), max_batches=max_batches)
-    log.info("%s: %d tile(s) of %d stud(ies) in %d batch(es)", specialty, sum(b["stop"] - b["start"] for b in batches),
-             len({b["study"] for b in batches}), len(batches))
-    return batches
-
-
 @gpu_task(map_index_template=STUDY_LABEL)
 @in_object_storage
-def tile_features(specialty: str, batch: dict) -> dict:
-    from imaging_tasks.specialties import get
-
-    label_study(batch, f"tiles {batch['start']}-{batch['stop']}")
-    with naming_study(specialty, batch, f"tile features {batch['start']}-{batch['stop']}"):
-        return get(specialty).fan_out_step("tile_features_batch")(batch, _lake(specialty), run=_run())
-
-
-@task(trigger_rule=TriggerRule.NONE_FAILED, map_index_template=STUDY_LABEL)
-@in_object_storage
-def finish_slide(specialty: str, plan: dict, features: list[dict] | None = None) -> dict:
+def tile_features(specialty: str, plan: dict) -> dict:
+    """Every tile of one slide: worker processes read and compute where they read; the encoder (when set) on the
+    GPU; Parquet parts in the work area (a retry keeps the parts already written)."""
     from imaging_tasks.specialties import get
 
     label_study(plan)
-    _skip_unless_ok(specialty, plan, "slide summary")
-    with naming_study(specialty, plan, "slide summary"):
-        return get(specialty).fan_out_step("finish_slide")(plan, list(features or []), _lake(specialty), run=_run())
+    _skip_unless_ok(specialty, plan, "tile features")
+    params = get_current_context()["params"]
+    with naming_study(specialty, plan, "tile features"):
+        return get(specialty).fan_out_step("slide_features")(plan, _lake(specialty),
+                                                              options=run_options(specialty, params), run=_run())
+
+
+@task(map_index_template=STUDY_LABEL)
+@in_object_storage
+def finish_slide(specialty: str, features: dict) -> dict:
+    """One tile table, MIL bag, tile-QC picture and summary per slide, published for the warehouse load."""
+    from imaging_tasks.specialties import get
+
+    label_study(features)
+    _skip_unless_ok(specialty, features, "slide summary")
+    with naming_study(specialty, features, "slide summary"):
+        return get(specialty).fan_out_step("finish_slide")(features, _lake(specialty), run=_run())
+
+
+def per_slide(specialty: str):
+    """The slide chain as one task group to ``.expand(study=...)``: each slide's plan -> features -> summary runs as
+    soon as that slide is ready (not after every slide's plan), and its tiles never leave its own three tasks."""
+    from airflow.sdk import task_group
+
+    @task_group(group_id="slide", prefix_group_id=False)
+    def slide(study: dict):
+        plan = plan_tiles(specialty, study)
+        return finish_slide(specialty, tile_features(specialty, plan))
+
+    return slide
 
 
 @task(task_id="load_metadata", trigger_rule=TriggerRule.ALL_DONE)
@@ -296,6 +304,8 @@ def _load_metadata(specialty: str, processed: list[dict] | None = None) -> dict:
 
     ctx = get_current_context()
     ti = ctx["ti"]
+    if isinstance(processed, dict):  # a mapped task group expanded once hands over its one value unpacked
+        processed = [processed]      # (apache/airflow#69036), not a list of one
     processed = [p for p in (processed or []) if p]
     indexed = ti.xcom_pull(task_ids="index_studies", key="summary") or {}
     with failing_fast(f"load {specialty}"):

@@ -25,7 +25,7 @@ from __future__ import annotations
 from urllib.parse import quote
 
 URL_PREFIX = "/imaging"
-# mapped tasks whose instances each hold one study (tile_features: one tile batch of one slide), besides the
+# mapped tasks whose instances each hold one study (the per-slide chain included), besides the
 # processing steps the specialties' records declare
 COMMON_STUDY_TASKS = ("deidentify", "audit_phi", "plan_tiles", "tile_features", "finish_slide")
 

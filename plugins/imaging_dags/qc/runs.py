@@ -15,7 +15,7 @@ from imaging_dags.qc import final_tasks, study_tasks
 from imaging_dags.qc.lake import PATIENT, STUDY, LakeView
 
 STEP_ORDER = {t: n for n, t in enumerate(("index_studies", "deidentify", "audit_phi", "ready_for_processing",
-                                          "plan_tiles", "tile_batches", "tile_features", "process_study",
+                                          "plan_tiles", "tile_features", "process_study",
                                           "finish_slide", "load_metadata"))}
 
 
@@ -158,13 +158,7 @@ def run_studies(session, dag_id: str, run_id: str, lake: LakeView) -> list[Study
         step = {"state": ti["state"], "map_index": ti["map_index"], "duration": ti["duration"],
                 "status": value.get("status") if isinstance(value, dict) else None,
                 "reason": value.get("reason") if isinstance(value, dict) else None}
-        previous = r.steps.get(ti["task_id"])
-        if previous is None or ti["task_id"] != "tile_features":
-            r.steps[ti["task_id"]] = step
-        else:  # several tile batches per slide: the worst state wins
-            previous["batches"] = previous.get("batches", 1) + 1
-            if step["state"] in FAILED or (step["state"] in UNFINISHED and previous["state"] not in FAILED):
-                previous["state"] = step["state"]
+        r.steps[ti["task_id"]] = step
     for (task_id, map_index), value in by_key.items():  # XComs without an instance row (should not happen)
         if isinstance(value, dict) and STUDY.match(str(value.get("study") or "")):
             r = row(value["study"])
