@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 128  # tiles per worker round trip (divides PART_TILES)
 
 
-def part_ranges(n_tiles: int, size: int = features_io.PART_TILES) -> list[tuple[int, int]]:
+def part_ranges(n_tiles: int, size: int | None = None) -> list[tuple[int, int]]:
+    size = size or features_io.PART_TILES
     return [(a, min(a + size, n_tiles)) for a in range(0, n_tiles, size)]
 
 
