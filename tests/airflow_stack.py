@@ -51,6 +51,12 @@ class ApiError(AssertionError):
         self.status = status
 
 
+# A cron whose first interval after the DAG's start_date (2026-01-01) ends in 2032: unpausing creates no
+# scheduled run that would compete with a triggered one (max_active_runs=1); for stacks that test something other
+# than the nightly schedule (test_scheduling.py does).
+NO_SCHEDULED_RUN_CRON = "0 2 29 2 *"
+
+
 class RestClient:
     """The public REST API (/api/v2) with a JWT from POST /auth/token, as the UI's own login does."""
 

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from airflow_stack import NO_SCHEDULED_RUN_CRON
+
 pytestmark = [pytest.mark.production, pytest.mark.scheduler]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,10 +42,6 @@ STUDIES = 2
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 REDIS = ("127.0.0.1", 6379)
 GPU_STEP = "calcium_scoring"  # a step its record marks gpu: queue and pool `gpu`
-# A cron whose first interval after the DAG's start_date (2026-01-01) ends in 2032: unpausing creates no
-# scheduled run that would compete with the triggered one (max_active_runs=1). Routing is under test here,
-# the nightly schedule in test_scheduling.py.
-NO_SCHEDULED_RUN_CRON = "0 2 29 2 *"
 
 
 # ---------------------------------------------------------------- services of the machine
