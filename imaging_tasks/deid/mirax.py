@@ -35,6 +35,7 @@ from pathlib import Path
 from imaging_tasks.errors import BadInput
 
 from .pseudonym import pseudo_id
+from .tiff_copy import copy_range
 
 INDEX_VERSION = b"01.02"
 SLIDE_ZOOM_LEVEL = "Slide zoom level"
@@ -65,7 +66,6 @@ _REQUIRED_LEVEL = ("OVERLAP_X", "OVERLAP_Y", "MICROMETER_PER_PIXEL_X", "MICROMET
 # Values the rebuilt Slidedat.ini itself contains: never evidence of a leak.
 _STRUCTURAL_VALUES = frozenset(v.lower() for v in ("default", "Slide zoom level", "Index.dat", "JPEG", "PNG", "BMP24",
                                                    *POSITION_LAYERS))
-_COPY_BLOCK = 1 << 20
 _MAX_PAGES = 1 << 20
 
 
@@ -358,14 +358,10 @@ def _index_bytes(slide_id: str, levels: list[list[tuple[int, int, int, int]]],
 
 
 def _copy_range(src_fh, dst_fh, offset: int, length: int) -> None:
-    src_fh.seek(offset)
-    left = length
-    while left:
-        block = src_fh.read(min(left, _COPY_BLOCK))
-        if not block:
-            raise _bad("a data file is truncated")
-        dst_fh.write(block)
-        left -= len(block)
+    try:
+        copy_range(src_fh, dst_fh, offset, length)
+    except EOFError:
+        raise _bad("a data file is truncated") from None
 
 
 def deidentify_mirax(src_mrxs: Path, dst_mrxs: Path, key: bytes, *, digest: str | None = None) -> dict:

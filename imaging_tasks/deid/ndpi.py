@@ -32,6 +32,8 @@ from imaging_tasks.errors import BadInput
 from imaging_tasks.storage import sha256_of
 
 from .pseudonym import pseudo_id
+from .tiff_copy import TYPE_SIZES as _TYPE_SIZES
+from .tiff_copy import copy_range
 
 NDPI_FORMAT_FLAG = 65420
 SOURCE_LENS = 65421
@@ -74,10 +76,8 @@ _TAG_NAMES = {270: "ImageDescription", 271: "Make", 272: "Model", 305: "Software
               65448: "FirmwareVersion", 65449: "property map", 65450: "LabelObscured"}
 # Make, Model, Software: the vendor and its program ("Hamamatsu", "NDP.scan 3.3"): dropped, but not evidence.
 _VENDOR_TEXT = (271, 272, 305)
-_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
 _INT_FORMATS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 13: "I", 16: "Q", 17: "q"}
 _MAX_HEADER = 1 << 20  # a JPEG header (tables) longer than this is not one
-_COPY_BLOCK = 1 << 20
 _MAKE = b"Hamamatsu\0"
 _NUMERIC_TYPES = frozenset({3, 4, 5, 8, 9, 10, 11, 12, 13, 16, 17})  # a kept tag of another type (text) is dropped
 
@@ -297,14 +297,10 @@ class _NdpiOut:
         self._align()
         start = fh.tell()
         fh.write(head)
-        src.seek(body_offset)
-        left = body_length
-        while left:
-            block = src.read(min(left, _COPY_BLOCK))
-            if not block:
-                raise _bad("a strip runs past the end of the file (truncated)")
-            fh.write(block)
-            left -= len(block)
+        try:
+            copy_range(src, fh, body_offset, body_length)
+        except EOFError:
+            raise _bad("a strip runs past the end of the file (truncated)") from None
         length = fh.tell() - start
         if fh.tell() > MAX_CLASSIC_BYTES - (1 << 20):
             raise BadInput("unsupported_slide", "the de-identified NDPI would exceed 4 GiB, which classic NDPI "

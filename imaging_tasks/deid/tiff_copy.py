@@ -73,6 +73,19 @@ def raw_tag_bytes(fh, tag) -> bytes:
     return data
 
 
+def copy_range(src, dst, offset: int, length: int) -> None:
+    """``length`` bytes of ``src`` from ``offset`` appended to ``dst`` in blocks (the byte-level slide copiers:
+    TIFF, NDPI, MIRAX); EOFError when the source ends first (a truncated file)."""
+    src.seek(offset)
+    left = length
+    while left:
+        block = src.read(min(left, COPY_BLOCK))
+        if not block:
+            raise EOFError(f"{left} byte(s) missing at the end of the file")
+        dst.write(block)
+        left -= len(block)
+
+
 class TiffOut:
     """Minimal classic/BigTIFF writer for copying IFDs with relocated data."""
 
@@ -93,14 +106,10 @@ class TiffOut:
 
     def copy(self, src, offset: int, count: int) -> int:
         pos = self.fh.tell()
-        src.seek(offset)
-        left = count
-        while left:
-            block = src.read(min(left, COPY_BLOCK))
-            if not block:
-                raise ValueError("strip/tile data runs past the end of the file")
-            self.fh.write(block)
-            left -= len(block)
+        try:
+            copy_range(src, self.fh, offset, count)
+        except EOFError:
+            raise ValueError("strip/tile data runs past the end of the file") from None
         return pos
 
     def write_ifd(self, entries: dict[int, tuple[int, int, bytes]]) -> None:
