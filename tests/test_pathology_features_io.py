@@ -117,3 +117,9 @@ def test_mil_bag_holds_the_qc_passing_tiles(tmp_path, dim):
     assert np.array_equal(bag["tile_index"], np.flatnonzero(ok))
     meta = json.loads(str(bag["meta"]))
     assert meta["feature_dim"] == (dim or len(fio.BAG_BUILTIN)) and meta["slide_mpp"] == 0.5
+
+
+def test_the_table_declares_every_column_the_reader_computes():
+    from imaging_tasks.pathology.reader import COLUMNS
+
+    assert sorted(fio.COMPUTED_COLUMNS) == sorted(COLUMNS)
