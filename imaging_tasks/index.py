@@ -452,9 +452,9 @@ def _mirax_slide_name(slidedat_uri: str) -> str | None:
     """Slidedat.ini's GENERAL.SLIDE_NAME (the label text the scanner read, e.g. an accession), so a case's slides
     group under one patient pseudonym, the rule of ``deid.mirax.mirax_pseudonyms``; None when absent.  BadInput
     ``unreadable_slide`` for a Slidedat.ini that does not parse."""
-    from imaging_tasks.deid.mirax import _parse_ini  # the reader OpenSlide's format implies, shared with deid
+    from imaging_tasks.deid.mirax import parse_slidedat  # one Slidedat.ini reader, shared with the de-identifier
 
-    groups = _parse_ini(storage.read_bytes(slidedat_uri))
+    groups = parse_slidedat(storage.read_bytes(slidedat_uri))
     return (groups.get("GENERAL", {}).get("SLIDE_NAME") or "").strip() or None
 
 

@@ -75,7 +75,7 @@ def _bad(what: str) -> BadInput:
 
 
 # ----------------------------------------------------------------------------------------------- Slidedat.ini
-def _parse_ini(raw: bytes) -> dict[str, dict[str, str]]:
+def parse_slidedat(raw: bytes) -> dict[str, dict[str, str]]:
     """Groups of a GKeyFile-style key file (what OpenSlide reads): ``[group]``, ``key=value``, ``#`` comments,
     a UTF-8 BOM ignored, later duplicates win.  Not UTF-8: read as Windows-1252, so identifying values keep
     the characters the audit must search for."""
@@ -154,7 +154,7 @@ def _describe(src_mrxs: Path) -> _Slide:
         raise _bad("the slide folder or its Slidedat.ini is missing next to the .mrxs file")
     if ini.stat().st_size > 1 << 20:
         raise _bad("Slidedat.ini is larger than any real one")
-    groups = _parse_ini(ini.read_bytes())
+    groups = parse_slidedat(ini.read_bytes())
     slide_id = _get(groups, "GENERAL", "SLIDE_ID")
     for key in _REQUIRED_GENERAL:
         _int(groups, "GENERAL", key)
