@@ -116,7 +116,8 @@ def detect_calcifications(image: np.ndarray, pixel_spacing_mm: float, *, device=
     ``k_sigma * sqrt(area / point_area)``.  The ``rim_mm`` under the skin line is skipped: the skin/air
     step dominates the response there, and specks in it are dermal.
     Returns dicts with ``centre_xy_px``, ``centre_xy_mm``, ``area_mm2``, ``diameter_mm`` (equivalent
-    circle), ``contrast`` (peak above local background, stored pixel units) and ``snr``.
+    circle), ``contrast`` (peak above local background, stored pixel units), ``snr`` and ``score`` (the largest
+    ``k_sigma`` at which the spot is still accepted).
     """
     import torch
     import torch.nn.functional as F
@@ -204,6 +205,9 @@ def detect_calcifications(image: np.ndarray, pixel_spacing_mm: float, *, device=
             "diameter_mm": round(2.0 * math.sqrt(area_mm2 / math.pi), 4),
             "contrast": round(float(peak_c[j]), 3),
             "snr": round(float(peak_z[j]), 2),
+            # the largest k_sigma that still accepts this spot: thresholding ``score`` at t keeps exactly what
+            # detection at k_sigma = t keeps (the FROC sweep in mammography.froc relies on it)
+            "score": float(peak_z[j] / math.sqrt(max(float(area_px[j]) * sp * sp / point_area, 1.0))),
             "elongation": round(float(elong[j]), 3),
         })
     return out
