@@ -2,7 +2,7 @@
 batches.
 
 Sites train their own networks; the pipeline runs them, the same way for every specialty (cine-MR LV
-segmentation, pathology tile encoders; mammography detectors later).  Nothing is ever fetched from a model hub:
+segmentation, pathology tile encoders, mammography lesion detectors).  Nothing is ever fetched from a model hub:
 a model is a file the deployment points at.
 
 The model
@@ -33,6 +33,7 @@ Same URI with the suffix replaced by ``.json`` (``s3://models/lv_seg.pt`` -> ``s
     {
       "name": "lv-seg-2026-03",              # required: non-empty text, for logs and results
       "task": "segmentation",                # required: "segmentation" | "classification" | "embedding"
+                                             #           | "detection"
       "input_size": [192, 192],              # required: [H, W] the model is fed, or null (see "Geometry")
       "pixel_spacing_mm": null,              # optional: [row, col] mm (or one number) the model was trained at
       "channels": 1,                         # required: C of the input tensor
@@ -42,6 +43,7 @@ Same URI with the suffix replaced by ``.json`` (``s3://models/lv_seg.pt`` -> ``s
       "batch_size": 16,                      # optional (16): images per forward pass
       "amp": true,                           # optional (true): float16 autocast on CUDA (never on the CPU)
       "channels_last": true,                 # optional (true): batches laid out channels-last in memory
+      "version": "2026.03.1",                # optional: non-empty text, cited beside the name in results
       "description": "..."                   # optional free text; keys starting with "x_" are yours (not read)
     }
 
@@ -65,6 +67,17 @@ batches are made ``torch.channels_last`` in memory and the model's 4-D weights c
 convolutions run fastest on, on CUDA especially); the values are the same.  Set it to false for a model that calls
 ``.view()`` on its input assuming the default layout.
 
+A detection model (mammography masses and calcification clusters, :mod:`imaging_tasks.mammography.detector`)
+looks like::
+
+    {
+      "name": "mass-detector", "version": "2026.03.1", "task": "detection", "output": "boxes",
+      "labels": {"mass": 1, "calcification_cluster": 2},   # the numbers in the boxes' label column
+      "input_size": null, "pixel_spacing_mm": 0.2,          # or "input_size": [1024, 832] (see "Geometry")
+      "channels": 1, "normalization": {"method": "percentile", "low": 0.5, "high": 99.5},
+      "batch_size": 4
+    }
+
 Any other key is refused (a misspelt ``"batchsize"`` would otherwise be silently ignored).
 
 ==============  ===============================  =========================================================
@@ -75,7 +88,29 @@ segmentation    ``logits`` or ``probabilities``  {name: 1..K}, each number once,
                                                  numbered k, channel 0 background
 classification  ``logits`` or ``probabilities``  {name: 0..K-1}, each number once; output (N, K)
 embedding       ``features``                     none; output (N, D), D = ``output_dim`` when given
+detection       ``boxes``                        {name: 1..K}, each number once, 0 is background (torchvision's
+                                                 numbering); output (N, M, 6) float, see "Detection output"
 ==============  ===============================  =========================================================
+
+Detection output
+----------------
+One float tensor (N, M, 6) for a batch of N images: up to M detections per image, each row
+``[x0, y0, x1, y1, score, label]``.
+
+* ``x0, y0, x1, y1``: the box in pixels *of the model's input* (after the resize of "Geometry"), x the column
+  and y the row, as edges in torchvision's convention: the input pixel at (row r, column c) covers
+  ``c <= x < c + 1``, ``r <= y < r + 1`` (a box around exactly that pixel is ``[c, r, c + 1, r + 1]``);
+  ``x0 <= x1`` and ``y0 <= y1``, finite.
+* ``score``: the model's confidence, higher is surer, a finite number >= 0 (a probability is the natural choice:
+  the run's score threshold is compared with it).
+* ``label``: the number of the class in ``labels`` (e.g. 1.0 for ``"mass"``), a whole number.
+* padding: M is fixed by the model (e.g. its top-k); rows with ``score < 0`` (e.g. all -1) are unused and ignored,
+  whatever their other columns hold.
+
+Every row with ``score >= 0`` is checked: a non-finite value, ``x1 < x0`` or ``y1 < y0``, or a label that is not a
+number in ``labels`` is a :class:`~imaging_tasks.errors.ConfigError` (so is a NaN or +inf score).  M may be 0.  This
+is what a TorchScript model can return without lists or dicts (torchvision's detectors return a list of dicts:
+export a wrapper that pads ``boxes``, ``scores`` and ``labels`` into this tensor).
 
 Normalization
 -------------
@@ -107,6 +142,17 @@ resized back to the native (Y, X) the same way (bilinear, ``align_corners=False`
 argmax over channels (the first channel on a tie), which is the label number by the table above.  Nothing else
 (no largest component, no hole filling), so a by-hand run of these steps gives identical labels on the same
 device (on CUDA with ``amp`` the by-hand run must use the same float16 autocast; ``"amp": false`` for float32).
+Detection (:func:`imaging_tasks.mammography.detector.detect`) feeds the model the same way as segmentation: the
+image normalised (one per-image method, or ``none``; ``mean_std`` is refused, a mammogram has no 0-255 scale),
+resized to the model's grid (``input_size``, or ``pixel_spacing_mm`` as above with the image's spacing, or the
+native size), one grey channel (``"channels": 1``).  Boxes are mapped back by the ratio of the sizes, which is
+exact for this resize (``align_corners=False`` maps edges to edges): ``x * W / w`` and ``y * H / h`` for an image of
+(H, W) pixels fed as (h, w); then clipped to the image (``0..W``, ``0..H``) and rows whose clipped box has no area
+dropped; then rows with ``score < score_threshold`` dropped; then non-maximum suppression per label (greedy, in
+decreasing score, ties in row order: a box is removed when its IoU with a kept box of the same label is *greater*
+than ``iou``; IoU = intersection / union of the areas, ``(x1 - x0) * (y1 - y0)``, computed on the image's pixel
+coordinates).  Findings come in decreasing score; their coordinates are given in image pixels and in mm (see
+:func:`~imaging_tasks.mammography.detector.detect`).
 Pathology tiles follow their own rule (8-bit antialiased resize of the tile, as PIL does, then ``mean_std``): see
 :func:`imaging_tasks.pathology.encoder.embed`.
 
@@ -114,8 +160,8 @@ Errors
 ------
 A missing model or JSON, unreadable or invalid JSON, a file that is neither TorchScript nor torch.export, a JSON
 not matching the task or the labels it needs, or a model whose output does not match its JSON (found on the first
-batch: shape, ``output_dim``) raise :class:`~imaging_tasks.errors.ConfigError` saying what is wrong and what to
-do: retrying cannot help.
+batch: shape, ``output_dim``; for a detection model also every batch's rows, as above) raise
+:class:`~imaging_tasks.errors.ConfigError` saying what is wrong and what to do: retrying cannot help.
 
 Caching
 -------
@@ -144,16 +190,18 @@ from imaging_tasks.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-TASKS = ("segmentation", "classification", "embedding")
+TASKS = ("segmentation", "classification", "embedding", "detection")
 # What each task's JSON and output must look like; a new consumer (e.g. detection) adds its row here.
 _OUTPUTS = {"segmentation": ("logits", "probabilities"), "classification": ("logits", "probabilities"),
-            "embedding": ("features",)}
-_FIRST_LABEL = {"segmentation": 1, "classification": 0}  # labels must be FIRST..FIRST+K-1; embedding has none
+            "embedding": ("features",), "detection": ("boxes",)}
+# labels must be FIRST..FIRST+K-1; embedding has none
+_FIRST_LABEL = {"segmentation": 1, "classification": 0, "detection": 1}
 NORMALIZATIONS = ("zscore", "minmax", "percentile", "mean_std", "none")
 PER_FRAME = ("zscore", "minmax", "percentile")  # statistics of each frame; "mean_std" is fixed, for 8-bit images
 _REQUIRED = ("name", "task", "input_size", "channels", "normalization", "output")
 _OPTIONAL = ("labels", "pixel_spacing_mm", "um_per_px", "output_dim", "batch_size", "amp", "channels_last",
-             "description")
+             "version", "description")
+BOX_COLUMNS = ("x0", "y0", "x1", "y1", "score", "label")  # detection output: (N, M, 6), see "Detection output"
 FORMATS = ("torchscript", "torch.export")
 DEFAULT_BATCH_SIZE = 16
 DOC = "see the module docstring of imaging_tasks.byo_model for the format"
@@ -190,13 +238,15 @@ class ModelSpec:
     output_dim: int | None = None  # embedding: D of the (N, D) output
     channels_last: bool = True
     format: str = "torchscript"  # one of FORMATS: what the archive holds
+    version: str = ""  # the JSON's optional "version"
     description: str = ""
     extra: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))  # the "x_" keys
 
     def record(self) -> dict:
         """JSON-ready description for results files: which model, which bytes, which settings."""
         return {"uri": self.uri, "sha256": self.sha256, "format": self.format, "config_uri": self.config_uri,
-                "config_sha256": self.config_sha256, "name": self.name, "task": self.task,
+                "config_sha256": self.config_sha256, "name": self.name, "version": self.version or None,
+                "task": self.task,
                 "input_size": list(self.input_size) if self.input_size else None, "channels": self.channels,
                 "normalization": {k: list(v) if isinstance(v, tuple) else v
                                   for k, v in vars(self.normalization).items() if v is not None},
@@ -338,7 +388,8 @@ def parse_config(text: str | bytes, *, where: str = "model JSON") -> dict:
         if labels is None:
             problems.append(f"missing 'labels': a {task} model needs {{name: number}} for its output channels, "
                             f"numbered from {first}, e.g. "
-                            f"{{\"lv_blood_pool\": {first}, \"lv_myocardium\": {first + 1}}}")
+                            + (f"{{\"mass\": {first}, \"calcification_cluster\": {first + 1}}}" if task == "detection"
+                               else f"{{\"lv_blood_pool\": {first}, \"lv_myocardium\": {first + 1}}}"))
         elif not (isinstance(labels, dict) and labels
                   and all(isinstance(k, str) and k and _is_int(v) for k, v in labels.items())):
             problems.append(f"'labels' is {labels!r}; it must be a non-empty object {{name: integer}}")
@@ -379,6 +430,11 @@ def parse_config(text: str | bytes, *, where: str = "model JSON") -> dict:
     if not isinstance(channels_last, bool):
         problems.append(f"'channels_last' is {channels_last!r}; it must be true or false")
     out["channels_last"] = bool(channels_last)
+
+    version = raw.get("version")
+    if version is not None and not (isinstance(version, str) and version.strip()):
+        problems.append(f"'version' is {version!r}; it must be non-empty text (e.g. \"2026.03.1\"), or left out")
+    out["version"] = version.strip() if isinstance(version, str) else ""
 
     description = raw.get("description", "")
     if not isinstance(description, str):
@@ -713,6 +769,11 @@ def _check_output(spec: ModelSpec, out, n: int) -> None:
             raise ConfigError(f"{where} outputs {shape[1]} features per input, its JSON {spec.config_uri} says "
                               f"'output_dim': {spec.output_dim}: set \"output_dim\": {shape[1]} if this is the "
                               "right model")
+    elif spec.task == "detection":
+        if len(shape) != 3 or shape[0] != n or shape[2] != len(BOX_COLUMNS):
+            raise ConfigError(f"{where} outputs shape {shape} for {n} images; a detection model must return "
+                              f"(N, M, 6): one row [{', '.join(BOX_COLUMNS)}] per detection, padded with score < 0 "
+                              "(see 'Detection output' in the module docstring of imaging_tasks.byo_model)")
 
 
 # ------------------------------------------------------------------------------------------- segmentation

@@ -140,3 +140,77 @@ def ihc_tiles(n: int = 10, size: int = 96, seed: int = 0):
     ys = rng.integers(0, image.shape[0] - size, n)
     xs = rng.integers(0, image.shape[1] - size, n)
     return np.stack([image[y:y + size, x:x + size] for y, x in zip(ys, xs)])
+
+
+# ------------------------------------------------------------------------------------------------ detectors
+
+DETECTION_LABELS = {"mass": 1, "calcification_cluster": 2}
+
+
+class BlobDetector(torch.nn.Module):
+    """Bright blobs by a fixed convolution and max-pool peak picking, as (N, k, 6) boxes (the detection contract).
+
+    Channel 0 ("mass", label 1) is the mean over a ``big`` x ``big`` window, channel 1 ("calcification_cluster",
+    label 2) over a ``small`` x ``small`` one (one real Conv2d, padding to keep the size).  A peak is a pixel equal
+    to the max over its ``window`` x ``window`` neighbourhood of its channel with a response above ``level``; the
+    ``k`` highest responses over both channels become rows [x0, y0, x1, y1, score, label]: a square of half-side
+    ``half[c]`` around the peak pixel's centre, score = the response; rows beyond the peaks have score -1 (padding).
+    """
+
+    def __init__(self, k: int = 24, big: int = 9, small: int = 3, window: int = 3, level: float = 0.5,
+                 half=(6.0, 2.5)):
+        super().__init__()
+        self.k, self.window, self.level = k, window, level
+        self.conv = torch.nn.Conv2d(1, 2, big, padding=big // 2, bias=False)
+        with torch.no_grad():
+            weight = torch.zeros(2, 1, big, big)
+            weight[0] = 1.0 / (big * big)
+            lo = (big - small) // 2
+            weight[1, 0, lo:lo + small, lo:lo + small] = 1.0 / (small * small)
+            self.conv.weight.copy_(weight)
+        self.register_buffer("half_side", torch.tensor(half, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.conv(x)
+        pooled = torch.nn.functional.max_pool2d(r, self.window, 1, self.window // 2)
+        score = torch.where((r == pooled) & (r > self.level), r, torch.full_like(r, -1.0))
+        n, c, h, w = score.shape
+        top, idx = score.reshape(n, c * h * w).topk(min(self.k, c * h * w), dim=1)
+        ch = torch.div(idx, h * w, rounding_mode="floor")
+        pos = idx - ch * (h * w)
+        cy = torch.div(pos, w, rounding_mode="floor").float() + 0.5
+        cx = (pos - torch.div(pos, w, rounding_mode="floor") * w).float() + 0.5
+        half = self.half_side[ch]
+        return torch.stack([cx - half, cy - half, cx + half, cy + half, top, (ch + 1).float()], dim=2)
+
+
+class FixedBoxes(torch.nn.Module):
+    """Returns the same (M, 6) rows for every image of the batch, whatever it holds (geometry and NMS checks)."""
+
+    def __init__(self, rows):
+        super().__init__()
+        rows = torch.tensor(rows, dtype=torch.float32)
+        self.register_buffer("rows", rows if rows.ndim == 2 else rows.reshape(-1, 6))  # (M, 6); any width to test
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows.unsqueeze(0).expand(x.shape[0], self.rows.shape[0], self.rows.shape[1]).contiguous()
+
+
+def detector_config(**changes):
+    base = {"name": "blob-detector", "version": "0.1", "task": "detection", "output": "boxes",
+            "labels": DETECTION_LABELS, "input_size": None, "channels": 1, "normalization": {"method": "minmax"},
+            "batch_size": 2}
+    base.update(changes)
+    return {k: v for k, v in base.items() if v is not ...}
+
+
+def blobs_image(shape=(96, 80), blobs=((30.0, 20.0, 4.0, 1.0), (60.0, 55.0, 3.0, 0.8)), noise=0.01, seed=0):
+    """(H, W) float32: Gaussian blobs (row, column, sigma px, amplitude) on a dark background, a little noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    img = np.full(shape, 0.1)
+    for r, c, s, a in blobs:
+        img += a * np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * s * s))
+    return (img + rng.normal(0, noise, shape)).astype(np.float32)
