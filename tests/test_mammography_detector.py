@@ -282,3 +282,36 @@ def test_spec_records_version_and_labels(tmp_path):
     assert record["version"] == "0.1" and record["task"] == "detection"
     _, seg = byo_model.load_model(save_model(tmp_path, Bands(), config(), name="seg.pt"), device="cpu")
     assert seg.version == "" and seg.record()["version"] is None
+
+
+def test_the_mammography_step_runs_the_site_detector_beside_the_built_in_clusters(tmp_path):
+    """process_study with ``detector_uri``: the model's boxes are findings beside the clusters, with the model's
+    name and version, and the same as detect() run by hand on the same decoded images."""
+    import json as _json
+
+    import pydicom
+
+    from imaging_tasks.mammography.calcifications import _pixels, _spacing_mm, process_study
+    from imaging_tasks.mammography.synth import synthesize
+
+    (truth_path,) = synthesize(tmp_path / "in", 1, seed=4, views=["L_CC", "L_MLO"], rows=400, cols=320,
+                               pixel_spacing_mm=0.2)
+    label = _json.loads(truth_path.read_text())["label"]
+    files = sorted((tmp_path / "in" / "mammography" / label).iterdir())
+    model = save_model(tmp_path, BlobDetector(k=8, big=15, small=5, level=0.2),
+                       detector_config(pixel_spacing_mm=0.4, normalization={"method": "percentile", "low": 1,
+                                                                            "high": 99}), "det.pt")
+    result = process_study(files, tmp_path / "out", device="cpu", detector_uri=str(model),
+                           detector_score_threshold=0.3)
+    boxes = [f for f in result["findings"] if f.get("source") == "byo_model"]
+    clusters = [f for f in result["findings"] if f["kind"] == "calcification_cluster"]
+    assert boxes and {(f["model"], f["model_version"]) for f in boxes} == {("blob-detector", "0.1")}
+    metrics = {m["name"]: m["value"] for m in result["metrics"]}
+    assert metrics["n_detector_findings"] == len(boxes) and metrics["n_clusters"] == len(clusters)
+    det = detector.load_detector(model, device="cpu")
+    by_hand = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        by_hand += [(f["label"], round(f["score"], 6)) for f in
+                    detector.detect(*det, _pixels(ds), _spacing_mm(ds), score_threshold=0.3, device="cpu")]
+    assert sorted((f["kind"], round(f["score"], 6)) for f in boxes) == sorted((f"model_{k}", v) for k, v in by_hand)

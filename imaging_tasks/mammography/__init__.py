@@ -19,9 +19,17 @@ SPECIALTY = Specialty(
                minimum=2, maximum=10),
         Option("min_count", "integer", 3, "Calcifications per cluster",
                "At least this many calcifications within 1 cm² make a cluster (2-10)", minimum=2, maximum=10),
+        Option("detector_uri", "string", None, "Lesion detector (TorchScript or torch.export URI, optional)",
+               "A bring-your-own detection model (file path, s3:// or gs://) with its JSON beside it (labels, input "
+               "size or pixel spacing, normalisation): its boxes (masses, clusters...) go beside the built-in "
+               "clusters with the model's name and version. Empty: built-in detection only",
+               variable="imaging_mammography_detector_uri"),
+        Option("detector_score_threshold", "number", 0.5, "Detector score threshold",
+               "The bring-your-own detector's boxes scoring below this are dropped (0-1)", minimum=0, maximum=1),
     ),
     synthesizer="imaging_tasks.mammography.synth:synthesize",
     results="`results` holds `n_calcifications`, `n_clusters` (per side too) per study and `findings` one row per "
-            "calcification cluster (position, size, member count).",
+            "calcification cluster (position, size, member count) and, with a detector, one per box it found "
+            "(kind `model_<label>`: score, box in mm, model name and version).",
     bad_modality="CT",
 )

@@ -407,8 +407,10 @@ def process_study(files: list[pathlib.Path], out_dir: pathlib.Path, *, device: s
     Non-MG objects (a CAD SR, a presentation state) are ignored; a study without MG images raises
     ``BadInput("wrong_modality")``.  "For processing" (raw, linear) images are skipped because the
     detector's noise model assumes the log-domain presentation image; a study with only those raises
-    ``BadInput("for_processing_only")``.  Options: ``radius_mm``, ``min_count`` (cluster rule) and any
-    keyword of :func:`detect_calcifications`.  Every image is checked first (:func:`check_inputs`); one
+    ``BadInput("for_processing_only")``.  Options: ``radius_mm``, ``min_count`` (cluster rule),
+    ``detector_uri`` / ``detector_score_threshold`` (a bring-your-own detection model, :mod:`.detector`, run on
+    every image beside the built-in detector; its findings are of kind ``model_<label>``, never mixed with the
+    built-in ``calcification_cluster``) and any keyword of :func:`detect_calcifications`.  Every image is checked first (:func:`check_inputs`); one
     unusable image raises BadInput with its reason for the whole study.
     Writes ``calcifications.json`` and one ``qc_<laterality>_<view>.png`` per image.
     """
@@ -417,6 +419,8 @@ def process_study(files: list[pathlib.Path], out_dir: pathlib.Path, *, device: s
     dev = pick_device(device)
     radius_mm = float(options.pop("radius_mm", CLUSTER_RADIUS_MM))
     min_count = int(options.pop("min_count", CLUSTER_MIN_COUNT))
+    detector_uri = options.pop("detector_uri", None)
+    detector_threshold = float(options.pop("detector_score_threshold", 0.5))
     detect_opts = {k: options[k] for k in ("k_sigma", "k_low", "spot_sigma_mm", "background_sigma_mm", "rim_mm",
                                            "max_area_mm2", "max_elongation", "detector_blur_mm") if k in options}
     if not files:
@@ -442,6 +446,11 @@ def process_study(files: list[pathlib.Path], out_dir: pathlib.Path, *, device: s
                        "route it to the pipeline for that modality")
 
     specs = check_inputs(presentation)  # every image's preconditions before any pixel is decoded
+    detector = None
+    if detector_uri:  # a configuration error fails the study at once, before any image is decoded
+        from imaging_tasks.mammography.detector import detect, load_detector
+
+        detector = load_detector(detector_uri, device=dev)
 
     def order(item):
         lat, view = _view(item[1])
@@ -466,6 +475,13 @@ def process_study(files: list[pathlib.Path], out_dir: pathlib.Path, *, device: s
                              "view": view, "image": len(images), "centre_mm": cl["centre_xy_mm"],
                              "n_members": cl["n_members"], "extent_mm": cl["extent_mm"],
                              "radius_mm": cl["radius_mm"], "mean_snr": cl["mean_snr"]})
+        if detector is not None:
+            for box in detect(*detector, arr, spacing, score_threshold=detector_threshold, device=dev):
+                findings.append({"kind": f"model_{box['label']}", "index": len(findings), "laterality": lat, "view": view,
+                                 "image": len(images), "source": box["source"], "score": box["score"],
+                                 "centre_mm": box["centre_xy_mm"], "box_mm": box["box_xyxy_mm"],
+                                 "size_mm": box["size_mm"], "model": box["model"]["name"],
+                                 "model_version": box["model"]["version"], "model_sha256": box["model"]["sha256"]})
         images.append({"index": len(images), "laterality": lat, "view": view,
                        "sop_instance_uid": str(ds.SOPInstanceUID), "rows": int(arr.shape[0]),
                        "cols": int(arr.shape[1]), "pixel_spacing_mm": spacing, "qc": name,
@@ -487,8 +503,11 @@ def process_study(files: list[pathlib.Path], out_dir: pathlib.Path, *, device: s
         metrics.append({"name": f"n_clusters_{lat}", "value": float(sum(len(im["clusters"]) for im in images
                                                                         if im["laterality"] == lat)),
                         "unit": "count"})
-    metrics.append({"name": "max_cluster_members", "value": float(max((f["n_members"] for f in findings), default=0)),
-                    "unit": "count"})
+    metrics.append({"name": "max_cluster_members", "value": float(max((f.get("n_members", 0) for f in findings),
+                                                                      default=0)), "unit": "count"})
+    if detector is not None:
+        metrics.append({"name": "n_detector_findings", "unit": "count",
+                        "value": float(sum(1 for f in findings if f.get("source") == "byo_model"))})
     return {"metrics": metrics, "findings": findings, "outputs": outputs, "device": str(dev)}
 
 
