@@ -25,6 +25,8 @@ have 5-15 members inside a disc of radius <= 4.5 mm, so they also meet the stric
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import pathlib
 
@@ -38,9 +40,38 @@ SPECIALTY = "mammography"
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
 STANDARD_VIEWS = ("R_CC", "L_CC", "R_MLO", "L_MLO")
-VIEW_CODES = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique")}
+EXTRA_VIEWS = ("R_ML", "L_ML", "R_XCCL", "L_XCCL")
+VIEW_CODES = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique"),
+              "ML": ("399260004", "medio-lateral"), "XCCL": ("399192008", "cranio-caudal exaggerated laterally")}
 # PS3.3 C.8.11.1.1.1 / C.7.6.1.1.1: row direction \ column direction for each view as displayed.
-PATIENT_ORIENTATION = {"L_CC": ["A", "R"], "R_CC": ["P", "L"], "L_MLO": ["A", "FR"], "R_MLO": ["P", "FL"]}
+PATIENT_ORIENTATION = {"L_CC": ["A", "R"], "R_CC": ["P", "L"], "L_MLO": ["A", "FR"], "R_MLO": ["P", "FL"],
+                       "L_ML": ["A", "F"], "R_ML": ["P", "F"], "L_XCCL": ["A", "R"], "R_XCCL": ["P", "L"]}
+# The breast outline each view is drawn with (ML: MLO-like, with a pectoral muscle; XCCL: CC-like).
+GEOMETRY_VIEW = {"CC": "CC", "XCCL": "CC", "MLO": "MLO", "ML": "MLO"}
+# Projection of 3-D lesion positions (see ``LESION_GEOMETRY``): obliquity of lateral-type views.
+OBLIQUITY_DEG = {"MLO": 45.0, "ML": 0.0}
+LESION_GEOMETRY = (
+    "A lesion shared by the views of one breast has a 3-D position (x, medial, inferior) in mm: x = distance "
+    "from the chest wall (posterior-anterior), medial / inferior = offsets from the breast axis. Rigid "
+    "idealisation (no re-compression): every view keeps x as the distance of the projection from the chest-wall "
+    "edge; cranio-caudal views (CC, XCCL) put it at image row y = yc + tilt*x + medial (rows run medially); "
+    "MLO (obliquity 45 deg) and ML (0 deg) at y = yc + tilt*x + inferior*cos(theta) - medial*sin(theta) "
+    "(rows run toward the feet; medial lesions project higher on the MLO than on the ML), with yc, tilt the "
+    "view's breast axis (before the right breast is mirrored). So the distance from the chest wall of the "
+    "same lesion is the same in its CC and MLO (up to pixel rounding, and mirrored with the image).")
+DENSITY_DEFINITION = {
+    "glandular_fraction": "gland path / path through the breast under the skin (skin excluded), per pixel",
+    "breast_region": "breast mask minus the pectoral muscle (pectoral weight >= 0.5)",
+    "dense_area_fraction": "share of breast-region pixels whose glandular fraction > 0.5",
+    "dense_volume_fraction": "glandular volume / breast volume (skin included, pectoral muscle excluded), "
+                             "sums of path lengths over the breast mask",
+    "birads_density": "BI-RADS 4th-edition quartiles of the dense area fraction: a < 0.25 <= b < 0.5 <= c < "
+                      "0.75 <= d",
+}
+VOI_CHOICES = ("linear", "sigmoid", "lut_sequence")
+FLIP_CHOICES = ("none", "horizontal", "vertical", "rotate180", "random")
+MU_MASS = 0.085
+MARKER_LEVEL = 0.97  # lead markers: this share of the stored range (presentation, MONOCHROME2)
 
 CLUSTER_RULE = {"min_count": 3, "area_mm2": 100.0, "radius_mm": float(np.sqrt(100.0 / np.pi)),
                 "definition": ">= 3 calcifications within 1 cm^2 (disc of radius 5.64 mm)"}
@@ -57,25 +88,107 @@ SKIN_MM = 1.5
 def synthesize(out: pathlib.Path, studies: int, seed: int, *, rows: int = 1000, cols: int = 800,
                pixel_spacing_mm: float = 0.1, views: list[str] | None = None,
                clusters_per_image: tuple[int, int] = (0, 2), isolated_per_image: tuple[int, int] = (2, 5),
+               density: float | dict | None = None, photometric: str = "MONOCHROME2", voi: str = "linear",
+               presentation_intent: str = "PRESENTATION", flip: str = "none", markers: int = 0,
+               masses: int = 0, shared_clusters: int = 0, extended_truth: bool | None = None,
                **_ignored) -> list[pathlib.Path]:
     """Write ``studies`` MG studies under ``out/mammography/study-NNN/`` and their truth JSONs.
 
-    ``views`` fixes the views (e.g. ``["L_CC", "L_MLO"]``); by default a study has all four, or (one
-    in four) a seeded subset of 2-3, as happens with unilateral or incomplete exams.  The count ranges
-    are inclusive.  Defaults: 1000 x 800 px at 0.1 mm (a 100 x 80 mm field), about 1.6 MB per image and
-    2-3 s per study.  Size options meant for other specialties are ignored.
+    ``views`` fixes the views (e.g. ``["L_CC", "L_MLO"]``, also ``R_ML``, ``L_ML``, ``R_XCCL``,
+    ``L_XCCL``); by default a study has the four standard views, or (one in four) a seeded subset of 2-3,
+    as happens with unilateral or incomplete exams.  The count ranges are inclusive.  Defaults: 1000 x 800
+    px at 0.1 mm (a 100 x 80 mm field), about 1.6 MB per image and 2-3 s per study.  Size options meant
+    for other specialties are ignored.
+
+    Variants, all off by default (the default files and truth are unchanged by their existence); the
+    random draws they need come from a separate stream, so switching one on leaves the anatomy, the
+    planted calcifications and the header of every image as they were (except what the option changes):
+
+    * ``density``: target dense AREA fraction (0.05-0.8; see ``DENSITY_DEFINITION``), one number for
+      both breasts or ``{"L": f, "R": f}``; every view of the breast is drawn with exactly that share of
+      dense pixels (up to a few pixels); the truth gives the dense area and volume fractions measured
+      on the generator's own maps.
+    * ``photometric``: "MONOCHROME2" or "MONOCHROME1" (stored values mirrored, Presentation LUT Shape
+      INVERSE, VOI mirrored so the displayed image is unchanged).
+    * ``voi``: "linear" (Window Center/Width, VOI LUT Function LINEAR, as the default), "sigmoid" (VOI LUT
+      Function SIGMOID) or "lut_sequence" (a VOI LUT Sequence with a non-linear table and no window).  The
+      stored pixels are re-encoded so that ``pydicom.pixels.apply_voi_lut`` (then inversion over the
+      output range for MONOCHROME1) gives back the default presentation image within ~2 output levels.
+    * ``presentation_intent``: "PRESENTATION" or "PROCESSING" (the raw detector signal, linear in
+      X-ray intensity: air bright, MG For Processing SOP class, PixelIntensityRelationship LIN).
+    * ``flip``: storage as some vendors do: "none", "horizontal" (mirrored left-right), "vertical",
+      "rotate180" or "random" (one of the four per image); PatientOrientation says what was stored.
+    * ``markers``: number of lead markers per image in the background air: the first is the
+      laterality + view letters (e.g. "LMLO"), the others label blocks; bright, not touching the breast.
+    * ``masses``: masses per breast (round or spiculated), each placed at one 3-D position and drawn in
+      every view of that breast (``LESION_GEOMETRY``) with a shared ``lesion_id``.
+    * ``shared_clusters``: calcification clusters per breast planted at one 3-D position and drawn in every
+      CC / MLO / ML view of that breast, with a shared ``lesion_id`` (besides ``clusters_per_image``).
+    * ``extended_truth``: add the extended truth (boxes, lesion ids, density, pectoral area, flips, masks
+      file); default: on exactly when one of the options above is used.
     """
     out = pathlib.Path(out)
+    opts = _options(density, photometric, voi, presentation_intent, flip, markers, masses, shared_clusters,
+                    extended_truth)
     truth_paths = []
     for i in range(studies):
         rng = np.random.default_rng([seed, i])
+        extra = np.random.default_rng([seed, i, 15]) if opts.extended else None
         label = f"study-{i:03d}"
         truth_paths.append(_one_study(out, label, rng, rows=rows, cols=cols, spacing=float(pixel_spacing_mm),
-                                      views=views, clusters=clusters_per_image, isolated=isolated_per_image))
+                                      views=views, clusters=clusters_per_image, isolated=isolated_per_image,
+                                      opts=opts, extra=extra))
     return truth_paths
 
 
-def _one_study(out, label, rng, *, rows, cols, spacing, views, clusters, isolated) -> pathlib.Path:
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    density: dict | None = None
+    photometric: str = "MONOCHROME2"
+    voi: str = "linear"
+    intent: str = "PRESENTATION"
+    flip: str = "none"
+    markers: int = 0
+    masses: int = 0
+    shared_clusters: int = 0
+    extended: bool = False
+
+    def as_json(self) -> dict:
+        return {"density": self.density, "photometric": self.photometric, "voi": self.voi,
+                "presentation_intent": self.intent, "flip": self.flip, "markers": self.markers,
+                "masses": self.masses, "shared_clusters": self.shared_clusters}
+
+
+def _options(density, photometric, voi, intent, flip, markers, masses, shared_clusters, extended) -> _Options:
+    if density is not None:
+        density = dict(density) if isinstance(density, dict) else {"L": density, "R": density}
+        if set(density) - {"L", "R"}:
+            raise ValueError(f"density keys must be L and/or R, not {sorted(density)}")
+        for k, v in density.items():
+            if not 0.05 <= float(v) <= 0.8:
+                raise ValueError(f"density {k}={v}: the target dense area fraction must be within 0.05-0.8")
+        density = {k: float(v) for k, v in density.items()}
+    if photometric not in ("MONOCHROME2", "MONOCHROME1"):
+        raise ValueError(f"photometric {photometric!r}: use MONOCHROME2 or MONOCHROME1")
+    if voi not in VOI_CHOICES:
+        raise ValueError(f"voi {voi!r}: use one of {', '.join(VOI_CHOICES)}")
+    if intent not in ("PRESENTATION", "PROCESSING"):
+        raise ValueError(f"presentation_intent {intent!r}: use PRESENTATION or PROCESSING")
+    if intent == "PROCESSING" and (photometric != "MONOCHROME2" or voi != "linear"):
+        raise ValueError("a for-processing image is stored MONOCHROME2 with a linear window: drop photometric/voi")
+    if flip not in FLIP_CHOICES:
+        raise ValueError(f"flip {flip!r}: use one of {', '.join(FLIP_CHOICES)}")
+    for name, v in (("markers", markers), ("masses", masses), ("shared_clusters", shared_clusters)):
+        if int(v) != v or not 0 <= v <= 5:
+            raise ValueError(f"{name}={v!r}: an integer 0-5")
+    used = (density is not None or photometric != "MONOCHROME2" or voi != "linear" or intent != "PRESENTATION"
+            or flip != "none" or markers or masses or shared_clusters)
+    return _Options(density, photometric, voi, intent, flip, int(markers), int(masses), int(shared_clusters),
+                    bool(used) if extended is None else bool(extended))
+
+
+def _one_study(out, label, rng, *, rows, cols, spacing, views, clusters, isolated, opts=_Options(),
+               extra=None) -> pathlib.Path:
     study = fake_study(rng, label)
     study.patient.sex = "F"
     if views is None:
@@ -84,9 +197,9 @@ def _one_study(out, label, rng, *, rows, cols, spacing, views, clusters, isolate
             views = [STANDARD_VIEWS[j] for j in sorted(rng.choice(4, size=k, replace=False))]
         else:
             views = list(STANDARD_VIEWS)
-    unknown = set(views) - set(STANDARD_VIEWS)
+    unknown = set(views) - set(STANDARD_VIEWS) - set(EXTRA_VIEWS)
     if unknown:
-        raise ValueError(f"unknown views {sorted(unknown)}; use {', '.join(STANDARD_VIEWS)}")
+        raise ValueError(f"unknown views {sorted(unknown)}; use {', '.join(STANDARD_VIEWS + EXTRA_VIEWS)}")
     # Patient-level anatomy, shared by both breasts and all views.
     fov_x, fov_y = cols * spacing, rows * spacing
     anatomy = {
@@ -101,16 +214,45 @@ def _one_study(out, label, rng, *, rows, cols, spacing, views, clusters, isolate
     study_dir.mkdir(parents=True, exist_ok=True)
     images_truth = {}
     views_truth = {}
+    lesions, per_view = {}, {}
+    if opts.extended:
+        seeds = _probe_seeds(rng, len(views))
+        lesions, per_view = _plan_lesions(extra, views, seeds, rows, cols, spacing, anatomy, opts)
     for n, key in enumerate(views, start=1):
         lat, view = key.split("_")
-        img_rng = np.random.default_rng(rng.integers(0, 2**63))
-        pixels, truth = _render_view(img_rng, lat, view, rows, cols, spacing, anatomy, bits, clusters, isolated)
+        seed_n = rng.integers(0, 2**63)
+        if opts.extended and seed_n != seeds[n - 1]:
+            raise RuntimeError("mammography synth: the seed probe no longer mirrors the study's draws")
+        img_rng = np.random.default_rng(seed_n)
+        view_extra = np.random.default_rng(extra.integers(0, 2**63)) if opts.extended else None
+        pixels, truth = _render_view(img_rng, lat, view, rows, cols, spacing, anatomy, bits, clusters, isolated,
+                                     opts=opts, extra=view_extra, fixed=per_view.get(key))
         series_uid, sop_uid = new_uid(rng), new_uid(rng)
-        ds = dicom_dataset(study, modality="MG", sop_class_uid=MG_FOR_PRESENTATION, series_uid=series_uid,
-                           sop_uid=sop_uid, series_number=n, instance_number=1,
+        processing = opts.intent == "PROCESSING"
+        ds = dicom_dataset(study, modality="MG", sop_class_uid=MG_FOR_PROCESSING if processing else MG_FOR_PRESENTATION,
+                           series_uid=series_uid, sop_uid=sop_uid, series_number=n, instance_number=1,
                            series_description=f"{lat} {view}")
+        if opts.extended:
+            masks = truth.pop("_masks")
+            flips = _choose_flip(opts.flip, view_extra)
+            pixels = _apply_flip(pixels, flips)
+            masks = {k: _apply_flip(v, flips) for k, v in masks.items()}
+            _flip_truth(truth, flips, rows, cols, spacing)
         _mg_attributes(ds, rng, lat, view, pixels, spacing, bits, kvp, anatomy)
         fname = f"{n:02d}_{lat}{view}.dcm"
+        if opts.extended:
+            ds.PatientOrientation = _flip_orientation(PATIENT_ORIENTATION[key], flips)
+            _encode_variant(ds, pixels, bits, opts)
+            truth["flips"] = flips
+            truth["patient_orientation"] = list(ds.PatientOrientation)
+            truth["photometric"] = str(ds.PhotometricInterpretation)
+            truth["voi"] = opts.voi
+            truth["presentation_intent"] = opts.intent
+            mask_rel = f"{label}/{n:02d}_{lat}{view}_masks.npz"
+            mask_path = out / "_truth" / SPECIALTY / mask_rel
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(mask_path, **masks)
+            truth["masks_file"] = mask_rel
         write_dicom(ds, str(study_dir / fname))
         truth.update({"sop_instance_uid": sop_uid, "file": fname, "laterality": lat, "view": view,
                       "rows": rows, "cols": cols, "pixel_spacing_mm": spacing})
@@ -130,6 +272,15 @@ def _one_study(out, label, rng, *, rows, cols, spacing, views, clusters, isolate
             "views": views_truth,
         },
     }
+    if opts.extended:
+        truth_doc["truth"].update({
+            "options": opts.as_json(),
+            "lesion_geometry": LESION_GEOMETRY,
+            "density_definition": DENSITY_DEFINITION,
+            "lesions": lesions,
+            "breasts": _breast_summary(views_truth),
+            "boxes": "box_xy_px = [x_min, y_min, x_max, y_max] in the centre_xy_px convention; box_xy_mm likewise",
+        })
     truth_path = out / "_truth" / SPECIALTY / f"{label}.json"
     truth_path.parent.mkdir(parents=True, exist_ok=True)
     truth_path.write_text(json.dumps(truth_doc, indent=1, sort_keys=True))
@@ -233,17 +384,34 @@ def _place(rng, ok, spacing, exclusions, tries=4000):
     return None
 
 
-def _plan_calcifications(rng, mask, depth, pectoral, spacing, n_clusters, n_isolated):
-    """Cluster and isolated-speck positions in mm (chest wall at x=0)."""
+def _plan_calcifications(rng, mask, depth, pectoral, spacing, n_clusters, n_isolated, fixed=None):
+    """Cluster and isolated-speck positions in mm (chest wall at x=0).
+
+    ``fixed`` (extended options only): clusters planned for several views (they come first, members
+    with their attributes) and ``avoid`` discs (masses) that nothing random may enter.
+    """
     inset = np.zeros_like(mask)
     border = int(round(8.0 / spacing))
     inset[border:-border, border:-border] = True  # keep whole clusters inside the field of view
     allowed = mask & (pectoral < 0.05) & inset
     calcs, clusters = [], []
     centres = []  # (position, exclusion radius)
+    avoid = []
+    if fixed:
+        for fc in fixed["clusters"]:
+            ci = len(clusters)
+            idx0 = len(calcs)
+            for m in fc["members"]:
+                calcs.append({"xy": np.asarray(m["xy"]), "cluster": ci, "isolated": False,
+                              "diameter_mm": m["diameter_mm"], "aspect": m["aspect"], "angle": m["angle"],
+                              "mu_per_mm": m["mu_per_mm"]})
+            clusters.append({"index": ci, "members": list(range(idx0, len(calcs))),
+                             "region_radius_mm": fc["region_radius_mm"], "lesion_id": fc["lesion_id"]})
+            centres.append((np.asarray(fc["centre"]), fc["region_radius_mm"]))
+        avoid = [(np.asarray(m["centre"]), m["diameter_mm"] / 2 * m["aspect"] ** 0.5 * 2.2) for m in fixed["masses"]]
     core_ok = allowed & (depth >= 12.0)
-    for ci in range(n_clusters):
-        centre = _place(rng, core_ok, spacing, [(q, 25.0) for q, _ in centres])
+    for ci in range(len(clusters), len(clusters) + n_clusters):
+        centre = _place(rng, core_ok, spacing, [(q, 25.0) for q, _ in centres] + [(q, r + 10.0) for q, r in avoid])
         if centre is None:
             break
         region_r = rng.uniform(2.5, 4.5)
@@ -267,7 +435,8 @@ def _plan_calcifications(rng, mask, depth, pectoral, spacing, n_clusters, n_isol
     group = 0
     for _ in range(n_isolated):
         # 15 mm from any other calcification (and from cluster edges): no 3 can share a 1 cm^2 disc.
-        p = _place(rng, iso_ok, spacing, [(q, r + 15.0) for q, r in centres] + [(c["xy"], 15.0) for c in calcs])
+        p = _place(rng, iso_ok, spacing, [(q, r + 15.0) for q, r in centres] + [(c["xy"], 15.0) for c in calcs]
+                   + [(q, r + 5.0) for q, r in avoid])
         if p is None:
             break
         pts = [p]
@@ -282,6 +451,8 @@ def _plan_calcifications(rng, mask, depth, pectoral, spacing, n_clusters, n_isol
                           "diameter_mm": float(rng.uniform(0.2, 0.5))})
         group += 1
     for c in calcs:
+        if "aspect" in c:  # planted for several views: attributes fixed beforehand
+            continue
         c["aspect"] = float(rng.uniform(1.0, 1.8))
         c["angle"] = float(rng.uniform(0, np.pi))
         c["mu_per_mm"] = float(rng.uniform(1.4, 2.2))  # hydroxyapatite minus displaced tissue at ~20 keV
@@ -315,9 +486,10 @@ def _render_calcs(calcs, shape, spacing, ss=5) -> np.ndarray:
     return att
 
 
-def _render_view(rng, lat, view, rows, cols, spacing, anatomy, bits, clusters_range, isolated_range):
+def _render_view(rng, lat, view, rows, cols, spacing, anatomy, bits, clusters_range, isolated_range,
+                 opts=_Options(), extra=None, fixed=None):
     shape = (rows, cols)
-    mask, depth, pectoral, info = _breast_geometry(rng, view, rows, cols, spacing, anatomy)
+    mask, depth, pectoral, info = _breast_geometry(rng, GEOMETRY_VIEW[view], rows, cols, spacing, anatomy)
     t0 = anatomy["thickness_mm"]
     radius = t0 / 2.0
     thickness = _chord(depth, radius) * mask
@@ -332,7 +504,11 @@ def _render_view(rng, lat, view, rows, cols, spacing, anatomy, bits, clusters_ra
     fat_layer = np.clip((depth - 4.0) / 8.0, 0.0, 1.0)
     texture = _power_law_noise(rng, shape, spacing)
     patchy = 1.0 / (1.0 + np.exp(-(1.8 * texture + 3.0 * (anatomy["density"] - 0.3))))
-    gland_frac = anatomy["density"] * cone * fat_layer * patchy
+    target = opts.density.get(lat) if opts.density else None
+    if target is None:
+        gland_frac = anatomy["density"] * cone * fat_layer * patchy
+    else:
+        gland_frac = _gland_fraction_for_target(target, texture, cone, fat_layer, mask, pectoral, inner > 0)
     gland = inner * gland_frac
     muscle = inner * 0.45 * pectoral
     vessels = _vessels(rng, shape, spacing, info, depth, int(rng.integers(3, 7))) * mask
@@ -340,10 +516,16 @@ def _render_view(rng, lat, view, rows, cols, spacing, anatomy, bits, clusters_ra
                      + MU_SKIN * skin + (MU_VESSEL - MU_FAT) * vessels)
     n_cl = int(rng.integers(clusters_range[0], clusters_range[1] + 1))
     n_iso = int(rng.integers(isolated_range[0], isolated_range[1] + 1))
-    calcs, clusters = _plan_calcifications(rng, mask, depth, pectoral, spacing, n_cl, n_iso)
+    calcs, clusters = _plan_calcifications(rng, mask, depth, pectoral, spacing, n_cl, n_iso, fixed=fixed)
     line_integral = line_integral + _render_calcs(calcs, shape, spacing)
+    mass_truth = []
+    if fixed and fixed["masses"]:
+        mass_att, mass_truth = _render_masses(fixed["masses"], shape, spacing, inner)
+        line_integral = line_integral + mass_att
     # Acquisition: AEC sets the exposure so ~6000 photons reach a 0.1 mm pixel behind typical tissue.
     typical = MU_FAT * t0 + (MU_GLAND - MU_FAT) * t0 * 0.2 * anatomy["density"]
+    if target is not None:
+        typical = MU_FAT * t0 + (MU_GLAND - MU_FAT) * t0 * 0.5 * target
     n0 = 6000.0 * (spacing / 0.1) ** 2 * np.exp(typical)
     transmitted = ndimage.gaussian_filter(np.exp(-line_integral), sigma=0.05 / spacing)
     counts = n0 * transmitted
@@ -356,6 +538,17 @@ def _render_view(rng, lat, view, rows, cols, spacing, anatomy, bits, clusters_ra
     maxv = 2**bits - 1
     pixels = np.clip(np.round(maxv * equalised / top), 0, maxv).astype(np.uint16)
     pixels[~mask & (pixels < 0.05 * maxv)] = 0
+    marker_truth = []
+    if opts.markers:
+        marker_mask, marker_truth = _markers(extra, opts.markers, f"{lat}{view}", mask, spacing)
+        pixels = np.maximum(pixels, np.round(MARKER_LEVEL * maxv * marker_mask).astype(np.uint16))
+    if opts.intent == "PROCESSING":
+        # The detector signal before processing: linear in the photons (air bright), dark offset 50,
+        # unattenuated beam at 85 % of the range; lead markers stop the beam.
+        signal = counts / n0
+        if opts.markers:
+            signal = signal * (1.0 - 0.98 * marker_mask)
+        pixels = np.clip(np.round(50 + 0.85 * (maxv - 50) * signal), 0, maxv).astype(np.uint16)
     # Laterality: left breasts keep the chest wall at column 0, right ones are mirrored (PS3.3 C.8.11.1.1.1).
     flip = lat == "R"
     if flip:
@@ -382,7 +575,440 @@ def _render_view(rng, lat, view, rows, cols, spacing, anatomy, bits, clusters_ra
     truth = {"calcifications": truth_calcs, "clusters": truth_clusters,
              "n_isolated": sum(1 for c in calcs if c["isolated"]),
              "compressed_thickness_mm": round(t0, 2)}
+    if opts.extended:
+        _extend_view_truth(truth, calcs, clusters, mass_truth, marker_truth, lat, view, cols, spacing,
+                           mask, pectoral, gland, inner, thickness, muscle, target)
+        truth["breast_axis"] = {"yc_mm": round(float(info["yc"]), 4), "tilt": round(float(info["tilt"]), 6),
+                                "obliquity_deg": OBLIQUITY_DEG.get(view)}
+        truth["_masks"] = {k: (v[:, ::-1].copy() if flip else v) for k, v in truth["_masks"].items()}
     return pixels, truth
+
+
+# ------------------------------------------------------------------------------- variants (extended options)
+
+def _gland_fraction_for_target(target, texture, cone, fat_layer, mask, pectoral, has_inner) -> np.ndarray:
+    """Glandular fraction of the path under the skin with exactly ``target`` of the breast region > 0.5.
+
+    A score (patchy 1/f^3 texture, concentrated in the cone behind the nipple, kept out of the subcutaneous
+    fat and the pectoral muscle) is thresholded at its (1 - target) quantile over the breast region; the
+    fraction is a steep sigmoid of the score that crosses 0.5 at that threshold.
+    """
+    score = 1.8 * texture + np.log(cone + 1e-6) - 3.0 * (1.0 - fat_layer) - 20.0 * pectoral
+    score = np.where(has_inner, score, -1e6)  # the skin shell itself is never dense
+    region = mask & (pectoral < 0.5)
+    t = float(np.quantile(score[region], 1.0 - target))
+    return (0.5 + 0.5 * np.tanh(2.0 * (score - t))) * (1.0 - 0.45 * pectoral)  # = sigmoid(4 (score - t))
+
+
+def _probe_seeds(rng, n) -> list:
+    """The per-view seeds the study loop will draw (a copy of ``rng`` runs the loop's draws)."""
+    probe = copy.deepcopy(rng)
+    seeds = []
+    for _ in range(n):
+        seeds.append(probe.integers(0, 2**63))
+        new_uid(probe), new_uid(probe)
+        # _mg_attributes: compression force, tube current, exposure time, organ dose, entrance dose.
+        probe.uniform(60, 140), probe.integers(80, 200), probe.integers(600, 1800)
+        probe.uniform(0.9, 2.2), probe.uniform(3.0, 8.0)
+    return seeds
+
+
+def _project(pos, view, info) -> np.ndarray:
+    """(x, y) mm on the unmirrored grid of ``view`` of a 3-D position (x, medial, inferior): LESION_GEOMETRY."""
+    x = pos[0]
+    if GEOMETRY_VIEW[view] == "CC":
+        v = pos[1]
+    else:
+        th = np.deg2rad(OBLIQUITY_DEG[view])
+        v = pos[2] * np.cos(th) - pos[1] * np.sin(th)
+    return np.array([x, info["yc"] + info["tilt"] * x + v])
+
+
+def _place_3d(rng, keys, geoms, spacing, anatomy, min_depth, radius, placed, tries=6000):
+    hh = anatomy["half_height_mm"]
+    for _ in range(tries):
+        p = np.array([rng.uniform(5.0, anatomy["depth_mm"]), rng.uniform(-hh, hh), rng.uniform(-hh, hh)])
+        ok = True
+        for key in keys:
+            view, allowed, depth, info = geoms[key]
+            xy = _project(p, view, info)
+            r, c = int(round(xy[1] / spacing)), int(round(xy[0] / spacing))
+            if not (0 <= r < allowed.shape[0] and 0 <= c < allowed.shape[1]) or not allowed[r, c] \
+                    or depth[r, c] < min_depth:
+                ok = False
+                break
+            if any(np.hypot(*(xy - _project(q, view, info))) < radius + rq + 5.0 for q, rq in placed):
+                ok = False
+                break
+        if ok:
+            return p
+    return None
+
+
+def _plan_lesions(rng, views, seeds, rows, cols, spacing, anatomy, opts):
+    """Masses and clusters shared by the views of one breast: 3-D positions projected into each view."""
+    geoms = {}
+    border = int(round(8.0 / spacing))
+    for key, seed in zip(views, seeds):
+        view = key.split("_")[1]
+        mask, depth, pectoral, info = _breast_geometry(np.random.default_rng(seed), GEOMETRY_VIEW[view], rows,
+                                                       cols, spacing, anatomy)
+        inset = np.zeros_like(mask)
+        inset[border:-border, border:-border] = True
+        geoms[key] = (view, mask & (pectoral < 0.05) & inset, depth, info)
+    lesions, per_view = {}, {key: {"clusters": [], "masses": []} for key in views}
+    for lat in ("R", "L"):
+        keys = [k for k in views if k.startswith(lat + "_")]
+        if not keys:
+            continue
+        placed = []
+        for j in range(opts.masses):
+            d = float(rng.uniform(6.0, 18.0))
+            kind = "spiculated" if rng.random() < 0.5 else "round"
+            aspect = float(rng.uniform(1.0, 1.4))
+            reach = d / 2 * np.sqrt(aspect) * (2.2 if kind == "spiculated" else 1.0)
+            pos = _place_3d(rng, keys, geoms, spacing, anatomy, d / 2 * np.sqrt(aspect) + 6.0, reach, placed)
+            if pos is None:
+                continue
+            placed.append((pos, reach))
+            lid = f"{lat}-M{j + 1}"
+            spicules = [(float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(1.4, 2.2)), float(rng.uniform(0.4, 0.8)))
+                        for _ in range(int(rng.integers(8, 18)))] if kind == "spiculated" else []
+            lobes = [(int(k), float(rng.uniform(0, 0.06)), float(rng.uniform(0, 2 * np.pi))) for k in (3, 5, 7)]
+            lesions[lid] = {"kind": "mass", "mass_kind": kind, "laterality": lat, "diameter_mm": round(d, 3),
+                            "position_mm": {"x": round(float(pos[0]), 3), "medial": round(float(pos[1]), 3),
+                                            "inferior": round(float(pos[2]), 3)}, "views": {}}
+            for key in keys:
+                view, _, _, info = geoms[key]
+                lesions[lid]["views"][key] = {"masses": len(per_view[key]["masses"])}
+                per_view[key]["masses"].append({
+                    "lesion_id": lid, "kind": kind, "centre": _project(pos, view, info), "diameter_mm": d,
+                    "aspect": aspect, "angle": float(rng.uniform(0, np.pi)), "spicules": spicules, "lobes": lobes})
+        cl_keys = [k for k in keys if k.split("_")[1] in ("CC", "MLO", "ML")]
+        for j in range(opts.shared_clusters if cl_keys else 0):
+            region_r = float(rng.uniform(2.5, 4.5))
+            pos = _place_3d(rng, cl_keys, geoms, spacing, anatomy, 12.0, region_r + 5.0, placed)
+            if pos is None:
+                continue
+            placed.append((pos, region_r + 5.0))
+            n_members = int(rng.integers(5, 16))
+            offsets = []
+            for _ in range(4000):
+                if len(offsets) == n_members:
+                    break
+                off = rng.uniform(-region_r, region_r, size=3)
+                if np.linalg.norm(off) > region_r:
+                    continue
+                if all(np.hypot(*(_project(pos + off, geoms[k][0], geoms[k][3])
+                                  - _project(pos + o, geoms[k][0], geoms[k][3]))) >= 1.0
+                       for k in cl_keys for o in offsets):
+                    offsets.append(off)
+            attrs = [{"diameter_mm": float(rng.uniform(0.15, 0.5)), "aspect": float(rng.uniform(1.0, 1.8)),
+                      "angle": float(rng.uniform(0, np.pi)), "mu_per_mm": float(rng.uniform(1.4, 2.2))}
+                     for _ in offsets]
+            lid = f"{lat}-C{j + 1}"
+            lesions[lid] = {"kind": "calcification_cluster", "laterality": lat, "n_members": len(offsets),
+                            "region_radius_mm": round(region_r, 3),
+                            "position_mm": {"x": round(float(pos[0]), 3), "medial": round(float(pos[1]), 3),
+                                            "inferior": round(float(pos[2]), 3)}, "views": {}}
+            for key in cl_keys:
+                view, _, _, info = geoms[key]
+                lesions[lid]["views"][key] = {"clusters": len(per_view[key]["clusters"])}
+                per_view[key]["clusters"].append({
+                    "lesion_id": lid, "centre": _project(pos, view, info), "region_radius_mm": region_r,
+                    "members": [dict(a, xy=_project(pos + o, view, info)) for o, a in zip(offsets, attrs)]})
+    return lesions, per_view
+
+
+def _render_masses(masses, shape, spacing, inner):
+    """Extra attenuation of masses (replacing fat) and their truth on the unmirrored grid.
+
+    Round: an ellipsoid (depth semi-axis d/2) with a 0.3 mm soft margin.  Spiculated: a lobulated
+    ellipsoid core plus 8-17 tapering spicules reaching 1.4-2.2 core radii.  ``box_xy_px`` bounds the core
+    (pixels where its path > 0); ``spicule_box_xy_px`` also the spicules.
+    """
+    att = np.zeros(shape, dtype=np.float64)
+    truth = []
+    for m in masses:
+        d, asp = m["diameter_mm"], m["aspect"]
+        a1, a2, a3 = d / 2 * np.sqrt(asp), d / 2 / np.sqrt(asp), d / 2
+        reach = a1 * (2.3 if m["kind"] == "spiculated" else 1.1) + 1.0
+        cx, cy = m["centre"]
+        r0, r1 = max(int((cy - reach) / spacing), 0), min(int((cy + reach) / spacing) + 2, shape[0])
+        c0, c1 = max(int((cx - reach) / spacing), 0), min(int((cx + reach) / spacing) + 2, shape[1])
+        Y, X = np.mgrid[r0:r1, c0:c1].astype(np.float64) * spacing
+        X, Y = X - cx, Y - cy
+        ca, sa = np.cos(m["angle"]), np.sin(m["angle"])
+        u, v = X * ca + Y * sa, -X * sa + Y * ca
+        rho2 = (u / a1) ** 2 + (v / a2) ** 2
+        if m["kind"] == "spiculated":
+            phi = np.arctan2(v, u)
+            scale = 1.0 + sum(amp * np.sin(k * phi + ph) for k, amp, ph in m["lobes"])
+            rho2 = rho2 / scale**2
+        core = 2.0 * a3 * np.sqrt(np.maximum(1.0 - rho2, 0.0))
+        path = core.copy()
+        if m["kind"] == "spiculated":
+            for phi0, lf, w0 in m["spicules"]:
+                dx, dy = np.cos(phi0), np.sin(phi0)
+                length = lf * d / 2
+                t = np.clip(X * dx + Y * dy, 0.0, length)
+                dist = np.hypot(X - t * dx, Y - t * dy)
+                w = w0 * (1.0 - t / length) + 0.08
+                path = np.maximum(path, 2.0 * np.sqrt(np.maximum(w * w - dist * dist, 0.0)))
+        else:
+            path = ndimage.gaussian_filter(path, sigma=0.3 / spacing)
+        path = np.minimum(path, inner[r0:r1, c0:c1])
+        att[r0:r1, c0:c1] += (MU_MASS - MU_FAT) * path
+        rr, cc = np.nonzero(core > 0)
+        sr, sc = np.nonzero(path > 0.05)
+        truth.append({"lesion_id": m["lesion_id"], "kind": m["kind"], "centre_xy_px": [cx / spacing, cy / spacing],
+                      "diameter_mm": round(d, 3), "aspect": round(asp, 3),
+                      "box_xy_px": [c0 + cc.min(), r0 + rr.min(), c0 + cc.max(), r0 + rr.max()],
+                      "spicule_box_xy_px": ([c0 + sc.min(), r0 + sr.min(), c0 + sc.max(), r0 + sr.max()]
+                                            if m["kind"] == "spiculated" else None)})
+    return att, truth
+
+
+# 5 x 7 bitmaps of the letters of view names.
+_FONT = {
+    "L": ["10000"] * 6 + ["11111"],
+    "R": ["11110", "10001", "10001", "11110", "10100", "10010", "10001"],
+    "C": ["01111", "10000", "10000", "10000", "10000", "10000", "01111"],
+    "M": ["10001", "11011", "10101", "10101", "10001", "10001", "10001"],
+    "O": ["01110", "10001", "10001", "10001", "10001", "10001", "01110"],
+    "X": ["10001", "10001", "01010", "00100", "01010", "10001", "10001"],
+}
+
+
+def _markers(rng, n, text, mask, spacing):
+    """Lead markers in the air: ``text`` letters 6 mm high, then label blocks; >= 4 mm from the breast,
+    >= 10 mm from the chest wall (column 0) and >= 2 mm from the edges.  Returns a [0, 1] map and truth."""
+    rows, cols = mask.shape
+    out = np.zeros(mask.shape, dtype=np.float64)
+    forbidden = ndimage.distance_transform_edt(~mask, sampling=spacing) < 4.0
+    forbidden[:, :int(round(10.0 / spacing))] = True
+    e = max(int(round(2.0 / spacing)), 1)
+    forbidden[:e], forbidden[-e:], forbidden[:, -e:] = True, True, True
+    truth = []
+    for j in range(n):
+        if j == 0:
+            cell = max(int(round(6.0 / spacing / 7)), 1)
+            glyphs = [np.array([[ch == "1" for ch in row] for row in _FONT[ch]]) for ch in text]
+            gap = np.zeros((7, 1), dtype=bool)
+            bitmap = np.concatenate(sum(([g, gap] for g in glyphs), [])[:-1], axis=1)
+            bitmap = np.kron(bitmap, np.ones((cell, cell), dtype=bool))
+            kind = "lead_letters"
+        else:
+            h, w = int(round(rng.uniform(5, 8) / spacing)), int(round(rng.uniform(10, 20) / spacing))
+            bitmap = np.ones((max(h, 2), max(w, 2)), dtype=bool)
+            kind = "label"
+        h, w = bitmap.shape
+        if h >= rows or w >= cols:
+            continue
+        # Top-left corners whose box is entirely allowed (summed-area table of the forbidden map).
+        sat = np.pad(forbidden.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        bad = sat[h:, w:] - sat[:-h, w:] - sat[h:, :-w] + sat[:-h, :-w]
+        rr, cc = np.nonzero(bad == 0)
+        if rr.size == 0:
+            continue
+        k = int(rng.integers(rr.size))
+        r0, c0 = int(rr[k]), int(cc[k])
+        out[r0:r0 + h, c0:c0 + w] = np.maximum(out[r0:r0 + h, c0:c0 + w], bitmap)
+        forbidden[max(r0 - e, 0):r0 + h + e, max(c0 - e, 0):c0 + w + e] = True
+        ys, xs = np.nonzero(bitmap)
+        truth.append({"kind": kind, "text": text if kind == "lead_letters" else None,
+                      "box_xy_px": [c0 + xs.min(), r0 + ys.min(), c0 + xs.max(), r0 + ys.max()]})
+    return out, truth
+
+
+def _box_mm(box, spacing):
+    return [round(float(v) * spacing, 4) for v in box]
+
+
+def _extend_view_truth(truth, calcs, clusters, masses, markers, lat, view, cols, spacing, mask, pectoral, gland,
+                       inner, thickness, muscle, target) -> None:
+    """Boxes, lesion ids, density, pectoral area and masks (on the stored grid before any vendor flip)."""
+    mirror = lat == "R"
+
+    def mx(x):
+        return cols - 1 - x if mirror else x
+
+    def mbox(b):
+        return [min(mx(b[0]), mx(b[2])), b[1], max(mx(b[0]), mx(b[2])), b[3]]
+
+    for tc, cl in zip(truth["clusters"], clusters):
+        pts = np.array([truth["calcifications"][m]["centre_xy_px"] for m in cl["members"]])
+        rad = np.array([calcs[m]["diameter_mm"] / 2 * np.sqrt(calcs[m]["aspect"]) for m in cl["members"]]) / spacing
+        box = [float(np.min(pts[:, 0] - rad)), float(np.min(pts[:, 1] - rad)),
+               float(np.max(pts[:, 0] + rad)), float(np.max(pts[:, 1] + rad))]
+        tc["lesion_id"] = cl.get("lesion_id") or f"{lat}_{view}-C{cl['index'] + 1}"
+        tc["shared"] = "lesion_id" in cl
+        tc["box_xy_px"] = [round(v, 3) for v in box]
+        tc["box_xy_mm"] = _box_mm(box, spacing)
+    for c, tcalc in zip(calcs, truth["calcifications"]):
+        if c["cluster"] is not None:
+            tcalc["lesion_id"] = truth["clusters"][c["cluster"]]["lesion_id"]
+    out_masses = []
+    for i, m in enumerate(masses):
+        cx, cy = m["centre_xy_px"]
+        box = mbox(m["box_xy_px"])
+        entry = {"index": i, "lesion_id": m["lesion_id"], "kind": m["kind"], "shared": True,
+                 "centre_xy_px": [round(float(mx(cx)), 3), round(float(cy), 3)],
+                 "centre_xy_mm": [round(float(mx(cx) * spacing), 4), round(float(cy * spacing), 4)],
+                 "diameter_mm": m["diameter_mm"], "aspect": m["aspect"],
+                 "box_xy_px": [int(v) for v in box], "box_xy_mm": _box_mm(box, spacing)}
+        if m["spicule_box_xy_px"] is not None:
+            sbox = mbox(m["spicule_box_xy_px"])
+            entry["spicule_box_xy_px"] = [int(v) for v in sbox]
+            entry["spicule_box_xy_mm"] = _box_mm(sbox, spacing)
+        out_masses.append(entry)
+    truth["masses"] = out_masses
+    truth["markers"] = [dict(m, box_xy_px=[int(v) for v in mbox(m["box_xy_px"])],
+                             box_xy_mm=_box_mm(mbox(m["box_xy_px"]), spacing)) for m in markers]
+    region = mask & (pectoral < 0.5)
+    frac = np.where(inner > 0, gland / np.maximum(inner, 1e-9), 0.0)
+    dense = region & (frac > 0.5)
+    n_region = int(region.sum())
+    truth["density"] = {
+        "target_dense_area_fraction": target,
+        "dense_area_fraction": round(float(dense.sum()) / max(n_region, 1), 5),
+        "dense_volume_fraction": round(float(gland[mask].sum()) / max(float((thickness - muscle)[mask].sum()), 1e-9), 5),
+        "breast_region_px": n_region,
+        "dense_px": int(dense.sum()),
+    }
+    pect = mask & (pectoral >= 0.5)
+    truth["pectoral"] = ({"area_px": int(pect.sum()), "area_mm2": round(float(pect.sum()) * spacing**2, 2)}
+                         if GEOMETRY_VIEW[view] == "MLO" else None)
+    truth["_masks"] = {"breast": mask.astype(bool), "pectoral": pect, "dense": dense}
+
+
+def _breast_summary(views_truth) -> dict:
+    out = {}
+    for lat in ("R", "L"):
+        ts = [t for k, t in views_truth.items() if k.startswith(lat + "_") and "density" in t]
+        if not ts:
+            continue
+        area = float(np.mean([t["density"]["dense_area_fraction"] for t in ts]))
+        vol = float(np.mean([t["density"]["dense_volume_fraction"] for t in ts]))
+        out[lat] = {"views": sorted(k for k in views_truth if k.startswith(lat + "_")),
+                    "target_dense_area_fraction": ts[0]["density"]["target_dense_area_fraction"],
+                    "dense_area_fraction": round(area, 5), "dense_volume_fraction": round(vol, 5),
+                    "birads_density": "abcd"[min(int(area / 0.25), 3)]}
+    return out
+
+
+def _choose_flip(flip, rng) -> dict:
+    if flip == "random":
+        flip = ("none", "horizontal", "vertical", "rotate180")[int(rng.integers(4))]
+    return {"horizontal": flip in ("horizontal", "rotate180"), "vertical": flip in ("vertical", "rotate180")}
+
+
+def _apply_flip(arr, flips):
+    if flips["horizontal"]:
+        arr = arr[:, ::-1]
+    if flips["vertical"]:
+        arr = arr[::-1, :]
+    return np.ascontiguousarray(arr)
+
+
+_OPPOSITE = {"A": "P", "P": "A", "L": "R", "R": "L", "H": "F", "F": "H"}
+
+
+def _flip_orientation(po, flips) -> list[str]:
+    po = list(po)
+    if flips["horizontal"]:
+        po[0] = "".join(_OPPOSITE[ch] for ch in po[0])
+    if flips["vertical"]:
+        po[1] = "".join(_OPPOSITE[ch] for ch in po[1])
+    return po
+
+
+def _flip_truth(truth, flips, rows, cols, spacing) -> None:
+    """Move every ``*_xy_px`` point (2 values) or box (4 values) of the view's truth with the storage flip."""
+    if not (flips["horizontal"] or flips["vertical"]):
+        return
+
+    def fx(x):
+        return cols - 1 - x if flips["horizontal"] else x
+
+    def fy(y):
+        return rows - 1 - y if flips["vertical"] else y
+
+    for group in ("calcifications", "clusters", "masses", "markers"):
+        for item in truth.get(group, []):
+            for key in [k for k in item if k.endswith("_xy_px") and item[k] is not None]:
+                v = item[key]
+                if len(v) == 2:
+                    new = [fx(v[0]), fy(v[1])]
+                else:
+                    new = [min(fx(v[0]), fx(v[2])), min(fy(v[1]), fy(v[3])),
+                           max(fx(v[0]), fx(v[2])), max(fy(v[1]), fy(v[3]))]
+                item[key] = [round(float(a), 3) if isinstance(a, float) else a for a in new]
+                item[key[:-3] + "_mm"] = [round(float(a) * spacing, 4) for a in new]
+
+
+def _linear_window(x, c, w, maxv) -> np.ndarray:
+    """pydicom's VOI LUT Function LINEAR (PS3.3 C.11.2.1.2.1) onto [0, maxv]."""
+    y = ((np.asarray(x, dtype=np.float64) - (c - 0.5)) / (w - 1) + 0.5) * maxv
+    return np.clip(y, 0.0, maxv)
+
+
+LUT_GAMMA = 0.6  # the VOI LUT Sequence variant stores maxv * (p / maxv) ** LUT_GAMMA
+
+
+def _encode_variant(ds, pixels, bits, opts) -> None:
+    """Re-store the MONOCHROME2 / linear-window image as the chosen variant (same presentation image)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    maxv = 2**bits - 1
+    if opts.intent == "PROCESSING":
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.PresentationIntentType = "FOR PROCESSING"
+        ds.file_meta.MediaStorageSOPClassUID = MG_FOR_PROCESSING
+        ds.PixelIntensityRelationship = "LIN"
+        ds.PixelIntensityRelationshipSign = 1  # lower value = less X-ray intensity
+        ds.AcquisitionDeviceProcessingDescription = "NONE (RAW)"
+        return
+    if opts.photometric == "MONOCHROME2" and opts.voi == "linear":
+        return
+    c, w = float(ds.WindowCenter), float(ds.WindowWidth)
+    target = _linear_window(pixels, c, w, maxv) / maxv  # the presentation image in [0, 1]
+    if opts.voi == "linear":
+        stored = pixels.astype(np.int64)
+    elif opts.voi == "sigmoid":
+        cs, ws = float(f"{maxv / 2:.1f}"), float(f"{maxv / 4.5:.1f}")
+        eps = 0.25 / maxv
+        p = np.clip(target, eps, 1 - eps)
+        stored = np.clip(np.round(cs + ws / 4.0 * np.log(p / (1 - p))), 0, maxv).astype(np.int64)
+    else:
+        stored = np.round(maxv * (pixels.astype(np.float64) / maxv) ** LUT_GAMMA).astype(np.int64)
+        s = np.arange(maxv + 1, dtype=np.float64)
+        lut = np.round(_linear_window(maxv * (s / maxv) ** (1.0 / LUT_GAMMA), c, w, maxv)).astype(np.int64)
+    if opts.photometric == "MONOCHROME1":
+        stored = maxv - stored
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.PresentationLUTShape = "INVERSE"
+        ds.PixelIntensityRelationshipSign = -int(ds.PixelIntensityRelationshipSign)
+        if opts.voi == "linear":
+            c = maxv - c + 1
+        elif opts.voi == "sigmoid":
+            cs = maxv - cs
+        else:
+            lut = maxv - lut[::-1]
+    if opts.voi == "linear":
+        ds.WindowCenter = f"{c:.0f}"
+    elif opts.voi == "sigmoid":
+        ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = f"{cs:.1f}", f"{ws:.1f}", "SIGMOID"
+    else:
+        for kw in ("WindowCenter", "WindowWidth", "VOILUTFunction"):
+            delattr(ds, kw)
+        item = Dataset()
+        item.add_new(0x00283002, "US", [maxv + 1, 0, bits])  # LUT Descriptor
+        item.LUTExplanation = "SYNTH NONLINEAR"
+        item.add_new(0x00283006, "US", [int(v) for v in lut])  # LUT Data
+        ds.VOILUTSequence = Sequence([item])
+    ds.PixelData = stored.astype("<u2").tobytes()
 
 
 # ------------------------------------------------------------------------------------------------ header
