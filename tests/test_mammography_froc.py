@@ -16,7 +16,8 @@ THRESHOLDS = (3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0)
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """Every view of four seeded exams (0-2 planted clusters per image), candidates found once at k = 3.5."""
+    """Every view of four seeded exams (0-2 planted clusters per image), candidates found once at the lowest
+    threshold.  The default phantoms: the grid over density and dose is bench/mammo_froc.py's (issue 15 work)."""
     out = tmp_path_factory.mktemp("froc")
     found = []
     for truth_path in synthesize(out, 4, seed=23, views=["R_CC", "L_CC", "R_MLO", "L_MLO"],

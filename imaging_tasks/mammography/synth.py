@@ -90,7 +90,7 @@ def synthesize(out: pathlib.Path, studies: int, seed: int, *, rows: int = 1000, 
                clusters_per_image: tuple[int, int] = (0, 2), isolated_per_image: tuple[int, int] = (2, 5),
                density: float | dict | None = None, photometric: str = "MONOCHROME2", voi: str = "linear",
                presentation_intent: str = "PRESENTATION", flip: str = "none", markers: int = 0,
-               masses: int = 0, shared_clusters: int = 0, extended_truth: bool | None = None,
+               masses: int = 0, shared_clusters: int = 0, extended_truth: bool | None = None, dose: float = 1.0,
                **_ignored) -> list[pathlib.Path]:
     """Write ``studies`` MG studies under ``out/mammography/study-NNN/`` and their truth JSONs.
 
@@ -124,12 +124,14 @@ def synthesize(out: pathlib.Path, studies: int, seed: int, *, rows: int = 1000, 
       every view of that breast (``LESION_GEOMETRY``) with a shared ``lesion_id``.
     * ``shared_clusters``: calcification clusters per breast planted at one 3-D position and drawn in every
       CC / MLO / ML view of that breast, with a shared ``lesion_id`` (besides ``clusters_per_image``).
+    * ``dose``: a factor on the AEC exposure (0.1-4): quantum noise scales as 1 / sqrt(dose), so 0.5 is a
+      noisier image, as from a low-dose protocol or a thick dense breast at the AEC's limit.
     * ``extended_truth``: add the extended truth (boxes, lesion ids, density, pectoral area, flips, masks
       file); default: on exactly when one of the options above is used.
     """
     out = pathlib.Path(out)
     opts = _options(density, photometric, voi, presentation_intent, flip, markers, masses, shared_clusters,
-                    extended_truth)
+                    extended_truth, dose)
     truth_paths = []
     for i in range(studies):
         rng = np.random.default_rng([seed, i])
@@ -152,14 +154,16 @@ class _Options:
     masses: int = 0
     shared_clusters: int = 0
     extended: bool = False
+    dose: float = 1.0
 
     def as_json(self) -> dict:
         return {"density": self.density, "photometric": self.photometric, "voi": self.voi,
                 "presentation_intent": self.intent, "flip": self.flip, "markers": self.markers,
-                "masses": self.masses, "shared_clusters": self.shared_clusters}
+                "masses": self.masses, "shared_clusters": self.shared_clusters, "dose": self.dose}
 
 
-def _options(density, photometric, voi, intent, flip, markers, masses, shared_clusters, extended) -> _Options:
+def _options(density, photometric, voi, intent, flip, markers, masses, shared_clusters, extended,
+             dose=1.0) -> _Options:
     if density is not None:
         density = dict(density) if isinstance(density, dict) else {"L": density, "R": density}
         if set(density) - {"L", "R"}:
@@ -181,10 +185,12 @@ def _options(density, photometric, voi, intent, flip, markers, masses, shared_cl
     for name, v in (("markers", markers), ("masses", masses), ("shared_clusters", shared_clusters)):
         if int(v) != v or not 0 <= v <= 5:
             raise ValueError(f"{name}={v!r}: an integer 0-5")
+    if not 0.1 <= float(dose) <= 4.0:
+        raise ValueError(f"dose={dose!r}: a factor on the AEC exposure within 0.1-4 (noise scales as 1/sqrt)")
     used = (density is not None or photometric != "MONOCHROME2" or voi != "linear" or intent != "PRESENTATION"
-            or flip != "none" or markers or masses or shared_clusters)
+            or flip != "none" or markers or masses or shared_clusters or float(dose) != 1.0)
     return _Options(density, photometric, voi, intent, flip, int(markers), int(masses), int(shared_clusters),
-                    bool(used) if extended is None else bool(extended))
+                    bool(used) if extended is None else bool(extended), float(dose))
 
 
 def _one_study(out, label, rng, *, rows, cols, spacing, views, clusters, isolated, opts=_Options(),
@@ -527,6 +533,8 @@ def _render_view(rng, lat, view, rows, cols, spacing, anatomy, bits, clusters_ra
     if target is not None:
         typical = MU_FAT * t0 + (MU_GLAND - MU_FAT) * t0 * 0.5 * target
     n0 = 6000.0 * (spacing / 0.1) ** 2 * np.exp(typical)
+    if opts.dose != 1.0:
+        n0 = n0 * opts.dose
     transmitted = ndimage.gaussian_filter(np.exp(-line_integral), sigma=0.05 / spacing)
     counts = n0 * transmitted
     counts = counts + np.sqrt(counts) * rng.standard_normal(shape) + 3.0 * rng.standard_normal(shape)
