@@ -1,6 +1,6 @@
 """FROC of the built-in calcification-cluster detector over breast density x exposure (issue 15).
 
-    .venv/bin/python bench/mammo_froc.py [--exams 2] [--seed 23]
+    .venv/bin/python bench/mammo_froc.py [--exams 2] [--seed 23] [--density-edge 2.0]
 
 Per (density, dose) cell: `--exams` four-view exams from `mammography.synth.synthesize(density=, dose=)` with 0-2
 planted clusters per image (5-15 members, 0.1-0.5 mm, 2.5-4.5 mm radius) and 2-6 isolated specks; candidates are
@@ -26,11 +26,11 @@ DENSITIES = (0.1, 0.3, 0.5, 0.75)
 DOSES = (1.0, 0.5)
 
 
-def cell(density: float, dose: float, exams: int, seed: int) -> list[tuple[list, list]]:
+def cell(density: float, dose: float, exams: int, seed: int, edge: float) -> list[tuple[list, list]]:
     out = Path(tempfile.mkdtemp(prefix="froc-"))
     images = []
     for truth_path in synthesize(out, exams, seed, views=["R_CC", "L_CC", "R_MLO", "L_MLO"],
-                                 clusters_per_image=(0, 2), isolated_per_image=(2, 6), density=density, dose=dose):
+                                 clusters_per_image=(0, 2), isolated_per_image=(2, 6), density=density, dose=dose, density_edge=edge):
         truth = json.loads(truth_path.read_text())
         for path in sorted((out / "mammography" / truth["label"]).iterdir()):
             ds = pydicom.dcmread(path)
@@ -51,13 +51,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--exams", type=int, default=2)
     ap.add_argument("--seed", type=int, default=23)
+    ap.add_argument("--density-edge", type=float, default=2.0, help="gland/fat transition steepness (synth)")
     args = ap.parse_args()
     print("| density, dose | planted | images | sens @0.25 | sens @0.5 | sens @1 | operating point |")
     print("|---|---:|---:|---:|---:|---:|---|")
     everything = []
     for density in DENSITIES:
         for dose in DOSES:
-            images = cell(density, dose, args.exams, args.seed)
+            images = cell(density, dose, args.exams, args.seed, args.density_edge)
             everything += images
             print(row(f"{density:g}, {dose:g}", froc_curve(images, THRESHOLDS)), flush=True)
     print(row("all", froc_curve(everything, THRESHOLDS)))

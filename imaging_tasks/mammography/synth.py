@@ -91,6 +91,7 @@ def synthesize(out: pathlib.Path, studies: int, seed: int, *, rows: int = 1000, 
                density: float | dict | None = None, photometric: str = "MONOCHROME2", voi: str = "linear",
                presentation_intent: str = "PRESENTATION", flip: str = "none", markers: int = 0,
                masses: int = 0, shared_clusters: int = 0, extended_truth: bool | None = None, dose: float = 1.0,
+               density_edge: float = 2.0,
                **_ignored) -> list[pathlib.Path]:
     """Write ``studies`` MG studies under ``out/mammography/study-NNN/`` and their truth JSONs.
 
@@ -124,6 +125,9 @@ def synthesize(out: pathlib.Path, studies: int, seed: int, *, rows: int = 1000, 
       every view of that breast (``LESION_GEOMETRY``) with a shared ``lesion_id``.
     * ``shared_clusters``: calcification clusters per breast planted at one 3-D position and drawn in every
       CC / MLO / ML view of that breast, with a shared ``lesion_id`` (besides ``clusters_per_image``).
+    * ``density_edge``: with ``density``, the steepness of the gland/fat transition (0.25-4; default 2: nearly
+      binary glandular islands with sub-mm edges; 0.5: a gradual projected thickness).  The built-in
+      detector and the density method must hold across it (issue 15: neither does yet at both ends).
     * ``dose``: a factor on the AEC exposure (0.1-4): quantum noise scales as 1 / sqrt(dose), so 0.5 is a
       noisier image, as from a low-dose protocol or a thick dense breast at the AEC's limit.
     * ``extended_truth``: add the extended truth (boxes, lesion ids, density, pectoral area, flips, masks
@@ -131,7 +135,7 @@ def synthesize(out: pathlib.Path, studies: int, seed: int, *, rows: int = 1000, 
     """
     out = pathlib.Path(out)
     opts = _options(density, photometric, voi, presentation_intent, flip, markers, masses, shared_clusters,
-                    extended_truth, dose)
+                    extended_truth, dose, density_edge)
     truth_paths = []
     for i in range(studies):
         rng = np.random.default_rng([seed, i])
@@ -155,15 +159,17 @@ class _Options:
     shared_clusters: int = 0
     extended: bool = False
     dose: float = 1.0
+    density_edge: float = 2.0
 
     def as_json(self) -> dict:
         return {"density": self.density, "photometric": self.photometric, "voi": self.voi,
                 "presentation_intent": self.intent, "flip": self.flip, "markers": self.markers,
-                "masses": self.masses, "shared_clusters": self.shared_clusters, "dose": self.dose}
+                "masses": self.masses, "shared_clusters": self.shared_clusters, "dose": self.dose,
+                "density_edge": self.density_edge}
 
 
 def _options(density, photometric, voi, intent, flip, markers, masses, shared_clusters, extended,
-             dose=1.0) -> _Options:
+             dose=1.0, density_edge=2.0) -> _Options:
     if density is not None:
         density = dict(density) if isinstance(density, dict) else {"L": density, "R": density}
         if set(density) - {"L", "R"}:
@@ -185,12 +191,14 @@ def _options(density, photometric, voi, intent, flip, markers, masses, shared_cl
     for name, v in (("markers", markers), ("masses", masses), ("shared_clusters", shared_clusters)):
         if int(v) != v or not 0 <= v <= 5:
             raise ValueError(f"{name}={v!r}: an integer 0-5")
+    if not 0.25 <= float(density_edge) <= 4.0:
+        raise ValueError(f"density_edge={density_edge!r}: the steepness of the gland/fat transition within 0.25-4")
     if not 0.1 <= float(dose) <= 4.0:
         raise ValueError(f"dose={dose!r}: a factor on the AEC exposure within 0.1-4 (noise scales as 1/sqrt)")
     used = (density is not None or photometric != "MONOCHROME2" or voi != "linear" or intent != "PRESENTATION"
             or flip != "none" or markers or masses or shared_clusters or float(dose) != 1.0)
     return _Options(density, photometric, voi, intent, flip, int(markers), int(masses), int(shared_clusters),
-                    bool(used) if extended is None else bool(extended), float(dose))
+                    bool(used) if extended is None else bool(extended), float(dose), float(density_edge))
 
 
 def _one_study(out, label, rng, *, rows, cols, spacing, views, clusters, isolated, opts=_Options(),
@@ -514,7 +522,8 @@ def _render_view(rng, lat, view, rows, cols, spacing, anatomy, bits, clusters_ra
     if target is None:
         gland_frac = anatomy["density"] * cone * fat_layer * patchy
     else:
-        gland_frac = _gland_fraction_for_target(target, texture, cone, fat_layer, mask, pectoral, inner > 0)
+        gland_frac = _gland_fraction_for_target(target, texture, cone, fat_layer, mask, pectoral, inner > 0,
+                                                opts.density_edge)
     gland = inner * gland_frac
     muscle = inner * 0.45 * pectoral
     vessels = _vessels(rng, shape, spacing, info, depth, int(rng.integers(3, 7))) * mask
@@ -594,7 +603,7 @@ def _render_view(rng, lat, view, rows, cols, spacing, anatomy, bits, clusters_ra
 
 # ------------------------------------------------------------------------------- variants (extended options)
 
-def _gland_fraction_for_target(target, texture, cone, fat_layer, mask, pectoral, has_inner) -> np.ndarray:
+def _gland_fraction_for_target(target, texture, cone, fat_layer, mask, pectoral, has_inner, edge=2.0) -> np.ndarray:
     """Glandular fraction of the path under the skin with exactly ``target`` of the breast region > 0.5.
 
     A score (patchy 1/f^3 texture, concentrated in the cone behind the nipple, kept out of the subcutaneous
@@ -605,7 +614,7 @@ def _gland_fraction_for_target(target, texture, cone, fat_layer, mask, pectoral,
     score = np.where(has_inner, score, -1e6)  # the skin shell itself is never dense
     region = mask & (pectoral < 0.5)
     t = float(np.quantile(score[region], 1.0 - target))
-    return (0.5 + 0.5 * np.tanh(2.0 * (score - t))) * (1.0 - 0.45 * pectoral)  # = sigmoid(4 (score - t))
+    return (0.5 + 0.5 * np.tanh(edge * (score - t))) * (1.0 - 0.45 * pectoral)  # = sigmoid(2 edge (score - t))
 
 
 def _probe_seeds(rng, n) -> list:
