@@ -71,15 +71,9 @@ def birads_category(percent: float) -> str:
 
 
 def _otsu(v: np.ndarray) -> float:
-    hist, edges = np.histogram(v, bins=HIST_BINS)
-    centres = 0.5 * (edges[:-1] + edges[1:])
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(centres[int(np.argmax(between[:-1]))])
+    from skimage.filters import threshold_otsu
+
+    return float(threshold_otsu(v, nbins=HIST_BINS))
 
 
 def _mode(v: np.ndarray, lo: float, hi: float) -> float:
