@@ -353,17 +353,6 @@ def _refuse_slide(lake: Lake, rows: list[dict], exc: BadInput) -> int:
     return len(rows)
 
 
-def _audit_file(values: dict[str, set[str]], path: Path, what: str) -> None:
-    """The PHI audit of one output file, streamed (a slide may not fit in memory)."""
-    from imaging_tasks.phi_audit import PHILeak, scan_stream
-
-    with open(path, "rb") as fh:
-        leaked = scan_stream(values, fh)
-    if leaked:
-        raise PHILeak(f"{what}: identifying values of {', '.join(leaked)} survived de-identification; nothing was "
-                      "published — fix the de-identification profile before re-running")
-
-
 def _slide_instance(path: Path, dest, relpath: str, *, source_sha256: str, fmt: str, header: dict,
                     series_uid: str | None = None, sop_uid: str | None = None, study_uid: str | None = None,
                     sop_class_uid: str | None = None) -> dict:
@@ -380,7 +369,7 @@ def _deidentify_single_slide(row: dict, dest, lake: Lake, *, key: bytes, tmp: Pa
                              name: str | None) -> tuple[list, int]:
     from imaging_tasks.deid.slide import deidentify_svs
     from imaging_tasks.slide_files import OUTPUT_NAMES, check_readable
-    from imaging_tasks.phi_audit import slide_file_values
+    from imaging_tasks.phi_audit import audit, slide_file_values
 
     fmt = row["slide"]["format"]
     src = storage.download(row["uri"], tmp / f"in{_suffix(row['uri'])}")
@@ -397,7 +386,7 @@ def _deidentify_single_slide(row: dict, dest, lake: Lake, *, key: bytes, tmp: Pa
         check_readable(dst)
     except BadInput as exc:
         return [], _refuse_slide(lake, [row], exc)
-    _audit_file(slide_file_values(src, fmt), dst, f"slide {out_name}")
+    audit(slide_file_values(src, fmt), files=[dst])
     header = {k: v for k, v in info.items() if k in ("mpp", "removed", "dimensions", "vendor", "resolution_from")}
     return [_slide_instance(dst, dest, out_name, source_sha256=row.get("sha256") or storage.sha256_of(src),
                             fmt=fmt, header=header)], 0
@@ -410,7 +399,7 @@ def _deidentify_dicom_slide(rows: list[dict], dest, lake: Lake, *, key: bytes, d
     from imaging_tasks.deid.dicom import deidentify_bytes
     from imaging_tasks.dicom_io import read_header
     from imaging_tasks.slide_files import check_readable, main_slide_file
-    from imaging_tasks.phi_audit import dicom_identifying_values, merge, retained_by
+    from imaging_tasks.phi_audit import audit, dicom_identifying_values, merge, retained_by
 
     made, refused, seen = [], [], {}
     for r in rows:
@@ -442,7 +431,7 @@ def _deidentify_dicom_slide(rows: list[dict], dest, lake: Lake, *, key: bytes, d
     except BadInput as exc:
         return [], len(refused) + _refuse_slide(lake, [m[0] for m in made], exc)
     for _r, info, local, _relpath, _sha in made:  # every file audited before any is written
-        _audit_file(seen, local, f"slide instance {info['sop_uid']}")
+        audit(seen, files=[local])
     instances = []
     for r, info, local, relpath, source_sha in made:
         instances.append(_slide_instance(local, dest, relpath, source_sha256=source_sha, fmt="dicom",
@@ -455,13 +444,8 @@ def _deidentify_dicom_slide(rows: list[dict], dest, lake: Lake, *, key: bytes, d
 def _deidentify_mirax(rows: list[dict], dest, lake: Lake, *, key: bytes, tmp: Path) -> tuple[list, int]:
     """A MIRAX slide (``X.mrxs`` + ``X/``) through ``deid.mirax`` into ``slide.mrxs`` + ``slide/``."""
     from imaging_tasks.slide_files import check_readable, mirax_digest
-    from imaging_tasks.phi_audit import mirax_values
-
-    try:
-        from imaging_tasks.deid.mirax import deidentify_mirax, mirax_files
-    except ImportError:  # the MIRAX de-identifier is not installed: refuse rather than copy
-        return [], _refuse_slide(lake, rows, BadInput(
-            "unsupported_slide", "MIRAX slides cannot be de-identified by this installation; convert the slide"))
+    from imaging_tasks.deid.mirax import deidentify_mirax, mirax_files
+    from imaging_tasks.phi_audit import audit, mirax_values
     main = [r for r in rows if r["slide"].get("role") == "main"]
     if len(main) != 1:
         return [], _refuse_slide(lake, rows, BadInput("mirax_incomplete", "a MIRAX slide needs exactly one .mrxs"))
@@ -480,7 +464,7 @@ def _deidentify_mirax(rows: list[dict], dest, lake: Lake, *, key: bytes, tmp: Pa
               **{"slide/" + PurePosixPath(r["slide"]["path"]).name: r["sha256"] for r in rows if r is not main[0]}}
     outputs = [Path(p) for p in mirax_files(dst)]
     for path in outputs:  # every file audited before any is written
-        _audit_file(values, path, f"slide file {path.relative_to(dst.parent).as_posix()}")
+        audit(values, files=[path])
     instances = []
     for path in outputs:
         relpath = path.relative_to(dst.parent).as_posix()

@@ -147,6 +147,17 @@ def rescale(ds, what: str) -> tuple[float | None, float | None]:
     return out[0], out[1]
 
 
+def stored_range(ds) -> tuple[int, int]:
+    """The values a pixel can be stored as (BitsStored, signed or not by PixelRepresentation): the range a
+    MONOCHROME1 image is inverted over and a window-free image scaled over, whatever this image holds."""
+    try:
+        bits = int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 16) or 16)
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    except (TypeError, ValueError):
+        bits, signed = 16, False
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+
+
 def check_spacing_values(spacing_mm, what: str) -> tuple[float, ...]:
     """Guard for the computations: every spacing finite and > 0 (a BadInput, not a ZeroDivisionError later)."""
     try:

@@ -45,7 +45,7 @@ from imaging_tasks.device import pick_device
 from imaging_tasks.dicom_io import read_full, read_header
 from imaging_tasks.errors import BadInput
 from imaging_tasks.preconditions import (check_photometric, check_single_frame, check_spacing_values, image_size,
-                                         pixel_spacing, rescale)
+                                         pixel_spacing, rescale, stored_range)
 
 MG_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.2": "FOR PRESENTATION",
@@ -345,14 +345,8 @@ def check_inputs(images: list[tuple[pathlib.Path, object]]) -> list[dict]:
         slope, intercept = rescale(hdr, what)
         slope = 1.0 if slope is None else slope
         intercept = 0.0 if intercept is None else intercept
-        try:
-            bits = int(hdr.get("BitsStored", 0) or hdr.get("BitsAllocated", 16) or 16)
-            signed = int(hdr.get("PixelRepresentation", 0) or 0) == 1
-        except (ValueError, TypeError):
-            bits, signed = 16, False
-        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
         specs.append({"spacing_mm": spacing, "photometric": photometric, "rescale": (slope, intercept),
-                      "stored_range": (lo, hi), "notes": notes})
+                      "stored_range": stored_range(hdr), "notes": notes})
     return specs
 
 

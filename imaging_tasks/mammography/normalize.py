@@ -46,7 +46,7 @@ import numpy as np
 from scipy import ndimage
 
 from imaging_tasks.errors import BadInput
-from imaging_tasks.preconditions import check_photometric, check_single_frame, pixel_spacing, rescale
+from imaging_tasks.preconditions import check_photometric, check_single_frame, pixel_spacing, rescale, stored_range
 
 MG_FOR_PROCESSING_SOP = "1.2.840.10008.5.1.4.1.1.1.2.1"
 # CID 4014 View for Mammography: SNOMED CT codes and their legacy SNOMED-RT (SRT) values.
@@ -219,12 +219,7 @@ def _processing(ds, arr: np.ndarray, notes: list[str]) -> np.ndarray:
 
 def _unwindowed(ds, modality: np.ndarray, invert: bool) -> np.ndarray:
     """Modality values scaled over the modality output of the stored range (so independent of the content)."""
-    try:
-        bits = int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 16) or 16)
-        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    except (TypeError, ValueError):
-        bits, signed = 16, False
-    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    lo, hi = stored_range(ds)
     if ds.get("ModalityLUTSequence"):
         lo, hi = float(np.min(modality)), float(np.max(modality))
     else:

@@ -88,10 +88,11 @@ def slide_features(plan: dict, lake: Lake, *, options: dict | None = None, devic
         if opts.get("encoder_uri") else None
     prefix = _features_prefix(lake, plan, encoder.spec.uri if encoder else None, encoder.spec.sha256 if encoder else None)
     done = {o.relpath for o in storage.list_objects(prefix)}
-    ranges = [(a, b) for a, b in part_ranges(len(doc["tiles"])) if part_name(a, b) not in done]
-    if len(ranges) < len(part_ranges(len(doc["tiles"]))):
+    every = part_ranges(len(doc["tiles"]))
+    ranges = [(a, b) for a, b in every if part_name(a, b) not in done]
+    if len(ranges) < len(every):
         log.info("tile features pathology study %s: %d of %d part(s) already written by an earlier attempt; kept",
-                 plan["study"], len(part_ranges(len(doc["tiles"]))) - len(ranges), len(part_ranges(len(doc["tiles"]))))
+                 plan["study"], len(every) - len(ranges), len(every))
     deid = storage.read_json(storage.join(plan["anonymized"], DEID_MANIFEST))
     n_todo = sum(b - a for a, b in ranges)
     with tempfile.TemporaryDirectory(prefix="tiles-") as tmp:

@@ -64,9 +64,9 @@ def iter_parts(slide_path: Path, tiles: list, ranges: list[tuple[int, int]], *, 
         for chunk in chunks:
             emb = encoder(chunk.pixels) if encoder is not None else None
             pending.append((chunk.columns, emb))
-            held += len(next(iter(chunk.columns.values())))
+            held += len(chunk)
             if progress is not None:
-                progress(len(next(iter(chunk.columns.values()))))
+                progress(len(chunk))
             while k < len(ranges) and held >= ranges[k][1] - ranges[k][0]:
                 a, b = ranges[k]
                 cols, emb_part, pending, held = _take(pending, b - a)
