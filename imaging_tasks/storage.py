@@ -319,7 +319,7 @@ def write_bytes(location: Any, data: bytes) -> str:
     if is_local(path):
         target = Path(path.path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{_WRITER}-{os.getpid()}-{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+        tmp = temporary_sibling(target)
         try:
             tmp.write_bytes(data)
             os.replace(tmp, target)
@@ -341,7 +341,7 @@ def write_file(location: Any, local: Path) -> str:
     if is_local(path):
         target = Path(path.path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{_WRITER}-{os.getpid()}-{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+        tmp = temporary_sibling(target)
         try:
             shutil.copyfile(local, tmp)
             os.replace(tmp, target)
@@ -358,6 +358,12 @@ _WRITER = re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:32] or "host"
 STALE_TMP_S = 6 * 3600  # a temporary file this old is abandoned whoever wrote it
 
 
+def temporary_sibling(target: Path) -> Path:
+    """A hidden name beside ``target`` for writing it whole before a rename; it names this host and process so
+    :func:`sweep_temporary` can tell an abandoned one from one being written."""
+    return target.with_name(f".{target.name}.{_WRITER}-{os.getpid()}-{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+
+
 def sweep_temporary(root: Any, *, now: float | None = None) -> int:
     """Remove the temporary files a killed writer left under a local ``root``: those of this host whose process
     is gone, and any older than ``STALE_TMP_S``.  Object stores need nothing (their PUTs are atomic)."""
@@ -368,19 +374,36 @@ def sweep_temporary(root: Any, *, now: float | None = None) -> int:
     removed = 0
     for folder, _dirs, files in os.walk(path.path):
         for name in files:
-            if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
-                continue
-            full = os.path.join(folder, name)
-            writer = name[:-len(TMP_SUFFIX)].rsplit(".", 1)[-1].split("-")
-            mine_and_dead = len(writer) == 3 and writer[0] == _WRITER and writer[1].isdigit() \
-                and not _alive(int(writer[1]))
-            try:
-                if mine_and_dead or now - os.path.getmtime(full) > STALE_TMP_S:
-                    os.remove(full)
-                    removed += 1
-            except FileNotFoundError:
-                pass
+            if name.startswith(".") and name.endswith(TMP_SUFFIX):
+                removed += _remove_if_abandoned(os.path.join(folder, name), name[:-len(TMP_SUFFIX)], now)
     return removed
+
+
+def sweep_temporary_siblings(target: Path, *, now: float | None = None) -> int:
+    """:func:`sweep_temporary` for the temporary files of one local ``target`` only (and what a program writing
+    them added, such as a database's ``.wal``), without walking its folder's subfolders."""
+    now = time.time() if now is None else now
+    prefix, removed = f".{target.name}.", 0
+    if not target.parent.is_dir():
+        return 0
+    for entry in os.scandir(target.parent):
+        if entry.name.startswith(prefix) and TMP_SUFFIX in entry.name and entry.is_file():
+            removed += _remove_if_abandoned(entry.path, entry.name[:entry.name.index(TMP_SUFFIX)], now)
+    return removed
+
+
+def _remove_if_abandoned(full: str, stem: str, now: float) -> int:
+    """1 if the temporary file ``full`` (``stem``: its name up to the suffix) was removed: written by a process of
+    this host that is gone, or older than ``STALE_TMP_S`` whoever wrote it."""
+    writer = stem.rsplit(".", 1)[-1].split("-")
+    mine_and_dead = len(writer) == 3 and writer[0] == _WRITER and writer[1].isdigit() and not _alive(int(writer[1]))
+    try:
+        if mine_and_dead or now - os.path.getmtime(full) > STALE_TMP_S:
+            os.remove(full)
+            return 1
+    except FileNotFoundError:
+        pass
+    return 0
 
 
 def _alive(pid: int) -> bool:

@@ -465,6 +465,35 @@ def test_duckdb_waits_for_another_process_holding_the_file(tmp_path, monkeypatch
         holder.wait(timeout=30)
 
 
+def test_a_warehouse_file_appears_whole_or_not_at_all_when_its_creator_is_killed(tmp_path):
+    """DuckDB writes a new file's headers in several writes; a creator killed between them left a file no later
+    run could open ("Could not read enough bytes", "not a valid DuckDB database file": 4 of 20 such kills
+    before the fix).  Killed the moment the file appears, or at moments spread over the creation, the next
+    open always works and no temporary file is left beside it."""
+    import signal
+
+    from imaging_tasks.warehouse import DuckDBWarehouse
+
+    script = ("import sys; from imaging_tasks.warehouse import DuckDBWarehouse; "
+              "print('ready', flush=True); sys.stdin.readline(); DuckDBWarehouse(sys.argv[1]).query('SELECT 1')")
+    for n, delay in enumerate([None] * 12 + [0.0, 0.01, 0.03, 0.08, 0.2]):
+        path = tmp_path / f"t{n}" / "warehouse.duckdb"
+        proc = subprocess.Popen([sys.executable, "-c", script, str(path)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b"ready"  # imports done: the kill lands in the creation
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        if delay is None:  # the moment the file appears
+            while not path.exists() and proc.poll() is None:
+                pass
+        else:
+            time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert DuckDBWarehouse(path).query("SELECT count(*) FROM ledger") == [(0,)], delay
+        assert sorted(p.name for p in path.parent.iterdir()) == ["warehouse.duckdb"], delay
+
+
 # ------------------------------------------------------------------------------------------------ headers
 def test_a_network_fault_while_reading_a_header_is_not_a_bad_input():
     import io

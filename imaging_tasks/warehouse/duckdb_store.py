@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
-from imaging_tasks import retry
+from imaging_tasks import retry, storage
 from imaging_tasks.warehouse.schema import TABLES, Table, prepare_rows, replaced_scopes
 
 DUCK_TYPES = {"STRING": "VARCHAR", "INT64": "BIGINT", "FLOAT64": "DOUBLE", "BOOL": "BOOLEAN",
@@ -45,6 +46,30 @@ def _migrate(con) -> None:
                 con.execute(f"ALTER TABLE {table.name} ADD COLUMN {c.name} {DUCK_TYPES[c.type]}")
 
 
+def _create_whole(path: str) -> None:
+    """DuckDB writes a new file's headers in several writes, and a process killed between them leaves a file
+    DuckDB can never open again ("Could not read enough bytes").  So a new warehouse is built beside its place
+    and linked in whole; if another process got there first, its file is kept."""
+    import duckdb
+
+    storage.sweep_temporary_siblings(Path(path))  # what an earlier creator killed here left
+    tmp = storage.temporary_sibling(Path(path))
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            _migrate(con)
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        try:
+            os.link(tmp, path)  # atomic, and never replaces a file that appeared meanwhile
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(f"{tmp}.wal").unlink(missing_ok=True)
+
+
 class DuckDBWarehouse:
     """Upserts rows keyed by each table's natural key; one short transaction per load."""
 
@@ -56,6 +81,8 @@ class DuckDBWarehouse:
     def _connect(self):
         import duckdb
 
+        if self.path != ":memory:" and not os.path.exists(self.path):
+            _create_whole(self.path)
         con = retry.call(duckdb.connect, self.path, operation="open warehouse", target=f"duckdb://{self.path}",
                          policy=LOCK_POLICY, retry_if=is_lock_conflict)
         try:
