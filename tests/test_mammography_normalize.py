@@ -382,3 +382,42 @@ def test_bad_inputs(study):
     with pytest.raises(BadInput) as exc:
         normalize(nospace)
     assert exc.value.reason == "missing_pixel_spacing"
+
+
+# --------------------------------------------- pectoral across density, gland edge, dose, markers (issue 15)
+# (density, density_edge, dose, markers, photometric/voi variant): a fractional design over the ranges; the
+# dense cases are the ones a brightness threshold fails (muscle as bright as, or darker than, the gland).
+PECTORAL_GRID = [(0.1, 0.5, 0.5, 2, {}), (0.1, 2.0, 1.0, 0, {}), (0.4, 0.5, 1.0, 2, {"photometric": "MONOCHROME1"}),
+                 (0.4, 2.0, 0.5, 0, {"voi": "sigmoid"}), (0.75, 0.5, 0.5, 0, {}), (0.75, 2.0, 1.0, 2, {})]
+
+
+@pytest.fixture(scope="module")
+def pectoral_grid(tmp_path_factory):
+    out = {}
+    for i, (f, edge, dose, markers, variant) in enumerate(PECTORAL_GRID):
+        base = tmp_path_factory.mktemp(f"pect{i}")
+        (tp,) = synth.synthesize(base, 1, 3 + i, rows=600, cols=480, pixel_spacing_mm=0.2,
+                                 views=["L_MLO", "R_ML", "R_CC"], density=f, density_edge=edge, dose=dose,
+                                 markers=markers, clusters_per_image=(0, 0), isolated_per_image=(0, 0), **variant)
+        doc = json.loads(tp.read_text())
+        for key, t in doc["truth"]["views"].items():
+            m = normalize(pydicom.dcmread(base / "mammography" / doc["label"] / t["file"]))
+            breast = breast_mask(m.values, pixel_spacing_mm=m.pixel_spacing_mm)
+            info: dict = {}
+            pect = pectoral_mask(m.pixels, breast, m.view, pixel_spacing_mm=m.pixel_spacing_mm, debug=info)
+            as_mlo = pectoral_mask(m.pixels, breast, "MLO", pixel_spacing_mm=m.pixel_spacing_mm)
+            truth = dict(np.load(tp.parent / t["masks_file"]))["pectoral"]
+            out[(i, key)] = (m.to_stored_array(pect), truth, m.to_stored_array(as_mlo), info)
+    return out
+
+
+@pytest.mark.parametrize("i", range(len(PECTORAL_GRID)))
+def test_pectoral_mask_across_density_edge_dose_markers(pectoral_grid, i):
+    for key in ("L_MLO", "R_ML"):
+        pect, truth, _, info = pectoral_grid[(i, key)]
+        assert truth.sum() > 1000
+        assert _dice(pect, truth) >= 0.8, (PECTORAL_GRID[i], key, _dice(pect, truth), info)
+    pect, truth, as_mlo, _ = pectoral_grid[(i, "R_CC")]
+    assert not truth.any() and not pect.any()
+    # A CC searched as if it were an MLO: its chest-wall corner is air, no muscle triangle fits.
+    assert as_mlo.sum() < 0.005 * as_mlo.size, PECTORAL_GRID[i]

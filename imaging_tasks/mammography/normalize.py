@@ -35,12 +35,12 @@
   the stored array, in order; :meth:`MammoImage.to_stored_xy`, :meth:`MammoImage.to_canonical_xy` and
   :meth:`MammoImage.to_stored_array` map findings and masks back.
 
-:func:`breast_mask` and :func:`pectoral_mask` work on canonical pixels (chest wall on the left).
+:func:`breast_mask` and :func:`pectoral_mask` work on canonical pixels (chest wall on the left); the pectoral
+mask fits the muscle edge geometrically (see its docstring), whatever the density of the breast next to it.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 from scipy import ndimage
@@ -454,19 +454,27 @@ def _disk(r: int) -> np.ndarray:
 
 
 def pectoral_mask(pixels: np.ndarray, breast: np.ndarray, view: str, *, pixel_spacing_mm: float = 0.1,
-                  min_contrast: float = 0.2) -> np.ndarray:
+                  min_contrast: float = 0.08, max_roughness: float = 0.5, min_coverage: float = 0.9,
+                  debug: dict | None = None) -> np.ndarray:
     """The pectoral muscle on a lateral / oblique view (canonical pixels), empty for other views.
 
-    Method: the muscle is a roughly triangular bright region in the upper chest-wall corner, bounded by a
-    line from (x0, 0) on the top edge to (0, y0) on the chest wall.  The image is resampled to ~0.5 mm,
-    smoothed (Gaussian, 1 mm) and differentiated; every candidate line (x0 up to 70% of the breast width at
-    the top, y0 up to the full height, 1 mm steps, then 0.25 mm around the best) is scored by the mean
-    derivative across it (bright inside -> dark outside) sampled every ~0.5 mm along its length inside the
-    breast, away from the skin (3 mm).  The best line is kept when its mean contrast, measured as the mean
-    smoothed value 1-4 mm inside minus 1-4 mm outside, is at least ``min_contrast`` (presentation units) and
-    its score is positive; otherwise no pectoral is reported.  The mask is the breast left of the line.
-    Threshold: on the synthetic MLO views the muscle edge measures 0.40-0.57 and the best line on CC views
-    (no muscle) 0.02-0.10, hence 0.2; a muscle dimmer than 0.2 of the presentation range is not reported.
+    Method (the reader's geometry, not brightness): the muscle is a roughly triangular, uniform region in the
+    upper chest-wall corner (axilla at the top), bounded by a nearly straight edge from (x0, 0) on the top
+    edge to (0, y0) on the chest wall.  Its brightness relative to the breast next to it is NOT assumed: in a
+    fatty breast the muscle is brighter than its neighbour, in a dense one darker than the gland that abuts
+    it, and often both along one edge.  The image is resampled to ~0.5 mm and smoothed (Gaussian, 0.5 mm);
+    for every candidate line (x0 up to 80% of the breast width on the top row, y0 up to the full height,
+    1 mm steps, then 0.25 mm around the best) the smoothed values 2 mm inside and 2 mm outside the line
+    are sampled at 64 points along it (where both lie in the breast, 3 mm from the skin) and the line scores
+    ``edge - 2 * roughness``: ``edge`` the mean |inside - outside| (a step of either sign), ``roughness`` the
+    RMS residual of the inside samples about a straight-line trend along the edge (the muscle is uniform
+    or smoothly graded; breast tissue is textured).  The best line is kept only when ``edge`` >=
+    ``min_contrast`` (presentation units), ``roughness`` <= ``max_roughness`` x ``edge`` and the triangle
+    lies in the breast (share >= ``min_coverage``: on an MLO the breast fills the chest-wall corner because
+    the axilla runs off the top edge; on a CC the corner is air, so a CC searched as an MLO gives nothing).
+    The mask is the breast left of the line.  Measured on synthetic MLO views (density 5-80 %, gland edge
+    0.5-2, dose 0.5-1): edge 0.32-0.61, roughness <= 0.02, Dice 0.93-0.995 vs the drawn (slightly curved)
+    muscle; CC corners: coverage 0.33-0.65.  ``debug`` (a dict) receives the best line's numbers.
     """
     img = np.asarray(pixels, dtype=np.float64)
     breast = np.asarray(breast, dtype=bool)
@@ -478,59 +486,65 @@ def pectoral_mask(pixels: np.ndarray, breast: np.ndarray, view: str, *, pixel_sp
     hs, ws = h // f, w // f
     small = img[:hs * f, :ws * f].reshape(hs, f, ws, f).mean(axis=(1, 3))
     bsmall = breast[:hs * f, :ws * f].reshape(hs, f, ws, f).mean(axis=(1, 3)) > 0.5
-    # Fill the air with the nearby breast values so the skin edge gives no gradient.
     _, idx = ndimage.distance_transform_edt(~bsmall, return_indices=True)
     filled = small[idx[0], idx[1]]
-    sm = ndimage.gaussian_filter(filled, 1.0 / sp)
-    gy, gx = np.gradient(sm)
+    sm = ndimage.gaussian_filter(filled, 0.5 / sp)
     pad = max(1, int(round(3.0 / sp)))
     inner = ndimage.binary_erosion(np.pad(bsmall, ((pad, 0), (pad, 0)), mode="edge"), _disk(pad))[pad:, pad:]
     top_width = int(np.max(np.nonzero(bsmall[0])[0])) + 1 if bsmall[0].any() else int(bsmall.any(axis=0).sum())
     if top_width < 4:
         return np.zeros(img.shape, dtype=bool)
+    off = 2.0 / sp
+    t = np.linspace(0.0, 1.0, 64)[None, :]
 
-    def score(x0s, y0s):
+    def stats(x0s, y0s):
         x0s, y0s = np.asarray(x0s, float), np.asarray(y0s, float)
         length = np.hypot(x0s, y0s)
-        t = np.linspace(0.0, 1.0, 64)[None, :]
-        xs = x0s[:, None] * (1 - t)
-        ys = y0s[:, None] * t
         nx, ny = (y0s / length)[:, None], (x0s / length)[:, None]  # outward normal (toward lower right)
-        xi, yi = np.clip(np.round(xs).astype(int), 0, ws - 1), np.clip(np.round(ys).astype(int), 0, hs - 1)
-        ok = inner[yi, xi]
-        d = ndimage.map_coordinates(gx, [ys.ravel(), xs.ravel()], order=1, mode="nearest").reshape(xs.shape) * nx \
-            + ndimage.map_coordinates(gy, [ys.ravel(), xs.ravel()], order=1, mode="nearest").reshape(xs.shape) * ny
-        n_ok = ok.sum(axis=1)
-        s = -(d * ok).sum(axis=1) / np.maximum(n_ok, 1)
-        return np.where(n_ok >= 16, s, -np.inf)
+        xs, ys = x0s[:, None] * (1 - t), y0s[:, None] * t
+        xi, yi = xs - off * nx, ys - off * ny
+        xo, yo = xs + off * nx, ys + off * ny
+        ok = np.ones(xs.shape, dtype=bool)
+        for a, b in ((xi, yi), (xo, yo)):
+            ai, bi = np.round(a).astype(int), np.round(b).astype(int)
+            inside = (ai >= 0) & (ai < ws) & (bi >= 0) & (bi < hs)
+            ok &= inside & inner[np.clip(bi, 0, hs - 1), np.clip(ai, 0, ws - 1)]
+        vin = ndimage.map_coordinates(sm, [yi.ravel(), xi.ravel()], order=1, mode="nearest").reshape(xs.shape)
+        vout = ndimage.map_coordinates(sm, [yo.ravel(), xo.ravel()], order=1, mode="nearest").reshape(xs.shape)
+        n = ok.sum(axis=1)
+        nn = np.maximum(n, 1)
+        edge = (np.abs(vin - vout) * ok).sum(axis=1) / nn
+        tt = np.broadcast_to(t, xs.shape)
+        mt = (tt * ok).sum(axis=1) / nn
+        mv = (vin * ok).sum(axis=1) / nn
+        dt = (tt - mt[:, None]) * ok
+        dv = (vin - mv[:, None]) * ok
+        slope = (dt * dv).sum(axis=1) / np.maximum((dt * dt).sum(axis=1), 1e-12)
+        res = (dv - slope[:, None] * dt) * ok
+        rough = np.sqrt((res * res).sum(axis=1) / nn)
+        return np.where(n >= 24, edge - 2.0 * rough, -np.inf), edge, rough
 
     step = max(1, int(round(1.0 / sp)))
-    xg = np.arange(max(2, int(round(5.0 / sp))), int(0.7 * top_width) + 1, step)
+    xg = np.arange(max(2, int(round(5.0 / sp))), int(0.8 * top_width) + 1, step)
     yg = np.arange(max(2, int(round(10.0 / sp))), hs, step)
     if xg.size == 0 or yg.size == 0:
         return np.zeros(img.shape, dtype=bool)
     X, Y = np.meshgrid(xg, yg)
-    s = score(X.ravel(), Y.ravel())
+    s, _, _ = stats(X.ravel(), Y.ravel())
     best = int(np.argmax(s))
     bx, by = float(X.ravel()[best]), float(Y.ravel()[best])
     fine = np.arange(-2.0, 2.01, 0.25) * step
     X2, Y2 = np.meshgrid(bx + fine, by + fine)
-    s2 = score(X2.ravel(), Y2.ravel())
-    best2 = int(np.argmax(s2))
-    bx, by, bs = float(X2.ravel()[best2]), float(Y2.ravel()[best2]), float(s2[best2])
-    if not np.isfinite(bs) or bs <= 0:
-        return np.zeros(img.shape, dtype=bool)
-    # Contrast check on the smoothed image: 1-4 mm inside vs 1-4 mm outside, along the line.
+    s2, e2, r2 = stats(X2.ravel(), Y2.ravel())
+    b2 = int(np.argmax(s2))
+    bx, by, bs, be, br = float(X2.ravel()[b2]), float(Y2.ravel()[b2]), float(s2[b2]), float(e2[b2]), float(r2[b2])
     yy, xx = np.mgrid[0:hs, 0:ws]
-    dist = (xx / bx + yy / by - 1.0) * (bx * by / math.hypot(bx, by)) * sp  # signed mm, > 0 outside
-    band_in = inner & (dist > -4) & (dist < -1)
-    band_out = inner & (dist > 1) & (dist < 4)
-    if band_in.sum() < 10 or band_out.sum() < 10:
+    tri = (xx / bx + yy / by) < 1.0
+    cov = float(bsmall[tri].mean()) if tri.any() else 0.0
+    if debug is not None:
+        debug.update(edge=be, rough=br, cov=cov, x0=bx * sp, y0=by * sp)
+    if not np.isfinite(bs) or be < min_contrast or br > max_roughness * be or cov < min_coverage:
         return np.zeros(img.shape, dtype=bool)
-    if float(sm[band_in].mean() - sm[band_out].mean()) < min_contrast:
-        return np.zeros(img.shape, dtype=bool)
-    # Full-resolution mask: left of the line x/x0 + y/y0 < 1 (line coordinates at pixel centres).
-    # A small-grid pixel i covers full pixels i*f .. i*f+f-1: centre i*f + (f-1)/2.
     o = (f - 1) / 2.0
     r, c = np.mgrid[0:h, 0:w]
     return breast & (((c - o) / (bx * f) + (r - o) / (by * f)) < 1.0)

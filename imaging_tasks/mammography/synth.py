@@ -126,8 +126,8 @@ def synthesize(out: pathlib.Path, studies: int, seed: int, *, rows: int = 1000, 
     * ``shared_clusters``: calcification clusters per breast planted at one 3-D position and drawn in every
       CC / MLO / ML view of that breast, with a shared ``lesion_id`` (besides ``clusters_per_image``).
     * ``density_edge``: with ``density``, the steepness of the gland/fat transition (0.25-4; default 2: nearly
-      binary glandular islands with sub-mm edges; 0.5: a gradual projected thickness).  The built-in
-      detector and the density method must hold across it (issue 15: neither does yet at both ends).
+      binary glandular regions with sub-mm edges, none narrower than ``MIN_DENSE_FEATURE_MM``; 0.5: a gradual
+      projected thickness).
     * ``dose``: a factor on the AEC exposure (0.1-4): quantum noise scales as 1 / sqrt(dose), so 0.5 is a
       noisier image, as from a low-dose protocol or a thick dense breast at the AEC's limit.
     * ``extended_truth``: add the extended truth (boxes, lesion ids, density, pectoral area, flips, masks
@@ -497,7 +497,23 @@ def _render_calcs(calcs, shape, spacing, ss=5) -> np.ndarray:
         patch = chord.reshape(2 * h + 1, ss, 2 * h + 1, ss).mean(axis=(1, 3)) * c["mu_per_mm"]
         rs, cs = slice(max(r0, 0), min(r0 + 2 * h + 1, shape[0])), slice(max(c0, 0), min(c0 + 2 * h + 1, shape[1]))
         att[rs, cs] += patch[rs.start - r0:rs.stop - r0, cs.start - c0:cs.stop - c0]
+        c["_footprint"] = (rs, cs, patch[rs.start - r0:rs.stop - r0, cs.start - c0:cs.stop - c0])
     return att
+
+
+ELECTRONIC_NOISE = 3.0  # detector read noise, photons per pixel (standard deviation)
+ROSE_SNR = 5.0  # Rose's criterion: an object is reliably seen when its ideal-observer SNR is at least ~5
+
+
+def _ideal_snr(footprint, background_line_integral, n0) -> float:
+    """The SNR of an ideal observer that knows the calcification's shape and place (a prewhitened matched
+    filter on the quantum plus electronic noise, before the detector blur; no anatomical noise): sqrt of the
+    sum over its footprint of (photons it removes)^2 / (photon variance).  It says whether a planted
+    calcification can be seen at all at that dose behind that tissue, whatever the detector."""
+    rs, cs, patch = footprint
+    behind = n0 * np.exp(-background_line_integral[rs, cs])
+    removed = behind * (1.0 - np.exp(-patch))
+    return float(np.sqrt(np.sum(removed**2 / (behind + ELECTRONIC_NOISE**2))))
 
 
 def _render_view(rng, lat, view, rows, cols, spacing, anatomy, bits, clusters_range, isolated_range,
@@ -523,7 +539,7 @@ def _render_view(rng, lat, view, rows, cols, spacing, anatomy, bits, clusters_ra
         gland_frac = anatomy["density"] * cone * fat_layer * patchy
     else:
         gland_frac = _gland_fraction_for_target(target, texture, cone, fat_layer, mask, pectoral, inner > 0,
-                                                opts.density_edge)
+                                                spacing, opts.density_edge)
     gland = inner * gland_frac
     muscle = inner * 0.45 * pectoral
     vessels = _vessels(rng, shape, spacing, info, depth, int(rng.integers(3, 7))) * mask
@@ -532,6 +548,7 @@ def _render_view(rng, lat, view, rows, cols, spacing, anatomy, bits, clusters_ra
     n_cl = int(rng.integers(clusters_range[0], clusters_range[1] + 1))
     n_iso = int(rng.integers(isolated_range[0], isolated_range[1] + 1))
     calcs, clusters = _plan_calcifications(rng, mask, depth, pectoral, spacing, n_cl, n_iso, fixed=fixed)
+    background = line_integral
     line_integral = line_integral + _render_calcs(calcs, shape, spacing)
     mass_truth = []
     if fixed and fixed["masses"]:
@@ -546,7 +563,7 @@ def _render_view(rng, lat, view, rows, cols, spacing, anatomy, bits, clusters_ra
         n0 = n0 * opts.dose
     transmitted = ndimage.gaussian_filter(np.exp(-line_integral), sigma=0.05 / spacing)
     counts = n0 * transmitted
-    counts = counts + np.sqrt(counts) * rng.standard_normal(shape) + 3.0 * rng.standard_normal(shape)
+    counts = counts + np.sqrt(counts) * rng.standard_normal(shape) + ELECTRONIC_NOISE * rng.standard_normal(shape)
     measured = -np.log(np.maximum(counts, 1.0) / n0)
     # "For presentation" processing: peripheral equalisation (add back the fat the rolled-off edge lacks)
     # and a linear map of log attenuation to the stored range; air is black.
@@ -578,6 +595,7 @@ def _render_view(rng, lat, view, rows, cols, spacing, anatomy, bits, clusters_ra
         truth_calcs.append({"index": i, "centre_xy_px": [round(float(px), 3), round(float(py), 3)],
                             "centre_xy_mm": [round(float(px * spacing), 4), round(float(py * spacing), 4)],
                             "diameter_mm": round(c["diameter_mm"], 4), "aspect": round(c["aspect"], 3),
+                            "ideal_snr": round(_ideal_snr(c["_footprint"], background, n0), 2),
                             "cluster": c["cluster"], "isolated": c["isolated"],
                             "isolated_group": c.get("isolated_group")})
     truth_clusters = []
@@ -588,7 +606,9 @@ def _render_view(rng, lat, view, rows, cols, spacing, anatomy, bits, clusters_ra
         truth_clusters.append({"index": cl["index"], "members": cl["members"], "n_members": len(cl["members"]),
                                "centre_xy_px": [round(float(v), 3) for v in cen],
                                "centre_xy_mm": [round(float(v * spacing), 4) for v in cen],
-                               "radius_mm": round(rad, 4)})
+                               "radius_mm": round(rad, 4),
+                               "n_visible_members": sum(truth_calcs[m]["ideal_snr"] >= ROSE_SNR
+                                                        for m in cl["members"])})
     truth = {"calcifications": truth_calcs, "clusters": truth_clusters,
              "n_isolated": sum(1 for c in calcs if c["isolated"]),
              "compressed_thickness_mm": round(t0, 2)}
@@ -603,14 +623,28 @@ def _render_view(rng, lat, view, rows, cols, spacing, anatomy, bits, clusters_ra
 
 # ------------------------------------------------------------------------------- variants (extended options)
 
-def _gland_fraction_for_target(target, texture, cone, fat_layer, mask, pectoral, has_inner, edge=2.0) -> np.ndarray:
+MIN_DENSE_FEATURE_MM = 1.5  # the narrowest dense region a path-fraction map may hold (see below)
+
+
+def _gland_fraction_for_target(target, texture, cone, fat_layer, mask, pectoral, has_inner, spacing, edge=2.0
+                               ) -> np.ndarray:
     """Glandular fraction of the path under the skin with exactly ``target`` of the breast region > 0.5.
 
     A score (patchy 1/f^3 texture, concentrated in the cone behind the nipple, kept out of the subcutaneous
     fat and the pectoral muscle) is thresholded at its (1 - target) quantile over the breast region; the
     fraction is a steep sigmoid of the score that crosses 0.5 at that threshold.
+
+    The score is first opened (grey-level) with a disc of ``MIN_DENSE_FEATURE_MM`` across: this map is a glandular
+    fraction of the *whole path* through the breast, and a sub-millimetre island of it would be a gland column a
+    fraction of a millimetre wide and centimetres deep, which breasts do not have (fibroglandular structures
+    that small are that small in depth too, and their projections overlap into smooth texture).  Without the
+    opening, a steep sigmoid turns texture peaks near the threshold into full-thickness specks brighter than
+    any calcification.
     """
     score = 1.8 * texture + np.log(cone + 1e-6) - 3.0 * (1.0 - fat_layer) - 20.0 * pectoral
+    r = max(1, int(round(MIN_DENSE_FEATURE_MM / 2 / spacing)))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    score = ndimage.grey_opening(score, footprint=xx * xx + yy * yy <= r * r)
     score = np.where(has_inner, score, -1e6)  # the skin shell itself is never dense
     region = mask & (pectoral < 0.5)
     t = float(np.quantile(score[region], 1.0 - target))
