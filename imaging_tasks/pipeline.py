@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import imaging_tasks
-from imaging_tasks import storage
+from imaging_tasks import metrics, storage
 from imaging_tasks.contracts import StudyRecord, is_ok, study_record, with_facts, with_status
 from imaging_tasks.errors import BadInput
 from imaging_tasks.index import entry_to_manifest, index_objects
@@ -65,6 +65,8 @@ def _quarantine(lake: Lake, data: bytes, exc: BadInput, *, stage: str, source_ur
     log.warning("%s: quarantined an input at %s: %s (%s)%s; quarantine/%s/%s", lake.specialty, stage, exc.reason,
                 exc.message, "" if row["first_seen"] else " [already in quarantine from an earlier run]",
                 lake.specialty, row["input_sha256"][:16])
+    if row.get("first_seen", True):
+        metrics.input_quarantined(lake.specialty, stage, exc.reason)
     return row
 
 
@@ -86,6 +88,7 @@ def index_landing(landing: Any, lake: Lake, *, key: bytes, prefix: str = "", sin
     values of the specialty's options (index-stage ones decide readiness; result-changing ones key the ledger);
     missing ones take their defaults.
     """
+    started = time.time()
     root = storage.join(landing, prefix) if prefix else storage.as_path(landing)
     swept = storage.sweep_temporary(lake.root)  # half-written files of a killed run
     if swept:
@@ -100,7 +103,7 @@ def index_landing(landing: Any, lake: Lake, *, key: bytes, prefix: str = "", sin
                            options=options, prefix=prefix)
     ledger = lake.ledger
     opts = options_hash(get_specialty(lake.specialty).result_options(options))
-    studies, skipped = [], []
+    studies, skipped, newest, landing_bytes = [], [], {}, 0
     for entry in result.studies:
         record = ledger.get(entry.study)
         if not reprocess and ledger.is_done(record, entry.fingerprint, opts):
@@ -116,11 +119,15 @@ def index_landing(landing: Any, lake: Lake, *, key: bytes, prefix: str = "", sin
         summary = entry.summary(str(manifest_uri))
         ledger.mark(summary, "arrived", step="index", run_id=run.run_id, options_hash=opts)
         studies.append(summary)
+        newest[entry.study] = entry.newest
+        landing_bytes += sum(int(f.get("size") or 0) for f in entry.files)
     summary = {"objects": len(objects), "studies": studies, "skipped_done": skipped, "waiting": result.waiting,
                "quarantined": len(result.quarantined),
                "quarantined_new": sum(1 for row in result.quarantined if row.get("first_seen", True))}
     log.info("index %s: %d object(s) -> %d stud(ies) to process, %d already done, %d waiting, %d quarantined",
              lake.specialty, len(objects), len(studies), len(skipped), len(result.waiting), len(result.quarantined))
+    metrics.arrived(lake.specialty, studies, newest, landing_bytes)
+    metrics.step_done(lake.specialty, "index", time.time() - started)
     return summary
 
 
@@ -134,6 +141,7 @@ def record_failure(study: dict, lake: Lake, *, step: str, exc: BaseException, ru
     message = str(exc)[:500] if detail else None
     log.error("%s study %s: %s failed (attempt %s): %s%s", lake.specialty, study.get("study"), step, attempt or 1,
               type(exc).__name__, f": {message}" if message else "")
+    metrics.study_failed(lake.specialty, step, type(exc).__name__)
     return lake.ledger.mark(study, "failed", step=step, run_id=run.run_id, reason=type(exc).__name__,
                             message=message, attempt=attempt)
 
@@ -179,12 +187,15 @@ def deidentify_study(study: dict, lake: Lake, *, key: bytes, demo: bool, options
         lake.ledger.mark(study, "quarantined", step="deidentify", run_id=run.run_id, reason="no_usable_input",
                          message=f"all {quarantined} input file(s) of the study were quarantined; see the "
                                  "quarantine table for each file's reason")
+        metrics.study_quarantined(lake.specialty, "deidentify", "no_usable_input")
     record_lineage(lake, run, study=study["study"],
                    inputs=[{"uri": "landing:" + study["study"], "sha256": i["source_sha256"]} for i in instances],
                    outputs=[{"uri": i["uri"], "sha256": i["sha256"]} for i in instances], device=None,
                    started=started, status=status)
     log.info("de-identify %s study %s: %d instance(s) written, %d quarantined, status %s, %.1f s",
              lake.specialty, study["study"], len(instances), quarantined, status, time.time() - started)
+    metrics.stored(lake.specialty, "anonymized", sum(int(i.get("bytes") or 0) for i in instances))
+    metrics.step_done(lake.specialty, "deidentify", time.time() - started)
     return with_facts(study, anonymized=str(dest), n_instances=len(instances), n_quarantined=quarantined,
                       status=status)
 
@@ -495,13 +506,16 @@ def audit_deidentified(study: dict, lake: Lake, *, run: RunContext = RunContext(
     failed at the audit, reason ``phi_audit_failed``; the study goes no further and is not retried blindly)."""
     from imaging_tasks.phi_audit import PHILeak
 
+    started = time.time()
     try:
         report = audit_study(study, lake)
     except PHILeak as exc:
         lake.ledger.mark(study, "failed", step="audit_phi", run_id=run.run_id, reason="phi_audit_failed",
                          message=str(exc))  # names attributes, never values
+        metrics.study_failed(lake.specialty, "audit_phi", "phi_audit_failed")
         raise
     lake.ledger.mark(study, "audited", step="audit_phi", run_id=run.run_id)
+    metrics.step_done(lake.specialty, "audit_phi", time.time() - started)
     return report
 
 
@@ -539,11 +553,27 @@ def process_study(study: dict, lake: Lake, *, step: str | None = None, device: s
     """
     record = get_specialty(lake.specialty)
     names = [s.name for s in record.steps] if step is None else [step]
+    if is_ok(study) and names and names[0] == record.steps[0].name:  # its queue wait since the index
+        metrics.processing_started(lake.specialty, lambda: metrics.arrival_time(lake.ledger.get(study["study"])))
     for name in names:
+        started = time.time()
         study = _run_step(record, name, study, lake, device=device, options=options, run=run)
+        if study.get("status") == "skipped":
+            break
+        metrics.step_done(lake.specialty, name, time.time() - started, device=_device_name(device))
         if not is_ok(study):
             break
     return study
+
+
+def _device_name(device: str | None) -> str | None:
+    """The device a step runs on, as ``_run_step`` picks it (for the metrics); None where torch cannot tell."""
+    try:
+        from imaging_tasks.device import pick_device
+
+        return str(pick_device(device))
+    except Exception:  # noqa: BLE001 - only a metric's label depends on it
+        return None
 
 
 def _run_step(record, name: str, study: dict, lake: Lake, *, device: str | None, options: dict | None,
@@ -633,6 +663,7 @@ def publish(study: dict, deid: dict, lake: Lake, result: dict, out_dir: Path, *,
     storage.write_json(out_dir / "results.json", results)
     dest = lake.derived(study["patient"], study["study"])
     outputs = storage.upload_dir(out_dir, dest)
+    metrics.stored(lake.specialty, "derived", sum(int(o.get("bytes") or 0) for o in outputs))
     manifest = {"specialty": lake.specialty, "study": study["study"], "patient": study["patient"],
                 "fingerprint": study["fingerprint"], "code_version": CODE_VERSION,
                 "inputs": [{"uri": i["uri"], "sha256": i["sha256"]} for i in deid["instances"]],
@@ -647,6 +678,7 @@ def publish(study: dict, deid: dict, lake: Lake, result: dict, out_dir: Path, *,
              time.time() - started, ", ".join(f"{m['name']}={m['value']:.4g}" if isinstance(m["value"], (int, float))
                                               else f"{m['name']}={m['value']}" for m in results["metrics"][:6]) or
              "no metrics", len(results["findings"]))
+    metrics.count(lake.specialty, "studies.processed")
     return with_status(study, "ok", derived=str(dest), metrics={m["name"]: m["value"] for m in results["metrics"]})
 
 
@@ -657,6 +689,7 @@ def quarantine_study(study: dict, deid: dict, lake: Lake, exc: BadInput, *, run:
     listing = json.dumps({"study": study["study"], "instances": deid["instances"]}, sort_keys=True).encode()
     _quarantine(lake, listing, exc, stage="process", source_uri=study["anonymized"], suffix=".json")
     lake.ledger.mark(study, "quarantined", step="process", run_id=run.run_id, reason=exc.reason, message=exc.message)
+    metrics.study_quarantined(lake.specialty, "process", exc.reason)
     record_lineage(lake, run, study=study["study"], inputs=[], outputs=[], device=None, started=started,
                    status="quarantined")
     return with_status(study, "quarantined", reason=exc.reason)
@@ -738,6 +771,7 @@ def load(processed: list[dict], lake: Lake, warehouse, *, run: RunContext = RunC
     """
     from imaging_tasks.phi_audit import PHILeak
 
+    started = time.time()
     ledger = lake.ledger
     pending = pending_loads(lake)
     items = {r["study"]: _as_item(r) for r in pending if r["state"] == "published"}
@@ -754,6 +788,7 @@ def load(processed: list[dict], lake: Lake, warehouse, *, run: RunContext = RunC
         except PHILeak as exc:
             leaked[study] = ledger.mark(item, "failed", step="load_audit", run_id=run.run_id,
                                         reason="phi_audit_failed", message=str(exc))
+            metrics.study_failed(lake.specialty, "load_audit", "phi_audit_failed")
     if leaked:
         rows = {t: [r for r in rs if r.get("study_id") not in leaked] for t, rs in rows.items()}
         items = {k: v for k, v in items.items() if k not in leaked}
@@ -782,4 +817,6 @@ def load(processed: list[dict], lake: Lake, warehouse, *, run: RunContext = RunC
     counts["failed"] = [{"study": s, "step": loaded_states[s].get("step"), "reason": loaded_states[s].get("reason"),
                          "attempt": loaded_states[s].get("attempt")} for s in failed]
     counts["loaded"] = [{"study": s, "derived": item.get("derived")} for s, item in items.items()]
+    metrics.count(lake.specialty, "studies.loaded", len(items))
+    metrics.step_done(lake.specialty, "load", time.time() - started)
     return counts
