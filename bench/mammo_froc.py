@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pydicom
 
-from imaging_tasks.mammography.calcifications import CLUSTER_MIN_COUNT, detect_calcifications
-from imaging_tasks.mammography.froc import FP_RATES, froc_curve, operating_point, sensitivity_at
-from imaging_tasks.mammography.normalize import normalize
+from imaging_tasks.mammography.calcifications import CLUSTER_MIN_COUNT
+from imaging_tasks.mammography.froc import (FP_RATES, froc_curve, operating_point, sensitivity_at,
+                                           stored_grid_candidates)
 from imaging_tasks.mammography.synth import synthesize
 
 THRESHOLDS = (3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0, 9.0, 10.0, 12.0)
@@ -38,12 +38,7 @@ def cell(density: float, dose: float, exams: int, seed: int, edge: float) -> lis
         truth = json.loads(truth_path.read_text())
         for path in sorted((out / "mammography" / truth["label"]).iterdir()):
             ds = pydicom.dcmread(path)
-            image = normalize(ds)
-            cands = detect_calcifications(image.values, image.pixel_spacing_mm, device="cpu",
-                                          k_sigma=THRESHOLDS[0])
-            for c in cands:  # back to the stored grid, where the truth is
-                c["centre_xy_px"] = [float(v) for v in image.to_stored_xy(c["centre_xy_px"])[0]]
-                c["centre_xy_mm"] = [v * image.pixel_spacing_mm for v in c["centre_xy_px"]]
+            cands = stored_grid_candidates(ds, k_sigma=THRESHOLDS[0], device="cpu")
             images.append((cands, truth["truth"]["images"][str(ds.SOPInstanceUID)]["clusters"]))
     return images
 

@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 DAG_IDS = {"neuroimaging", "cardiovascular", "pathology", "mammography"}
 HEAVY = ("torch", "SimpleITK", "openslide", "pydicom", "nibabel", "nilearn", "skimage", "duckdb", "scipy",
          "tifffile", "imaging_tasks.neuroimaging.structural", "imaging_tasks.cardiovascular.calcium",
-         "imaging_tasks.pathology.tiles", "imaging_tasks.mammography.calcifications")
+         "imaging_tasks.pathology.tiles", "imaging_tasks.mammography.calcifications",
+         "imaging_tasks.mammography.study")
 
 
 @pytest.fixture(scope="module")

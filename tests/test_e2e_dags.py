@@ -126,7 +126,20 @@ def check_results(specialty: str, wh, truths: list[dict]) -> None:
         for t in truths:
             planted = sum(len(v["clusters"]) for v in t["truth"]["views"].values())
             assert planted > 0
-            assert metrics[_pseudo_study(t)]["n_clusters"] == planted
+            study = _pseudo_study(t)
+            m = metrics[study]
+            assert m["n_clusters"] == planted
+            # the exam level reached the warehouse: density per breast and for the exam, one summary row per breast
+            sides = sorted({key.split("_")[0] for key in t["truth"]["views"]})
+            assert all(0 <= m[f"percent_density_{lat}"] <= 100 for lat in sides)
+            assert m["percent_density"] == max(m[f"percent_density_{lat}"] for lat in sides)
+            assert m["birads_density"] in (1, 2, 3, 4) and "n_seen_in_both_views" in m
+            rows = wh.query("SELECT properties FROM findings WHERE specialty = ? AND study_id = ? AND kind = ?",
+                            [specialty, study, "breast_summary"])
+            summaries = sorted((r[0] if isinstance(r[0], dict) else json.loads(r[0]) for r in rows),
+                               key=lambda s: s["laterality"])
+            assert [s["laterality"] for s in summaries] == sides
+            assert all(s["birads_density"] in "abcd" for s in summaries)
     elif specialty == "pathology":
         areas = sorted(m["tissue_area_mm2"] for m in metrics.values())
         expected = sorted(t["truth"]["tissue_area_mm2"] for t in truths)
@@ -165,6 +178,9 @@ def test_dag_end_to_end(specialty, airflow_db, buckets, monkeypatch):
     assert counts["studies"] == len(truths)
     assert counts["instances"] > 0 and counts["results"] > 0
     check_results(specialty, wh, truths)
+    if specialty == "mammography":  # the exam's QC montage beside the per-view pictures
+        derived = {p.name for p in (buckets["lake"] / "derived").rglob("*.png")}
+        assert "qc_exam.png" in derived and any(n.startswith("qc_L_") or n.startswith("qc_R_") for n in derived)
 
     # bad inputs: each quarantined once, with the reason it deserves; the rest of the run went on
     reasons = sorted(r for (r,) in wh.query("SELECT reason FROM quarantine WHERE specialty = ?", [specialty]))

@@ -286,12 +286,14 @@ def test_spec_records_version_and_labels(tmp_path):
 
 def test_the_mammography_step_runs_the_site_detector_beside_the_built_in_clusters(tmp_path):
     """process_study with ``detector_uri``: the model's boxes are findings beside the clusters, with the model's
-    name and version, and the same as detect() run by hand on the same decoded images."""
+    name and version, and the same as detect() run by hand on the same images as the step feeds it (each view
+    normalised to the canonical presentation image: normalize(ds).pixels), mapped back to the stored grid."""
     import json as _json
 
     import pydicom
 
-    from imaging_tasks.mammography.calcifications import _pixels, _spacing_mm, process_study
+    from imaging_tasks.mammography.normalize import normalize
+    from imaging_tasks.mammography.study import process_study
     from imaging_tasks.mammography.synth import synthesize
 
     (truth_path,) = synthesize(tmp_path / "in", 1, seed=4, views=["L_CC", "L_MLO"], rows=400, cols=320,
@@ -311,7 +313,12 @@ def test_the_mammography_step_runs_the_site_detector_beside_the_built_in_cluster
     det = detector.load_detector(model, device="cpu")
     by_hand = []
     for path in files:
-        ds = pydicom.dcmread(path)
-        by_hand += [(f["label"], round(f["score"], 6)) for f in
-                    detector.detect(*det, _pixels(ds), _spacing_mm(ds), score_threshold=0.3, device="cpu")]
-    assert sorted((f["kind"], round(f["score"], 6)) for f in boxes) == sorted((f"model_{k}", v) for k, v in by_hand)
+        mi = normalize(pydicom.dcmread(path))
+        for f in detector.detect(*det, mi.pixels, mi.pixel_spacing_mm, score_threshold=0.3, device="cpu"):
+            stored = mi.to_stored_xy(f["centre_xy_px"])[0]
+            by_hand.append((f"model_{f['label']}", round(f["score"], 6), mi.view, round(float(stored[0]), 2),
+                            round(float(stored[1]), 2)))
+    assert sorted((f["kind"], round(f["score"], 6), f["view"], round(f["stored_xy_px"][0], 2),
+                   round(f["stored_xy_px"][1], 2)) for f in boxes) == sorted(by_hand)
+    for f in boxes:
+        assert f["suspicion"] == pytest.approx(min(f["score"], 1.0), abs=1e-4) and f["model_sha256"] == det[1].sha256

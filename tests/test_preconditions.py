@@ -174,7 +174,7 @@ def test_shuffled_mr_loads_as_the_ordered_volume(mr, tmp_path):
 # --------------------------------------------------------------------------- mammography
 @pytest.fixture(scope="module")
 def mg(tmp_path_factory):
-    from imaging_tasks.mammography import calcifications as mammo
+    from imaging_tasks.mammography import study as mammo
     from imaging_tasks.mammography import synth as mammography
 
     out = tmp_path_factory.mktemp("mg")
@@ -182,7 +182,7 @@ def mg(tmp_path_factory):
                                                clusters_per_image=(1, 1), isolated_per_image=(2, 3))[0].read_text())
     base = out / "mammography" / "study-000"
     mammo.process_study(sorted(base.glob("*.dcm")), out / "good", device="cpu")
-    return base, record, json.loads((out / "good" / "calcifications.json").read_text())
+    return base, record, json.loads((out / "good" / "mammography.json").read_text())
 
 
 def _detections(doc: dict) -> list:
@@ -194,13 +194,14 @@ def test_good_mammogram_finds_the_planted_clusters(mg):
     for im in doc["images"]:
         planted = record["truth"]["views"][f"{im['laterality']}_{im['view']}"]["clusters"]
         assert len(im["clusters"]) == len(planted) == 1
-        dist = np.hypot(*np.subtract(im["clusters"][0]["centre_xy_mm"], planted[0]["centre_xy_mm"]))
+        stored_mm = [v * im["pixel_spacing_mm"] for v in im["clusters"][0]["stored_xy_px"]]  # the truth's grid
+        dist = np.hypot(*np.subtract(stored_mm, planted[0]["centre_xy_mm"]))
         assert dist < 2.0
 
 
 @pytest.mark.parametrize("case", _cases("mammography", bad=True))
 def test_unusable_mammogram_is_refused_with_its_reason(mg, tmp_path, case):
-    from imaging_tasks.mammography import calcifications as mammo
+    from imaging_tasks.mammography import study as mammo
 
     base, record, _doc = mg
     files, reason = _case_files(base, tmp_path, "mammography", case)
@@ -210,12 +211,12 @@ def test_unusable_mammogram_is_refused_with_its_reason(mg, tmp_path, case):
 @pytest.mark.parametrize("case", _cases("mammography", bad=False))
 def test_monochrome1_and_spacing_fallback_give_the_same_detections(mg, tmp_path, case):
     """MONOCHROME1 of the mirrored pixels is inverted back: the same calcifications and clusters, exactly."""
-    from imaging_tasks.mammography import calcifications as mammo
+    from imaging_tasks.mammography import study as mammo
 
     base, _record, good = mg
     files, _ = _case_files(base, tmp_path, "mammography", case)
     mammo.process_study(files, tmp_path / "out", device="cpu")
-    doc = json.loads((tmp_path / "out" / "calcifications.json").read_text())
+    doc = json.loads((tmp_path / "out" / "mammography.json").read_text())
     assert _detections(doc) == _detections(good)
     if case == "monochrome1":
         assert {im["photometric"] for im in doc["images"]} == {"MONOCHROME1"}

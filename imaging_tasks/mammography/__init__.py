@@ -1,6 +1,9 @@
-"""Mammography: micro-calcification detection and clustering on MG for-presentation images.
+"""Mammography: the screening exam read per breast: micro-calcification clusters, a bring-your-own detector's
+findings, breast density, lesions seen in both views, per-breast summaries and QC.
 
-Steps: :mod:`.calcifications`.  Synthetic exams with planted clusters: :mod:`.synth`.  Light: read at DAG parse time.
+Step: :mod:`.study` (normalisation :mod:`.normalize`, detection :mod:`.calcifications`, density :mod:`.density`,
+exam level :mod:`.exam`, BYO model :mod:`.detector`).  Synthetic exams with planted clusters: :mod:`.synth`.
+Light: read at DAG parse time.
 """
 from imaging_tasks.specialty import Option, Specialty, Step
 
@@ -8,11 +11,12 @@ SPECIALTY = Specialty(
     name="mammography",
     order=3,
     title="Mammography",
-    summary="Mammography micro-calcification detection and clustering",
+    summary="Mammography exam: calcification clusters, density, bring-your-own detector, per-breast summary",
     file_kind="dicom",
     modalities=frozenset({"MG"}),
-    steps=(Step("process_study", "imaging_tasks.mammography.calcifications:process_study", gpu=True,
-                description="calcification detection and clustering on every for-presentation image"),),
+    steps=(Step("process_study", "imaging_tasks.mammography.study:process_study", gpu=True,
+                description="the exam: every view normalised, calcification clusters, density, an optional "
+                            "bring-your-own detector, lesions seen in both views, per-breast summary, QC montage"),),
     options=(
         Option("k_sigma", "number", 5.0, "Detection threshold (noise sigmas)",
                "A calcification candidate stands this many local noise sigmas above its background (2-10)",
@@ -28,8 +32,13 @@ SPECIALTY = Specialty(
                "The bring-your-own detector's boxes scoring below this are dropped (0-1)", minimum=0, maximum=1),
     ),
     synthesizer="imaging_tasks.mammography.synth:synthesize",
-    results="`results` holds `n_calcifications`, `n_clusters` (per side too) per study and `findings` one row per "
-            "calcification cluster (position, size, member count) and, with a detector, one per box it found "
-            "(kind `model_<label>`: score, box in mm, model name and version).",
+    results="`results` holds per study `n_images`, `n_calcifications`, `n_clusters` (and `n_clusters_R`/`_L`), "
+            "`max_cluster_members`, `n_seen_in_both_views`, `highest_suspicion_R`/`_L` (0-1), `percent_density_R`/"
+            "`_L` and `percent_density` (%, the denser breast), `birads_density` (1-4 for a-d) and, with a detector, "
+            "`n_detector_findings`. `findings` holds one row per calcification cluster (kind `calcification_cluster`) "
+            "and per detector box (kind `model_<label>`, with the model's name, version and sha256), each with "
+            "laterality, view, centre on the canonical and the stored grid (px, mm), nipple distance, `suspicion` and "
+            "`seen_in_both_views`; and one `breast_summary` row per breast (density, BI-RADS category, counts, highest "
+            "suspicion). Outputs: `mammography.json`, `qc_<side>_<view>.png`, `qc_exam.png`.",
     bad_modality="CT",
 )

@@ -49,13 +49,14 @@ def cross_view_pairs(cc: list[dict], oblique: list[dict], *, tolerance_mm: float
     return sorted(out)
 
 
-def breast_summaries(images: list[dict], findings: list[dict]) -> list[dict]:
+def breast_summaries(images: list[dict], findings: list[dict], *,
+                     tolerance_mm: float = CROSS_VIEW_TOLERANCE_MM) -> list[dict]:
     """Per breast (R, L): its views, finding counts, the most suspicious finding and the lesions seen in both views.
 
     ``images``: dicts with ``laterality``, ``view`` and ``index``; ``findings``: dicts with ``image`` (index),
     ``kind``, ``nipple_distance_mm`` and a ``suspicion`` in [0, 1] (built-in clusters: see the caller; a
     detector's findings: its score).  Marks each finding ``seen_in_both_views`` and ``other_view_finding`` (its
-    partner's index in ``findings``) in place.
+    partner's index in ``findings``) in place; ``tolerance_mm``: as in :func:`cross_view_pairs`.
     """
     by_image = {im["index"]: im for im in images}
     out = []
@@ -69,7 +70,7 @@ def breast_summaries(images: list[dict], findings: list[dict]) -> list[dict]:
             ob = [f for f in mine if f["kind"] == kind and by_image[f["image"]]["view"] in OBLIQUE_VIEWS]
             for f in cc + ob:
                 f.setdefault("seen_in_both_views", False)
-            for i, j in cross_view_pairs(cc, ob):
+            for i, j in cross_view_pairs(cc, ob, tolerance_mm=tolerance_mm):
                 cc[i]["seen_in_both_views"] = ob[j]["seen_in_both_views"] = True
                 cc[i]["other_view_finding"], ob[j]["other_view_finding"] = ob[j]["index"], cc[i]["index"]
         top = max(mine, key=lambda f: f.get("suspicion", 0.0), default=None)

@@ -54,6 +54,20 @@ def match_clusters(detected: list[dict], planted: list[dict], *, match_mm: float
     return tp, len(detected) - tp - ignored
 
 
+def stored_grid_candidates(ds, *, k_sigma: float, device=None) -> list[dict]:
+    """Candidates of one MG dataset as the exam step finds them (:func:`.study.prepare_image`,
+    :func:`.study.detect_in_breast`), their centres moved to the stored grid, where the generator's truth is."""
+    from imaging_tasks.mammography.study import detect_in_breast, prepare_image
+
+    prep = prepare_image(ds)
+    sp = prep.image.pixel_spacing_mm
+    cands = detect_in_breast(prep, device=device, k_sigma=k_sigma)
+    for c in cands:
+        c["centre_xy_px"] = [float(v) for v in prep.image.to_stored_xy(c["centre_xy_px"])[0]]
+        c["centre_xy_mm"] = [v * sp for v in c["centre_xy_px"]]
+    return cands
+
+
 def froc_curve(images: Iterable[tuple[list[dict], list[dict]]], thresholds: Iterable[float], *,
                match_mm: float = MATCH_MM, radius_mm: float = CLUSTER_RADIUS_MM,
                min_count: int = CLUSTER_MIN_COUNT, min_visible: int | None = None) -> list[dict]:
@@ -94,4 +108,5 @@ def operating_point(curve: list[dict], *, min_sensitivity: float = 0.9, max_fp_p
     return min(ok, key=lambda p: (p["fp_per_image"], -p["sensitivity"], p["threshold"])) if ok else None
 
 
-__all__ = ["FP_RATES", "MATCH_MM", "froc_curve", "match_clusters", "operating_point", "sensitivity_at"]
+__all__ = ["FP_RATES", "MATCH_MM", "froc_curve", "match_clusters", "operating_point", "sensitivity_at",
+           "stored_grid_candidates"]
