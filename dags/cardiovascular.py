@@ -7,7 +7,7 @@ short-axis cine; net, forward and backward flow, regurgitant fraction and peak v
 → only audited studies → route series → calcium scoring → cine function → flow (GPU queue) → warehouse.
 """
 # An Airflow DAG file (Airflow parses files naming both "airflow" and "dag"): the chain, top to bottom.
-from imaging_dags import (audit_phi, deidentify, imaging_dag, index_studies, landing_sensor, load_metadata,
+from imaging_dags import (audit_phi, deidentify, fhir_update, imaging_dag, index_studies, landing_sensor, load_metadata,
                           ready_for_processing, study_step)
 
 SPECIALTY = "cardiovascular"
@@ -24,7 +24,7 @@ def cardiovascular():
     calcium = study_step(SPECIALTY, "calcium_scoring").expand(study=routed)
     cine = study_step(SPECIALTY, "cine_function").expand(study=calcium)
     flow = study_step(SPECIALTY, "flow").expand(study=cine)
-    load_metadata(SPECIALTY, flow)
+    fhir_update(SPECIALTY, load_metadata(SPECIALTY, flow))   # optional: skipped without a FHIR server
 
 
 cardiovascular()

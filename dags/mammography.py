@@ -5,7 +5,7 @@ Micro-calcification detection and clustering on MG for-presentation images.
 → only audited studies → calcification detection (GPU queue) → warehouse.
 """
 # An Airflow DAG file (Airflow parses files naming both "airflow" and "dag"): the chain, top to bottom.
-from imaging_dags import (audit_phi, deidentify, imaging_dag, index_studies, landing_sensor, load_metadata,
+from imaging_dags import (audit_phi, deidentify, fhir_update, imaging_dag, index_studies, landing_sensor, load_metadata,
                           ready_for_processing, study_step)
 
 SPECIALTY = "mammography"
@@ -19,7 +19,7 @@ def mammography():
     audited = audit_phi.partial(specialty=SPECIALTY).expand(study=clean)   # fail closed
     ready = ready_for_processing(SPECIALTY, audited)                       # quarantined studies stop here
     processed = study_step(SPECIALTY, "process_study").expand(study=ready)
-    load_metadata(SPECIALTY, processed)
+    fhir_update(SPECIALTY, load_metadata(SPECIALTY, processed))   # optional: skipped without a FHIR server
 
 
 mammography()

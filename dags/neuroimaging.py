@@ -9,7 +9,7 @@ volume, SUVR, contrast betas, FA, MD per ROI).  A session without PET, BOLD or D
 sessions → the ten steps, one task each (brain extraction, GLM, DTI and tractography on the GPU queue) → warehouse.
 """
 # An Airflow DAG file (Airflow parses files naming both "airflow" and "dag"): the chain, top to bottom.
-from imaging_dags import (audit_phi, deidentify, imaging_dag, index_studies, landing_sensor, load_metadata,
+from imaging_dags import (audit_phi, deidentify, fhir_update, imaging_dag, index_studies, landing_sensor, load_metadata,
                           ready_for_processing, study_step)
 
 SPECIALTY = "neuroimaging"
@@ -32,7 +32,7 @@ def neuroimaging():
     tensors = study_step(SPECIALTY, "dti").expand(study=glm)                           # GPU
     tracts = study_step(SPECIALTY, "tractography").expand(study=tensors)               # GPU
     features = study_step(SPECIALTY, "roi_features").expand(study=tracts)
-    load_metadata(SPECIALTY, features)
+    fhir_update(SPECIALTY, load_metadata(SPECIALTY, features))   # optional: skipped without a FHIR server
 
 
 neuroimaging()

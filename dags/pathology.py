@@ -7,7 +7,7 @@ embedding per tile, as Parquet; a slide summary and a MIL bag per slide.
 → slide summary → warehouse.
 """
 # An Airflow DAG file (Airflow parses files naming both "airflow" and "dag"): the chain, top to bottom.
-from imaging_dags import (audit_phi, deidentify, imaging_dag, index_studies, landing_sensor, load_metadata,
+from imaging_dags import (audit_phi, deidentify, fhir_update, imaging_dag, index_studies, landing_sensor, load_metadata,
                           per_slide, ready_for_processing)
 
 SPECIALTY = "pathology"
@@ -21,7 +21,7 @@ def pathology():
     audited = audit_phi.partial(specialty=SPECIALTY).expand(study=clean)   # fail closed
     ready = ready_for_processing(SPECIALTY, audited)                       # quarantined slides stop here
     summaries = per_slide(SPECIALTY).expand(study=ready)   # plan_tiles → tile_features → finish_slide, per slide
-    load_metadata(SPECIALTY, summaries)
+    fhir_update(SPECIALTY, load_metadata(SPECIALTY, summaries))   # optional: skipped without a FHIR server
 
 
 pathology()

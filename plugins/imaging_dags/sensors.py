@@ -21,6 +21,7 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowSensorTimeout, AirflowSkipException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from imaging_dags.lineage import ImagingLineage
 from imaging_dags.window import run_window
 
 REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs")
@@ -100,13 +101,15 @@ def _next_check(poke_interval: float, wait: float) -> float:
     return poke_interval if math.isinf(wait) else max(min(poke_interval, wait), min(MIN_RECHECK_S, poke_interval))
 
 
-class LandingSensor(BaseSensorOperator):
+class LandingSensor(ImagingLineage, BaseSensorOperator):
     """Succeeds when the specialty's landing prefix holds inputs in the run's window and the upload has finished
     (nothing new for the quiet period); returns counts only.
 
     File names in landing buckets can carry patient names, so the XCom is a count, not a listing; the
-    index step lists the prefix itself.
+    index step lists the prefix itself.  Its lineage (``imaging_dags.lineage``) is the landing prefix, as a whole.
     """
+
+    lineage_reads = ("landing",)
 
     def __init__(self, *, specialty: str, deferrable: bool = True, **kwargs):
         kwargs.setdefault("mode", "reschedule")

@@ -20,6 +20,13 @@ Variables (so ``AIRFLOW_VAR_IMAGING_LAKE_URI`` etc.) and Connections, read insid
 | a specialty option left empty in a run (e.g. the cine model URI) | the Variable its record names (``Option.variable``: ``imaging_cine_model_uri``) | none |
 | connection for ``s3://`` URIs that name none | Variable ``imaging_aws_conn_id`` | none: the provider's ambient credentials (instance role, env) |
 | connection for ``gs://`` URIs that name none | Variable ``imaging_gcs_conn_id`` | none: Application Default Credentials |
+| email recipients of failure and end-of-run notifications (comma-separated) | Variable ``imaging_notify_email_to`` | none: no email |
+| SMTP connection for them (the SMTP provider's ``smtp`` type) | Variable ``imaging_notify_smtp_conn_id`` | ``smtp_default`` (used only when recipients are set) |
+| sender address | Variable ``imaging_notify_email_from`` | the SMTP connection's ``from_email`` extra |
+| Slack-compatible incoming webhook (the Slack provider's ``slackwebhook`` type: host = base URL, password = path/token) | Variable ``imaging_notify_webhook_conn_id`` | none: no webhook |
+| FHIR server of the optional ``fhir_update`` task (none: the task skips) | Variable ``imaging_fhir_base_url``, else Connection ``imaging_fhir`` (HTTP: host = base URL; login/password; extra ``headers``, ``timeout``) | none |
+| identifier system prefix of the FHIR resources | Variable ``imaging_fhir_identifier_system`` | ``urn:imaging-pipeline`` |
+| queues whose storage notifications wake a DAG (S3 -> SQS; GCS -> Pub/Sub), read at parse time (``imaging_dags.events``) | env ``IMAGING_EVENTS_SQS_QUEUE_URL[_<SPECIALTY>]`` / ``IMAGING_EVENTS_PUBSUB_SUBSCRIPTION[_<SPECIALTY>]`` (``projects/P/subscriptions/S``; ``{specialty}`` is replaced), or config ``[imaging] events_sqs_queue_url[_<specialty>]`` / ``events_pubsub_subscription[_<specialty>]``; connections ``IMAGING_EVENTS_AWS_CONN_ID`` / ``IMAGING_EVENTS_GCP_CONN_ID`` | none: cron only; connections ``aws_default`` / ``google_cloud_default`` |
 
 Bucket URIs (``file://``, ``s3://``, ``gs://``) all go through Airflow's ``ObjectStoragePath`` and the same
 ``imaging_tasks.storage`` code (``s3://`` needs the amazon provider with ``s3fs``; ``gs://`` the google provider
@@ -36,6 +43,7 @@ reschedule mode; both fire only after the quiet period.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,12 +77,67 @@ def landing_quiet_seconds(params=None) -> float:
     return seconds
 
 
-def schedule():
+def schedule(specialty: str | None = None):
     """Cron with data intervals (not Airflow 3's default trigger timetable): a nightly run owns the arrivals of
-    the previous day, and a backfill over a date range re-processes exactly those days."""
+    the previous day, and a backfill over a date range re-processes exactly those days.
+
+    With a ``specialty`` whose storage notifications are configured (:func:`event_sources`): that cron OR its
+    landing asset (``AssetOrTimeSchedule``; the asset's watchers read the queues, ``imaging_dags.events``)."""
     from airflow.sdk import CronDataIntervalTimetable
 
-    return CronDataIntervalTimetable(SCHEDULE_CRON, timezone="UTC")
+    cron = CronDataIntervalTimetable(SCHEDULE_CRON, timezone="UTC")
+    if specialty is None:
+        return cron
+    from imaging_dags.events import landing_asset
+
+    asset = landing_asset(specialty)
+    if asset is None:
+        return cron
+    from airflow.sdk import AssetOrTimeSchedule
+
+    return AssetOrTimeSchedule(timetable=cron, assets=[asset])
+
+
+@dataclass(frozen=True)
+class EventSources:
+    """Where a specialty's storage notifications are read (parse time: environment and config only)."""
+
+    sqs_queue_url: str | None = None
+    sqs_shared: bool = False  # one queue for every specialty: each DAG takes the records under its folder
+    pubsub_subscription: str | None = None  # projects/<project>/subscriptions/<name>
+    aws_conn_id: str | None = "aws_default"
+    gcp_conn_id: str = "google_cloud_default"
+
+
+def _parse_time(name: str) -> str:
+    """Env ``IMAGING_<NAME>``, else config ``[imaging] <name>`` (``AIRFLOW__IMAGING__<NAME>``); '' when unset."""
+    return (os.environ.get(f"IMAGING_{name.upper()}") or conf.get("imaging", name.lower(), fallback="") or "").strip()
+
+
+def event_sources(specialty: str) -> EventSources:
+    """Parse time: the queues that wake ``specialty``'s DAG.  ``events_sqs_queue_url_<specialty>`` wins over
+    ``events_sqs_queue_url`` (in which ``{specialty}`` is replaced; without it the queue is shared and filtered by
+    key); likewise ``events_pubsub_subscription[_<specialty>]``, which must name one subscription per specialty."""
+    sqs = _parse_time(f"events_sqs_queue_url_{specialty}")
+    shared = False
+    if not sqs:
+        sqs = _parse_time("events_sqs_queue_url")
+        shared = bool(sqs) and "{specialty}" not in sqs
+        sqs = sqs.replace("{specialty}", specialty)
+    sub = _parse_time(f"events_pubsub_subscription_{specialty}")
+    if not sub:
+        sub = _parse_time("events_pubsub_subscription")
+        if sub and "{specialty}" not in sub:
+            raise ConfigError(f"IMAGING_EVENTS_PUBSUB_SUBSCRIPTION={sub!r} names one subscription for every DAG, but a "
+                              "Pub/Sub subscription hands each message to one reader: put {specialty} in it "
+                              "(projects/P/subscriptions/imaging-{specialty}) or set "
+                              f"IMAGING_EVENTS_PUBSUB_SUBSCRIPTION_{specialty.upper()}")
+        sub = sub.replace("{specialty}", specialty)
+    if sub and not re.fullmatch(r"projects/[^/]+/subscriptions/[^/]+", sub):
+        raise ConfigError(f"Pub/Sub subscription {sub!r} for {specialty}: expected projects/<project>/subscriptions/<name>")
+    return EventSources(sqs_queue_url=sqs or None, sqs_shared=shared, pubsub_subscription=sub or None,
+                        aws_conn_id=_parse_time("events_aws_conn_id") or "aws_default",
+                        gcp_conn_id=_parse_time("events_gcp_conn_id") or "google_cloud_default")
 
 
 def _var(name: str, default: str) -> str:
@@ -177,6 +240,73 @@ def for_specialty(specialty: str, *, get=None) -> SpecialtySettings:
         lake_uri=with_connection(lake, get=var),
         warehouse_uri=var("imaging_warehouse", "duckdb://" + str(DATA / "warehouse.duckdb")),
     )
+
+
+@dataclass(frozen=True)
+class NotifyChannels:
+    """Where the notifications go (``imaging_dags.notifiers``); falsy when nothing is configured."""
+
+    email_to: tuple[str, ...] = ()
+    smtp_conn_id: str = "smtp_default"
+    email_from: str | None = None
+    webhook_conn_id: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.email_to or self.webhook_conn_id)
+
+
+def notify_channels(*, get=None) -> NotifyChannels:
+    """Run time (callbacks): the notification Variables.  An SMTP connection id without recipients is an error
+    (it says what to set); nothing set at all means no notification."""
+    var = get or _var
+    to = tuple(a.strip() for a in (var("imaging_notify_email_to", "") or "").split(",") if a.strip())
+    smtp = (var("imaging_notify_smtp_conn_id", "") or "").strip()
+    if smtp and not to:
+        raise ConfigError(f"Variable imaging_notify_smtp_conn_id={smtp!r} is set but imaging_notify_email_to is not: "
+                          "set the recipients (comma-separated), or unset imaging_notify_smtp_conn_id")
+    return NotifyChannels(email_to=to, smtp_conn_id=smtp or "smtp_default",
+                          email_from=(var("imaging_notify_email_from", "") or "").strip() or None,
+                          webhook_conn_id=(var("imaging_notify_webhook_conn_id", "") or "").strip() or None)
+
+
+@dataclass(frozen=True)
+class FhirServer:
+    """Where the optional ``fhir_update`` task sends the FHIR resources (``imaging_tasks.fhir``)."""
+
+    base_url: str
+    headers: tuple[tuple[str, str], ...] = ()
+    auth: tuple[str, str] | None = None
+    identifier_system: str = "urn:imaging-pipeline"
+    timeout_s: float = 30.0
+
+
+def fhir_server(*, get=None, connection=None) -> FhirServer | None:
+    """Run time: Variable ``imaging_fhir_base_url``, else the HTTP connection ``imaging_fhir`` (host = the base URL,
+    or host/port with schema ``http``/``https``; login/password = basic auth; extra ``headers`` (e.g. a bearer
+    token) and ``timeout``); None when neither is set (the task then skips)."""
+    var = get or _var
+    system = (var("imaging_fhir_identifier_system", "") or "").strip() or "urn:imaging-pipeline"
+    url = (var("imaging_fhir_base_url", "") or "").strip()
+    if url:
+        return FhirServer(base_url=url, identifier_system=system)
+    if connection is None:
+        from airflow.sdk import Connection
+
+        try:
+            connection = Connection.get("imaging_fhir")
+        except Exception:  # not defined: no FHIR server
+            return None
+    extra = connection.extra_dejson or {}
+    host = (connection.host or "").strip()
+    if not host:
+        raise ConfigError("connection imaging_fhir has no host: set it to the FHIR base URL (https://host/fhir)")
+    if "://" not in host:
+        scheme = connection.schema if connection.schema in ("http", "https") else "https"
+        host = f"{scheme}://{host}" + (f":{connection.port}" if connection.port else "")
+    auth = (connection.login, connection.password or "") if connection.login else None
+    headers = tuple((str(k), str(v)) for k, v in (extra.get("headers") or {}).items())
+    return FhirServer(base_url=host, headers=headers, auth=auth, identifier_system=system,
+                      timeout_s=float(extra.get("timeout") or 30.0))
 
 
 def deid_key() -> tuple[bytes, bool]:

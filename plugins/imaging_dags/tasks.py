@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 from airflow.sdk import Asset, TriggerRule, get_current_context, task
 
+from imaging_dags import lineage
 from imaging_dags.params import run_options
 from imaging_dags.settings import GPU_POOL, GPU_QUEUE, SENSOR_TIMEOUT_S, in_object_storage
 from imaging_tasks.contracts import is_ok
@@ -110,7 +111,7 @@ def landing_sensor(specialty: str):
                          timeout=SENSOR_TIMEOUT_S)
 
 
-@task
+@lineage.task(reads=("landing",), writes=("work", "quarantine"))
 @in_object_storage
 def index_studies(specialty: str, arrived: dict | None = None) -> list[dict]:
     """Headers only; groups files into studies, quarantines unreadable ones, skips studies already done."""
@@ -140,7 +141,8 @@ def index_studies(specialty: str, arrived: dict | None = None) -> list[dict]:
     return summary["studies"]
 
 
-@task(max_active_tis_per_dagrun=4, map_index_template=STUDY_LABEL)
+@lineage.task(max_active_tis_per_dagrun=4, map_index_template=STUDY_LABEL, reads=("landing", "work"),
+              writes=("anonymized", "quarantine"))
 @in_object_storage
 def deidentify(specialty: str, study: dict) -> dict:
     """PS3.15 basic profile with keyed pseudonyms; outputs audited for PHI before they are written."""
@@ -156,7 +158,7 @@ def deidentify(specialty: str, study: dict) -> dict:
         return deidentify_study(study, lake, key=key, demo=demo, options=options, run=_run())
 
 
-@task(max_active_tis_per_dagrun=4, map_index_template=STUDY_LABEL)
+@lineage.task(max_active_tis_per_dagrun=4, map_index_template=STUDY_LABEL, reads=("landing", "anonymized"))
 @in_object_storage
 def audit_phi(specialty: str, study: dict) -> dict:
     """Independent, fail-closed PHI audit of a de-identified study: the raw inputs' identifying values are
@@ -181,7 +183,7 @@ def audit_phi(specialty: str, study: dict) -> dict:
     return study
 
 
-@task
+@lineage.task  # reads and writes no data: XComs only
 def ready_for_processing(specialty: str, audited: list[dict]) -> list[dict]:
     """Only de-identified, audited studies go on: a quarantined study never takes a GPU slot."""
     ready = [s for s in audited if is_ok(s)]
@@ -197,10 +199,10 @@ GPU_ROUTING = {"queue": GPU_QUEUE, "pool": GPU_POOL}  # GPU steps; CPU fallback 
 
 def gpu_task(**kwargs):
     """A task routed to the GPU queue and pool."""
-    return task(**GPU_ROUTING, **kwargs)
+    return lineage.task(**GPU_ROUTING, **kwargs)
 
 
-@task(map_index_template=STUDY_LABEL)
+@lineage.task(map_index_template=STUDY_LABEL, reads=("anonymized", "earlier_steps"), writes=("this_step",))
 @in_object_storage
 def _study_step(specialty: str, step: str, study: dict) -> dict:
     """One processing step of the specialty's record on one study (the last one publishes it)."""
@@ -234,7 +236,7 @@ def study_step(specialty: str, name: str):
 
 
 # --------------------------------------------------------------------------- per-slide chain (whole-slide specialties)
-@task(map_index_template=STUDY_LABEL)
+@lineage.task(map_index_template=STUDY_LABEL, reads=("anonymized",), writes=("work",))
 @in_object_storage
 def plan_tiles(specialty: str, study: dict) -> dict:
     """Tissue detection and tile list at the run's options (e.g. ``target_mpp`` / ``tile_px``)."""
@@ -250,7 +252,7 @@ def plan_tiles(specialty: str, study: dict) -> dict:
     return plan
 
 
-@gpu_task(map_index_template=STUDY_LABEL)
+@gpu_task(map_index_template=STUDY_LABEL, reads=("anonymized", "work"), writes=("work",))
 @in_object_storage
 def tile_features(specialty: str, plan: dict) -> dict:
     """Every tile of one slide: worker processes read and compute where they read; the encoder (when set) on the
@@ -265,7 +267,7 @@ def tile_features(specialty: str, plan: dict) -> dict:
                                                               options=run_options(specialty, params), run=_run())
 
 
-@task(map_index_template=STUDY_LABEL)
+@lineage.task(map_index_template=STUDY_LABEL, reads=("work",), writes=("derived",))
 @in_object_storage
 def finish_slide(specialty: str, features: dict) -> dict:
     """One tile table, MIL bag, tile-QC picture and summary per slide, published for the warehouse load."""
@@ -290,7 +292,8 @@ def per_slide(specialty: str):
     return slide
 
 
-@task(task_id="load_metadata", trigger_rule=TriggerRule.ALL_DONE)
+@lineage.task(task_id="load_metadata", trigger_rule=TriggerRule.ALL_DONE,
+              reads=("derived", "quarantine", "runs", "ledger"), writes=("warehouse",))
 @in_object_storage
 def _load_metadata(specialty: str, processed: list[dict] | None = None) -> dict:
     """Load every pending study (this run's and any earlier run's that never reached the warehouse), then fail the
@@ -350,3 +353,45 @@ def load_metadata(specialty: str, processed):
     """Upsert studies, series, instances, results, findings, quarantine, lineage and ledger rows; emits the
     specialty's warehouse asset (with counts and URIs) when rows were loaded."""
     return _load_metadata.override(outlets=[warehouse_asset(specialty)])(specialty, processed)
+
+
+@task(task_id="fhir_update", trigger_rule=TriggerRule.NONE_FAILED)
+@in_object_storage
+def _fhir_update(specialty: str) -> dict:
+    """Send every study whose ledger state changed since it was last sent (loaded: ImagingStudy + Observations +
+    DiagnosticReport; quarantined after de-identification: ImagingStudy cancelled) to the FHIR server, by
+    conditional update.  Skipped when no server is configured; one study's failure never stops the others, and
+    the task fails at the end naming them (its retries, or the next run, send only what is still due)."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from imaging_dags.settings import fhir_server
+    from imaging_tasks import fhir
+
+    with failing_fast(f"FHIR update {specialty}"):
+        server = fhir_server()
+        if server is None:
+            raise AirflowSkipException(f"{specialty}: no FHIR server configured (Variable imaging_fhir_base_url or "
+                                       "connection imaging_fhir): nothing sent")
+        client = fhir.FhirClient(server.base_url, headers=dict(server.headers), auth=server.auth,
+                                 timeout_s=server.timeout_s)
+    sync = fhir.FhirSync(_lake(specialty).root, specialty)
+    try:
+        outcome = fhir.send_due(client, sync, system=server.identifier_system)
+    finally:
+        client.close()
+    failed = outcome["failed"]
+    log.info("FHIR %s: %d stud(ies) sent, %d failed", specialty, len(outcome["sent"]), len(failed))
+    if failed:
+        raise RuntimeError(f"{specialty}: FHIR update failed for {len(failed)} stud(ies): "
+                           + ", ".join(f"{f['study']} ({f['error']})" for f in failed[:50])
+                           + f"; {len(outcome['sent'])} sent; a retry or the next run sends only what is still due")
+    return {"sent": len(outcome["sent"]), "failed": 0}
+
+
+def fhir_update(specialty: str, loaded):
+    """After the warehouse load (``loaded``: what ``load_metadata`` returned): the optional FHIR update of every
+    study not yet sent (``imaging_tasks.fhir``); skipped when no FHIR server is configured, not run when the load
+    failed (the next run sends those studies)."""
+    update = _fhir_update(specialty)
+    loaded >> update
+    return update

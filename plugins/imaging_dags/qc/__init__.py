@@ -11,6 +11,7 @@ auth manager's read access to the DAG:
 | ``/dags/{dag_id}/studies/{patient}/{study}`` (+ ``/study.json``) | QC pictures, metrics, findings, de-identification summary, lineage |
 | ``/dags/{dag_id}/studies/{patient}/{study}/files/{name}`` | one output listed in the study's ``_MANIFEST.json`` (checksum verified); anything else is 404 |
 | ``/dags/{dag_id}/runs/{run_id}/tasks/{task_id}/{map_index}`` | a mapped study task instance -> its study page (or why there is none) |
+| ``/status/study/{study}``, ``/status/{patient}`` | JSON: where a study (or each study of a patient) is in the ledger, with links (``qc/status.py``) |
 
 What is never shown: raw landing paths or names (``reason.json``'s ``source_uri``), bytes of the anonymized or
 quarantine zones, anything outside ``derived/`` that a manifest does not list.  The api-server reads the lake

@@ -249,4 +249,7 @@ def create_app() -> FastAPI:
             text = f"{task_id} [{index}] ended {found['state']} without naming its study."
         return _html(render.message_page(base, f"{task_id} [{index}]", text, run_link, crumbs=crumbs))
 
+    from imaging_dags.qc.status import router as status_router  # /status/...: JSON for research systems
+
+    app.include_router(status_router)
     return app
