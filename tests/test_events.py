@@ -258,22 +258,19 @@ def test_uploads_start_asset_triggered_runs_that_wait_for_quiet_and_never_redo_a
         first = stack.wait_until(lambda: asset_runs()[:1], "an asset-triggered run", timeout=30)[0]
         started_s = time.monotonic() - t0
         stack.wait_for_run(SPECIALTY, first["dag_run_id"], timeout=240)
-        for run in asset_runs():  # runs queued by notifications during the first one: nothing left for them
+        later = asset_runs()[1:]  # notifications that came while the first run worked queue (at most) one more run
+        if not later:  # all were consumed by the first run: notify one of the files again (a re-upload)
+            s3.put_object(Bucket=bucket, Key=files[0][0], Body=files[0][1].read_bytes())
+            later = stack.wait_until(lambda: asset_runs()[1:], "a run for the second notification", 180)
+        for run in later:
             stack.wait_for_run(SPECIALTY, run["dag_run_id"], states=("success",), timeout=240)
         wh = DuckDBWarehouse(buckets["warehouse"])
         assert wh.count("studies", "WHERE specialty = ?", [SPECIALTY]) == 1
         instances = wh.count("instances", "WHERE specialty = ?", [SPECIALTY])
         assert instances == len([k for k, _ in files if "/study-" in k]), "the run took part of the upload"
-
-        # the same files notified again (a re-upload, a redelivered message): a run, and the study is not redone
-        n_before = len(asset_runs())
-        s3.put_object(Bucket=bucket, Key=files[0][0], Body=files[0][1].read_bytes())
-        again = stack.wait_until(lambda: asset_runs()[n_before:], "a run for the second notification", 180)[0]
-        stack.wait_for_run(SPECIALTY, again["dag_run_id"], timeout=240)
-        summary = stack.api.get(f"/dags/{SPECIALTY}/dagRuns/{again['dag_run_id']}/taskInstances/index_studies/"
+        # the later run saw the same files and did not redo the study
+        summary = stack.api.get(f"/dags/{SPECIALTY}/dagRuns/{later[-1]['dag_run_id']}/taskInstances/index_studies/"
                                 "xcomEntries/summary")["value"]
         summary = json.loads(summary) if isinstance(summary, str) else summary
         assert summary["to_process"] == 0 and summary["already_done"] == 1, summary
-        assert wh.count("studies", "WHERE specialty = ?", [SPECIALTY]) == 1
-        assert wh.count("instances", "WHERE specialty = ?", [SPECIALTY]) == instances
     assert started_s < 15, f"the first run started {started_s:.1f} s after the upload began"

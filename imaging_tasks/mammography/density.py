@@ -22,6 +22,25 @@ of the phantoms' truth, ``synth.DENSITY_DEFINITION``).
    midpoint threshold falls far too low (measured: 42 % dense for a 5 % truth).  A presentation window
    that saturates dense tissue makes ``G`` the window top (noted when > 1 % of the full-thickness breast is
    saturated); the threshold is then somewhat low (measured: up to +6 points at 5 % dense with soft edges).
+   **Physics floor** (when log-linear ``values`` are given, :func:`log_linear_values`): the self-calibration
+   assumes the densest tissue is fully glandular, so a fatty breast (densest tissue ~40-50 % glandular) is called
+   20-40 % dense.  On values linear in log attenuation with air at 0 (checked: the median outside the breast
+   within ``AIR_ZERO_TOLERANCE`` x the fat level of 0), fully glandular tissue at full thickness is at least
+   ``GLAND_FAT_RATIO`` x the fat level: mu_gland / mu_fat = 0.802 / 0.456 cm^-1 = 1.76 at 20 keV (Johns & Yaffe
+   1987), ~1.66-1.70 with 2 x 1.5 mm of skin (gland-like) in a 40-60 mm path, less at higher effective energy or
+   with scatter; the phantoms' fully glandular patches measure 1.68-1.73 (the self-calibrated G / F on their
+   values).  1.6 is taken (conservative: a floor above the true level would under-call dense breasts).  So on
+   ``values`` the dense reference is ``max(G_self, air + 1.6 (F - air))`` (re-evaluated as F iterates); when the
+   floor binds, the result is measured on ``values`` (``dense_reference`` = "physics floor"), otherwise on the
+   presentation ``pixels`` exactly as without values.  Without log-linear values (SIGMOID VOI, VOI LUT sequence:
+   the stored values may be a logit or a gamma of the picture) only the self-calibration is used (noted), and a
+   fatty breast is over-called there.  Measured on default-anatomy phantoms (no ``density=``; truth ~0 %), CC and
+   MLO, dose 0.5 / 1, seeds 1-8 at 0.2 mm: self-calibrated 6-41 %, with the floor 0-5.3 % (5.3: seed 4 R_MLO,
+   a breast whose glandular fraction peaks just under 0.5).  Sensitivity: ratio 1.62 gives <= 4.0 there, but
+   the floor must stay under the self-calibrated G / F of every image with fully glandular tissue, which is
+   1.602 on the 80 %-dense, soft-edge (0.5) MLO phantom (its fat level on the unclipped values is ~6 % high:
+   little pure fat at full thickness): at 1.62 the floor binds there and gives -6.7 points.  So 1.6 has almost no
+   margin on that side; a better fat estimate for very dense breasts would widen it.
 3. Fat reference ``F``: start from the median of the lower Otsu class, then iterate to a fixed point
    (<= 50 rounds): dense = ``h > 0.5``; ``F`` = the **mode** of the non-dense pixels (the peak of the fat
    histogram: robust to the partly glandular pixels at the edges of dense patches, which drag a mean or
@@ -47,12 +66,10 @@ high; measured on the phantoms: +1 to +15 points, worst for dense breasts and ML
 <= c < 75 <= d.  The 5th edition (2013) defines the categories qualitatively (masking risk), so this mapping is
 an approximation used for research summaries, not a clinical report.
 
-Why not a physics anchor (``G = F x mu_gland / mu_fat``, Johns & Yaffe 1987: 0.802 / 0.456 cm^-1 = 1.76 at 20
-keV, ~1.6-1.85 over 18-25 keV)?  It needs values proportional to log attenuation with air at zero, which a
-windowed presentation image does not keep (the window and the VOI variants discard the zero), the ratio moves
-with the beam's effective energy and the skin adds a tissue-like layer to every path (on the phantoms'
-unwindowed values the fitted G / F is 1.67, not 1.76); tried on those values it was off by up to -14 points
-(80 % dense, soft edges) because ``F`` errors are multiplied by the ratio.
+Why the physics anchor is only a floor (not ``G = F x mu_gland / mu_fat`` itself): it needs values proportional
+to log attenuation with air at zero, which a windowed presentation image does not keep, the ratio moves with the
+beam's effective energy and the skin, and ``F`` errors are multiplied by it: used as G on the phantoms' values it
+was off by up to -14 points (80 % dense, soft edges).
 
 Validated on ``synth.synthesize(density=...)`` phantoms (tests/test_mammography_density.py): within 5 points of
 the planted dense area fraction over 0.05-0.8 x gland/fat edge steepness 0.5/1/2 x dose 0.5/1, CC and MLO, with
@@ -77,6 +94,11 @@ DENSE_PERCENTILE = 99.8  # of the smoothed full-thickness breast: the densest ti
 DENSE_SMOOTH_MM = 0.5
 MIN_REGION_PX = 200
 HIST_BINS = 256
+# Physics floor of the dense reference on log-linear values (module docstring, step 2): 100 %-glandular tissue at
+# full thickness attenuates at least GLAND_FAT_RATIO times as much as fat (air = 0).
+GLAND_FAT_RATIO = 1.6
+AIR_ZERO_TOLERANCE = 0.1  # |air| <= this share of the fat level: the values' zero is air
+LOG_LINEAR_VOI = ("LINEAR", "LINEAR_EXACT", "LOG_STRETCH")
 
 
 def birads_category(percent: float) -> str:
@@ -113,16 +135,47 @@ def relative_thickness(breast: np.ndarray, pixel_spacing_mm: float, compressed_t
 
 def percent_density(pixels: np.ndarray, breast_mask: np.ndarray, pectoral_mask: np.ndarray | None = None,
                     pixel_spacing_mm: float = 0.1, *, compressed_thickness_mm: float | None = None,
-                    max_iter: int = 50) -> dict:
+                    values: np.ndarray | None = None, max_iter: int = 50) -> dict:
     """Percent dense area, dense volume fraction and BI-RADS category of one view (see the module docstring).
 
     ``pixels``: (H, W) presentation scale, brighter = denser (any range).  ``breast_mask`` includes the
-    pectoral muscle; ``pectoral_mask`` (MLO / ML views) is removed from the region.  Returns a dict:
-    ``percent_dense_area`` (0-100), ``dense_area_fraction``, ``dense_area_cm2``, ``breast_area_cm2``,
-    ``dense_volume_fraction`` (None when not estimable, ``volume_note`` says why), ``birads_density``,
-    ``fat_level``, ``dense_level`` (F, G), ``iterations``, ``method``, ``notes`` and ``dense_mask`` (bool array,
+    pectoral muscle; ``pectoral_mask`` (MLO / ML views) is removed from the region.  ``values``: the same image
+    linear in log attenuation with air at zero (:func:`log_linear_values`), for the physics floor of the dense
+    reference (module docstring, step 2); the result is then measured on ``values`` when the floor binds.
+    Returns a dict: ``percent_dense_area`` (0-100), ``dense_area_fraction``, ``dense_area_cm2``,
+    ``breast_area_cm2``, ``dense_volume_fraction`` (None when not estimable, ``volume_note`` says why),
+    ``birads_density``, ``fat_level``, ``dense_level`` (F, G, on the scale measured), ``dense_reference``
+    ("self-calibrated" or "physics floor"), ``iterations``, ``method``, ``notes`` and ``dense_mask`` (bool array,
     the dense pixels: for a QC overlay; drop it before JSON).
     """
+    if values is not None:
+        vals = np.asarray(values, dtype=np.float64)
+        breast = np.asarray(breast_mask, dtype=bool)
+        if vals.shape != breast.shape:
+            raise BadInput("density_shape_mismatch", f"values {vals.shape} and breast mask {breast.shape} must be "
+                           "the same 2-D grid; pass MammoImage.values of this image")
+        if int((~breast).sum()) >= MIN_REFERENCE_PX:
+            on_values = _percent_density(vals, breast, pectoral_mask, pixel_spacing_mm, compressed_thickness_mm,
+                                         max_iter, air=float(np.median(vals[~breast])))
+            if on_values["dense_reference"] == "physics floor":
+                on_values["notes"].append("dense reference at the physics floor (fat x GLAND_FAT_RATIO): no fully "
+                                          "glandular tissue; measured on the log-linear values")
+                return on_values
+            note = next((n for n in on_values["notes"] if "not air" in n),
+                        "physics floor below the self-calibrated dense reference: measured on the presentation pixels")
+        else:
+            note = "no air around the breast: physics floor of the dense reference not applied"
+    else:
+        note = ("no log-linear values (sigmoid / LUT presentation, or none given): dense reference self-calibrated "
+                "only (a fatty breast without fully glandular tissue may be over-called)")
+    res = _percent_density(pixels, breast_mask, pectoral_mask, pixel_spacing_mm, compressed_thickness_mm, max_iter)
+    res["notes"].append(note)
+    return res
+
+
+def _percent_density(pixels, breast_mask, pectoral_mask, pixel_spacing_mm, compressed_thickness_mm, max_iter,
+                     air: float | None = None) -> dict:
+    """:func:`percent_density` on one scale; ``air`` (the air level, log-linear values only) sets the floor."""
     img = np.asarray(pixels, dtype=np.float64)
     breast = np.asarray(breast_mask, dtype=bool)
     if img.ndim != 2 or breast.shape != img.shape:
@@ -167,6 +220,16 @@ def percent_density(pixels: np.ndarray, breast_mask: np.ndarray, pectoral_mask: 
                      "(window saturates dense tissue): the dense reference is the window top")
     t = _otsu(v)
     f = float(np.median(v[v <= t]))
+    g_self = g
+    if air is not None and (f <= 0 or abs(air) > AIR_ZERO_TOLERANCE * f):
+        notes.append(f"the values' zero is not air (air {air:.4g}, fat {f:.4g}): physics floor of the dense "
+                     "reference not applied")
+        air = None
+
+    def floor(fat: float) -> float:
+        return g_self if air is None else max(g_self, air + GLAND_FAT_RATIO * (fat - air))
+
+    g = floor(f)
     if g <= f:
         raise BadInput("blank_breast_region", "the breast region shows no tissue brighter than its fat level; "
                        "density cannot be measured on this image")
@@ -177,13 +240,13 @@ def percent_density(pixels: np.ndarray, breast_mask: np.ndarray, pectoral_mask: 
         if dense.all() or not dense.any():
             break
         nf = _mode(v[~dense], lo, hi)
-        if nf >= g:
+        if nf >= floor(nf):
             notes.append("fat reference reached the dense one; kept the previous one")
             break
         if abs(nf - f) < 1e-6 * (hi - lo):
-            f = nf
+            f, g = nf, floor(nf)
             break
-        f = nf
+        f, g = nf, floor(nf)
     h = (v - f) / np.maximum((g - f) * s, 1e-12)
     dense = h > DENSE_GLANDULAR_FRACTION
     noise = 1.4826 * float(np.median(np.abs(v[~dense] - f))) if (~dense).any() else 0.0
@@ -212,6 +275,8 @@ def percent_density(pixels: np.ndarray, breast_mask: np.ndarray, pectoral_mask: 
         "birads_note": BIRADS_NOTE,
         "fat_level": round(f, 6),
         "dense_level": round(g, 6),
+        "dense_level_self_calibrated": round(g_self, 6),
+        "dense_reference": "physics floor" if g > g_self else "self-calibrated",
         "iterations": it,
         "method": "self-calibrating two-reference threshold: fat = histogram mode of the non-dense pixels, dense = "
                   f"{DENSE_PERCENTILE:g}th percentile of the smoothed full-thickness breast, dense where glandular "
@@ -234,4 +299,18 @@ def density_for_image(image, *, pectoral: np.ndarray | None = None,
     breast = breast_mask(image.values if image.values is not None else image.pixels, pixel_spacing_mm=sp)
     if pectoral is None:
         pectoral = pectoral_mask(image.pixels, breast, image.view, pixel_spacing_mm=sp)
-    return percent_density(image.pixels, breast, pectoral, sp, compressed_thickness_mm=compressed_thickness_mm)
+    return percent_density(image.pixels, breast, pectoral, sp, compressed_thickness_mm=compressed_thickness_mm,
+                           values=log_linear_values(image))
+
+
+def log_linear_values(image) -> np.ndarray | None:
+    """``MammoImage.values`` when they are linear in log attenuation (the ``values`` of :func:`percent_density`).
+
+    A linear-window presentation image (VOI LINEAR, LINEAR_EXACT: ``values`` are the stored log signal before the
+    window) and a for-processing image after normalize's log conversion (LOG_STRETCH); ``None`` for a SIGMOID VOI,
+    a VOI LUT sequence or no VOI, where the stored values need not be linear in log attenuation (the phantoms'
+    sigmoid variant stores a logit of the picture, the LUT variant a gamma of it): the same choice as
+    ``study.detection_input`` makes for the SIGMOID case, stricter for the LUT sequence.
+    """
+    return image.values if image.values is not None and image.voi in LOG_LINEAR_VOI else None
+

@@ -54,14 +54,14 @@ def match_clusters(detected: list[dict], planted: list[dict], *, match_mm: float
     return tp, len(detected) - tp - ignored
 
 
-def stored_grid_candidates(ds, *, k_sigma: float, device=None) -> list[dict]:
+def stored_grid_candidates(ds, *, k_sigma: float, device=None, **detect_options) -> list[dict]:
     """Candidates of one MG dataset as the exam step finds them (:func:`.study.prepare_image`,
     :func:`.study.detect_in_breast`), their centres moved to the stored grid, where the generator's truth is."""
     from imaging_tasks.mammography.study import detect_in_breast, prepare_image
 
     prep = prepare_image(ds)
     sp = prep.image.pixel_spacing_mm
-    cands = detect_in_breast(prep, device=device, k_sigma=k_sigma)
+    cands = detect_in_breast(prep, device=device, k_sigma=k_sigma, **detect_options)
     for c in cands:
         c["centre_xy_px"] = [float(v) for v in prep.image.to_stored_xy(c["centre_xy_px"])[0]]
         c["centre_xy_mm"] = [v * sp for v in c["centre_xy_px"]]

@@ -276,11 +276,12 @@ def _chest_wall_on_left(pixels: np.ndarray) -> bool:
     return float(pixels[:, :k].mean()) >= float(pixels[:, -k:].mean())
 
 
-def _spacing(ds, notes: list[str]) -> float:
+def _spacing(ds, notes: list[str], what: str = "the MG image") -> float:
+    """PixelSpacing when present and valid, else ImagerPixelSpacing (the detector plane), square (mm)."""
     errors = []
     for tag in ("PixelSpacing", "ImagerPixelSpacing"):
         try:
-            row_sp, col_sp = pixel_spacing(ds, "the MG image", tag)
+            row_sp, col_sp = pixel_spacing(ds, what, tag)
         except BadInput as exc:
             errors.append(exc)
             continue
@@ -293,7 +294,7 @@ def _spacing(ds, notes: list[str]) -> float:
     invalid = [e for e in errors if e.reason == "invalid_pixel_spacing"]
     if invalid:
         raise invalid[0]
-    raise BadInput("missing_pixel_spacing", "the MG image has neither PixelSpacing nor ImagerPixelSpacing; "
+    raise BadInput("missing_pixel_spacing", f"{what} has neither PixelSpacing nor ImagerPixelSpacing; "
                    "re-export it with the detector spacing")
 
 
@@ -434,13 +435,12 @@ def breast_mask(pixels: np.ndarray, *, pixel_spacing_mm: float | None = None, br
     pick = touching[np.argmax(sizes[touching - 1])] if touching.size else int(np.argmax(sizes)) + 1
     mask = labels == pick
     r = max(1, int(round(bridge_mm / pixel_spacing_mm))) if pixel_spacing_mm else max(1, img.shape[1] // 100)
-    disk = _disk(r)
-    opened = ndimage.binary_opening(mask, structure=disk)
+    opened = _dilate_disk(_erode_disk(mask, r), r)  # = ndimage.binary_opening(mask, _disk(r)), ~50x faster
     lab2, n2 = ndimage.label(opened)
     if n2 >= 1:
         sizes2 = ndimage.sum_labels(opened, lab2, index=np.arange(1, n2 + 1))
         core = lab2 == (int(np.argmax(sizes2)) + 1)
-        mask &= ndimage.binary_dilation(core, structure=_disk(r + 1))
+        mask &= _dilate_disk(core, r + 1)
         lab3, n3 = ndimage.label(mask)
         if n3 > 1:
             sizes3 = ndimage.sum_labels(mask, lab3, index=np.arange(1, n3 + 1))
@@ -451,6 +451,22 @@ def breast_mask(pixels: np.ndarray, *, pixel_spacing_mm: float | None = None, br
 def _disk(r: int) -> np.ndarray:
     y, x = np.mgrid[-r:r + 1, -r:r + 1]
     return (x * x + y * y) <= r * r
+
+
+# Binary erosion / dilation by ``_disk(r)`` through exact Euclidean distance transforms: the same result as
+# ndimage.binary_erosion / binary_dilation with that structure (border value 0), in time independent of r.
+def _erode_disk(mask: np.ndarray, r: int) -> np.ndarray:
+    """Pixels whose disc of radius r lies in ``mask`` (outside the image counts as background)."""
+    padded = np.pad(np.asarray(mask, dtype=bool), 1)
+    return (ndimage.distance_transform_edt(padded) > r)[1:-1, 1:-1]
+
+
+def _dilate_disk(mask: np.ndarray, r: int) -> np.ndarray:
+    """Pixels within distance r of ``mask``."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask.copy()
+    return ndimage.distance_transform_edt(~mask) <= r
 
 
 def pectoral_mask(pixels: np.ndarray, breast: np.ndarray, view: str, *, pixel_spacing_mm: float = 0.1,

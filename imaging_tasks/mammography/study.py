@@ -30,8 +30,9 @@ What :func:`process_study` does, per exam:
    images (``MammoImage.pixels``: VOI applied, brighter = denser, chest wall left), all the exam's images in the
    model's batches.
 5. **Density** (:func:`.density.percent_density` on the presentation ``pixels`` with the masks of step 2, as
-   :func:`.density.density_for_image` does, and the compressed thickness from BodyPartThickness when the header
-   has it): percent dense area per view; a breast's density is
+   :func:`.density.density_for_image` does, the compressed thickness from BodyPartThickness when the header
+   has it, and ``values`` where they are log-linear (:func:`.density.log_linear_values`: linear window or for
+   processing) for the physics floor of the dense reference): percent dense area per view; a breast's density is
    the mean over its views, its BI-RADS category from that; the exam's is the denser breast's (BI-RADS
    convention: the category of the denser breast).
 6. **Exam**: each finding's distance from the nipple (:func:`.exam.nipple_xy_px`: the breast's point farthest
@@ -81,8 +82,7 @@ from imaging_tasks.dicom_io import read_full, read_header
 from imaging_tasks.errors import BadInput
 from imaging_tasks.mammography.calcifications import (CLUSTER_MIN_COUNT, CLUSTER_RADIUS_MM, cluster_calcifications,
                                                       detect_calcifications)
-from imaging_tasks.preconditions import (check_photometric, check_single_frame, image_size, pixel_spacing, rescale,
-                                         stored_range)
+from imaging_tasks.preconditions import check_photometric, check_single_frame, image_size, rescale, stored_range
 
 MG_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.2": "FOR PRESENTATION",
@@ -105,24 +105,9 @@ QC_MAX_SIDE = 700
 
 def _spacing_mm(ds, what: str = "the MG image", notes: list | None = None) -> float:
     """PixelSpacing when present and valid, else ImagerPixelSpacing (the detector plane), square."""
-    errors = []
-    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
-        try:
-            row_sp, col_sp = pixel_spacing(ds, what, tag)
-        except BadInput as exc:
-            errors.append(exc)
-            continue
-        if abs(row_sp - col_sp) > 1e-3 * max(row_sp, col_sp):
-            raise BadInput("anisotropic_pixels", f"{tag} {row_sp}/{col_sp} mm is not square; "
-                           "resample the image to square pixels before sending it")
-        if errors and errors[0].reason == "invalid_pixel_spacing" and notes is not None:
-            notes.append("PixelSpacing invalid: ImagerPixelSpacing (detector plane) used")
-        return row_sp
-    invalid = [e for e in errors if e.reason == "invalid_pixel_spacing"]
-    if invalid:
-        raise invalid[0]
-    raise BadInput("missing_pixel_spacing", f"{what} has neither PixelSpacing nor ImagerPixelSpacing; "
-                   "re-export it with the detector spacing")
+    from imaging_tasks.mammography.normalize import _spacing
+
+    return _spacing(ds, [] if notes is None else notes, what)
 
 
 def _view(ds) -> tuple[str, str]:
@@ -347,7 +332,7 @@ def process_study(files: list[pathlib.Path], out_dir: pathlib.Path, *, device: s
     Returns ``{"metrics", "findings", "outputs", "device"}``.
     """
     from imaging_tasks.mammography import exam
-    from imaging_tasks.mammography.density import birads_category, percent_density
+    from imaging_tasks.mammography.density import birads_category, log_linear_values, percent_density
 
     out_dir = pathlib.Path(out_dir)
     dev = pick_device(device)
@@ -384,7 +369,7 @@ def process_study(files: list[pathlib.Path], out_dir: pathlib.Path, *, device: s
         try:
             # = density.density_for_image(mi, pectoral=...), without segmenting the breast a second time
             dens = percent_density(mi.pixels, prep.breast, prep.pectoral, sp,
-                                   compressed_thickness_mm=_thickness_mm(ds))
+                                   compressed_thickness_mm=_thickness_mm(ds), values=log_linear_values(mi))
         except BadInput as exc:  # density is a summary: a view it cannot measure is noted, not refused
             dens = {"error": exc.reason, "notes": [exc.message]}
         dense_mask = dens.pop("dense_mask", None)
