@@ -18,8 +18,10 @@ SPECIALTY = Specialty(
                 description="the exam: every view normalised, calcification clusters, density, an optional "
                             "bring-your-own detector, lesions seen in both views, per-breast summary, QC montage"),),
     options=(
-        Option("k_sigma", "number", 5.0, "Detection threshold (noise sigmas)",
-               "A calcification candidate stands this many local noise sigmas above its background (2-10)",
+        Option("k_sigma", "number", 6.0, "Detection threshold (noise sigmas)",
+               "A calcification candidate stands this many local noise sigmas above its background (2-10); the "
+               "default 6 is the FROC operating point over density, gland edge and dose (bench/mammo_froc.py): "
+               "lower finds fainter clusters and more false ones",
                minimum=2, maximum=10),
         Option("min_count", "integer", 3, "Calcifications per cluster",
                "At least this many calcifications within 1 cm² make a cluster (2-10)", minimum=2, maximum=10),

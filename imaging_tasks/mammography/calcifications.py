@@ -82,7 +82,7 @@ def breast_mask(image: np.ndarray) -> np.ndarray:
 
 
 def detect_calcifications(image: np.ndarray, pixel_spacing_mm: float, *, device=None, mask: np.ndarray | None = None,
-                          k_sigma: float = 5.0, k_low: float = 3.0, spot_sigma_mm: float = 0.075,
+                          k_sigma: float = 6.0, k_low: float = 3.0, spot_sigma_mm: float = 0.075,
                           background_sigma_mm: float = 0.3, rim_mm: float = 3.0, max_area_mm2: float = 0.5,
                           max_elongation: float = 4.0, detector_blur_mm: float = 0.05) -> list[dict]:
     """Candidate micro-calcifications in a MONOCHROME2 mammogram (brighter = denser).

@@ -102,10 +102,11 @@ def sensitivity_at(curve: list[dict], fp_per_image: float) -> float:
 
 
 def operating_point(curve: list[dict], *, min_sensitivity: float = 0.9, max_fp_per_image: float = 0.5) -> dict | None:
-    """The point to ship as the default: among those meeting both targets, the fewest false clusters (then the
-    highest sensitivity, then the lower threshold); None when no threshold meets them."""
+    """The point to ship as the default: among those meeting both targets, the highest sensitivity (a screening
+    aid misses as little as it can), then the fewest false clusters, then the lower threshold; None when no
+    threshold meets them."""
     ok = [p for p in curve if p["sensitivity"] >= min_sensitivity and p["fp_per_image"] <= max_fp_per_image]
-    return min(ok, key=lambda p: (p["fp_per_image"], -p["sensitivity"], p["threshold"])) if ok else None
+    return min(ok, key=lambda p: (-p["sensitivity"], p["fp_per_image"], p["threshold"])) if ok else None
 
 
 __all__ = ["FP_RATES", "MATCH_MM", "froc_curve", "match_clusters", "operating_point", "sensitivity_at",
