@@ -317,7 +317,8 @@ def test_gpu_steps_run_on_the_gpu_worker_through_the_rest_api(stack, buckets):
     cpu = [t for t in tis if t["task_id"] not in gpu_tasks]
     assert len([t for t in gpu if t["task_id"] == GPU_STEP]) == STUDIES, table  # mapped over the studies
     assert {t["task_id"] for t in cpu} >= {"wait_for_landing", "index_studies", "deidentify", "load_metadata"}, table
-    assert all(t["state"] == "success" for t in tis), table
+    # every task succeeded; the optional FHIR update is skipped, as it is without a configured FHIR server
+    assert all(t["state"] == ("skipped" if t["task_id"] == "fhir_update" else "success") for t in tis), table
     for t in gpu:
         assert (t["queue"], t["pool"], t["hostname"]) == ("gpu", "gpu", stack.workers["gpu"]), table
     for t in cpu:
