@@ -3,7 +3,7 @@
     imaging-tasks synth --specialty all --out data/landing --studies 2 --seed 0 [--bad-inputs]
     imaging-tasks run cardiovascular --landing data/landing/cardiovascular --lake data/lake \
         --warehouse data/warehouse.duckdb
-    imaging-tasks deidentify SRC DST [--option retain-device-identity ...] [--quarantine Q]
+    imaging-tasks deidentify SRC DST [--option retain-device-identity ...] [--quarantine Q] [--workers N]
     imaging-tasks process cardiovascular FILE... --out DIR
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -112,6 +113,8 @@ def _deidentify(args) -> int:
     Exit status 0 whatever the inputs hold: each bad input is quarantined (or skipped) with a reason in the
     report.  2 only for what no input can fix: no key, SRC missing.
     """
+    if args.workers != 1:  # the workers' server imports the de-identifier while this process does
+        _start_forkserver("imaging_tasks.deid.tree")
     from imaging_tasks import storage
     from imaging_tasks.deid.dicom import DeidOptions
     from imaging_tasks.deid.tree import REPORT_NAME, deidentify_tree
@@ -122,7 +125,7 @@ def _deidentify(args) -> int:
         return 2
     chosen = {OPTION_FLAGS[o]: o != "no-modified-dates" for o in args.option}
     report = deidentify_tree(args.src, args.dst, key=key, demo=demo, options=DeidOptions(**chosen),
-                             quarantine=args.quarantine)
+                             quarantine=args.quarantine, workers=args.workers)
     kinds = ", ".join(f"{n} {k}" for k, n in report["by_kind"].items() if n)
 
     def by_reason(entries) -> str:
@@ -136,6 +139,16 @@ def _deidentify(args) -> int:
           f"{len(report['skipped'])}{by_reason(report['skipped'])} in {report['seconds']:.1f} s"
           f"{' (DEMO key)' if demo else ''}; report: {storage.join(args.dst, REPORT_NAME)}")
     return 0
+
+
+def _start_forkserver(*preload: str) -> None:
+    """Start multiprocessing's fork server now, importing ``preload`` (a pool's workers fork from it, ready):
+    its ~1 s of imports then overlap this process's own instead of following them."""
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(preload))
+    multiprocessing.forkserver.ensure_running()
 
 
 def _process(args) -> int:
@@ -196,6 +209,16 @@ def _process_arguments(p) -> None:
                                                 "OUT/<step>/ from an earlier run); default: all steps in order")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imaging-tasks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PS3.15 option (repeatable); default: basic profile + retain modified dates; 'strict' "
                         "keeps only allow-listed attributes (imaging_tasks/deid/allowlist.py)")
     p.add_argument("--quarantine", default=None, help="where refused inputs go (default: DST-quarantine)")
+    p.add_argument("--workers", type=_positive, default=None, metavar="N",
+                   help="processes de-identifying files side by side (default: the machine's cores, "
+                        f"{os.cpu_count() or 1} here, fewer for a small tree; 1: in this process); the outputs "
+                        "and report are the same for any N")
     p.add_argument("--demo-key", action="store_true", help="use the public demo key (synthetic data only)")
     p.set_defaults(func=_deidentify)
 

@@ -42,6 +42,7 @@ DICOM_IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "PatientAdd
                      "PatientMotherBirthName", "OtherPatientNames", "StudyID", "RequestingPhysician",
                      # whole-slide microscopy: the slide's barcode and specimen identifiers, label text
                      "ContainerIdentifier", "SpecimenIdentifier", "SpecimenUID", "LabelText", "BarcodeValue")
+DICOM_IDENTIFYING_TAGS = frozenset(int(pydicom.datadict.tag_for_keyword(k)) for k in DICOM_IDENTIFYING)
 MIN_LEN = 6  # characters of a value, and bytes of an encoded form, below which it is not evidence (see above)
 MIN_IDEOGRAPHIC_LEN = 2
 
@@ -120,6 +121,30 @@ def dicom_identifying_values(ds: pydicom.Dataset, retained: frozenset[str] = fro
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on garbled values
         raise BadInput("unreadable_dicom", f"the header's values could not be decoded ({type(exc).__name__}); "
                        "the file is likely corrupt, re-send it") from None
+
+
+class IdentifyingValues:
+    """The identifying values (:func:`dicom_identifying_values`) of the input ``deid.deidentify_bytes`` is given,
+    read from the parse that de-identifies it (``deidentify_bytes(..., source=reader.source)``, or the call made
+    inside ``with deid.dicom.reading_source(reader.source)``): one parse per file instead of a second header
+    read.  The values are still this module's reading of the input, never the
+    de-identifier's; :attr:`values` raises unless the input was read (fail closed: an unread input never passes
+    as one without identifying values)."""
+
+    def __init__(self, retained: frozenset[str] = frozenset()):
+        self.retained = retained
+        self._values: dict[str, set[str]] | None = None
+        self.source = (DICOM_IDENTIFYING_TAGS, self._read)
+
+    def _read(self, ds: pydicom.Dataset) -> None:
+        self._values = dicom_identifying_values(ds, self.retained)
+
+    @property
+    def values(self) -> dict[str, set[str]]:
+        if self._values is None:
+            raise RuntimeError("the input's identifying values were not read: pass source=reader.source to "
+                               "deidentify_bytes")
+        return self._values
 
 
 def slide_identifying_values(description: str, technical_fields: set[str]) -> dict[str, set[str]]:

@@ -204,9 +204,8 @@ def _deidentify_dicoms(files: list[dict], dest, lake: Lake, *, key: bytes, demo:
                        what: str = "de-identify") -> tuple[list, int, dict[str, set[str]]]:
     """Each DICOM file de-identified and audited; the instances written, the number quarantined, and the
     identifying values of all of them (what an upload beside them is audited against)."""
-    from imaging_tasks.deid.dicom import DeidOptions, deidentify_bytes
-    from imaging_tasks.dicom_io import read_header
-    from imaging_tasks.phi_audit import assert_no_leaks, dicom_identifying_values, merge, retained_by
+    from imaging_tasks.deid.dicom import DeidOptions, deidentify_bytes, reading_source
+    from imaging_tasks.phi_audit import IdentifyingValues, assert_no_leaks, merge, retained_by
 
     options = options or DeidOptions()
     instances, quarantined, seen = [], 0, {}
@@ -214,9 +213,11 @@ def _deidentify_dicoms(files: list[dict], dest, lake: Lake, *, key: bytes, demo:
     for f in files:
         progress.advance()
         data = storage.read_bytes(f["uri"])
+        reader = IdentifyingValues(retained_by(options))  # read from the de-identifier's own parse: one per file
         try:
-            out, info = deidentify_bytes(data, key, options, demo=demo)  # refuses truncated/garbled files
-            values = dicom_identifying_values(read_header(data), retained_by(options))
+            with reading_source(reader.source):
+                out, info = deidentify_bytes(data, key, options, demo=demo)  # refuses truncated/garbled files
+            values = reader.values
         except BadInput as exc:
             _quarantine(lake, data, exc, stage="deidentify", source_uri=f["uri"], suffix=".dcm")
             quarantined += 1
@@ -407,21 +408,24 @@ def _deidentify_dicom_slide(rows: list[dict], dest, lake: Lake, *, key: bytes, d
                             tmp: Path) -> tuple[list, int]:
     """A DICOM-WSI series: each instance through the DICOM de-identifier into ``<series>/<sop>.dcm``; see
     :func:`_deidentify_slides` for what is refused."""
-    from imaging_tasks.deid.dicom import deidentify_bytes
+    from imaging_tasks.deid.dicom import deidentify_bytes, reading_source
     from imaging_tasks.dicom_io import read_header
     from imaging_tasks.slide_files import check_readable, main_slide_file
-    from imaging_tasks.phi_audit import audit, dicom_identifying_values, merge, retained_by
+    from imaging_tasks.phi_audit import IdentifyingValues, audit, dicom_identifying_values, merge, retained_by
 
     made, refused, seen = [], [], {}
     for r in rows:
         data = storage.read_bytes(r["uri"])
+        reader = IdentifyingValues(retained_by(options))  # read from the de-identifier's own parse: one per file
         try:
-            seen = merge(seen, dicom_identifying_values(read_header(data), retained_by(options)))
-        except BadInput:
-            pass  # the de-identifier refuses it below, with its reason
-        try:
-            out, info = deidentify_bytes(data, key, options, demo=demo)
+            with reading_source(reader.source):
+                out, info = deidentify_bytes(data, key, options, demo=demo)
+            seen = merge(seen, reader.values)
         except BadInput as exc:
+            try:  # a refused instance's values still audit the others (a header read, for refused files only)
+                seen = merge(seen, dicom_identifying_values(read_header(data), retained_by(options)))
+            except BadInput:
+                pass
             _quarantine(lake, data, exc, stage="deidentify", source_uri=r["uri"], suffix=".dcm")
             refused.append(r)
             continue

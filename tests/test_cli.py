@@ -76,3 +76,95 @@ def test_deidentify_refuses_without_a_key(tmp_path):
                           env={**env, "IMAGING_DEID_KEY": "a-real-secret-key-0123456789"})
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "dst" / "deidentify-report.json").read_text())["demo_key"] is False
+
+
+def test_deidentify_workers_give_the_outputs_and_report_of_one_process(tmp_path):
+    """``--workers 2`` (a process pool) and ``--workers 1`` (in process), run as a user would (relative SRC, DST
+    and quarantine from the current folder): byte-identical outputs with the same names, the same report (but
+    its timing) and the same quarantine, on a corpus with a malformed file, a file that is not DICOM, two
+    different inputs for one output (the first in listing order wins, in both) and a hidden file."""
+    import os
+
+    from pydicom.data import get_testdata_files
+
+    names = ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "rtdose.dcm", "JPEG2000.dcm", "rtstruct.dcm",
+             "nested_priv_SQ.dcm", "ExplVR_BigEnd.dcm", "image_dfl.dcm", "MR_small_implicit.dcm",
+             "liver_1frame.dcm", "waveform_ecg.dcm", "MR_small_RLE.dcm", "no_meta.dcm"]
+    src = tmp_path / "in"
+    for i, name in enumerate(names):
+        data = Path(get_testdata_files(name)[0]).read_bytes()
+        (src / f"DOE^JOHN {i % 3}").mkdir(parents=True, exist_ok=True)
+        (src / f"DOE^JOHN {i % 3}" / f"IM{i:04d}").write_bytes(data)
+    ct = Path(get_testdata_files("CT_small.dcm")[0]).read_bytes()
+    (src / "DOE^JOHN 0" / "IM9998").write_bytes(ct[:-1000])  # malformed: cut inside Pixel Data
+    (src / "DOE^JOHN 0" / "IM9999").write_bytes(ct[:-2] + b"\x01\x02")  # same instance, other pixels
+    (src / "DOE^JOHN 1" / "notes.dcm").write_bytes(b"not a DICOM file")
+    (src / "DOE^JOHN 1" / ".DS_Store").write_bytes(b"\0")
+    env = {**os.environ, "IMAGING_DEID_KEY": "workers-test-key-0123456789"}
+    env.pop("IMAGING_DEID_DEMO", None)
+    runs = {}
+    for workers in ("1", "2"):
+        out = subprocess.run([sys.executable, "-m", "imaging_tasks.cli", "deidentify", "in", f"out{workers}",
+                              "--quarantine", f"q{workers}", "--workers", workers], capture_output=True,
+                             text=True, cwd=tmp_path, env=env, timeout=120)
+        assert out.returncode == 0, out.stderr
+        dst = tmp_path / f"out{workers}"
+        files = {str(p.relative_to(dst)): p.read_bytes() for p in dst.rglob("*") if p.is_file()}
+        report = json.loads(files.pop("deidentify-report.json"))
+        assert report.pop("quarantine") == str(tmp_path / f"q{workers}")
+        report.pop("seconds"), report.pop("files_per_second")
+        quarantined = sorted(str(p.relative_to(tmp_path / f"q{workers}")) for p in (tmp_path / f"q{workers}").rglob(
+            "input*"))
+        runs[workers] = (files, report, quarantined)
+    files, report, quarantined = runs["1"]
+    assert runs["2"][0] == files  # names and bytes
+    assert runs["2"][1] == report
+    assert runs["2"][2] == quarantined
+    assert not any(p.name.startswith(".") for p in (tmp_path / "out2").rglob("*"))  # no staged file left behind
+    reasons = sorted(q["reason"] for q in report["quarantined"])
+    assert {"truncated_pixels", "not_dicom", "duplicate_instance"} <= set(reasons), reasons
+    assert report["deidentified"] >= 5 and [s["reason"] for s in report["skipped"]] == ["hidden_name"]
+
+
+def _dies_on_crash_inputs(batch):
+    """A worker's work on a batch that dies, as a crash in a C library would, on inputs named ``crash*``."""
+    import os
+
+    from imaging_tasks.deid import tree
+
+    if any(obj.relpath.startswith("crash") for _n, obj in batch):
+        os._exit(70)
+    return tree._work(batch)
+
+
+def test_a_worker_that_dies_costs_only_its_own_file(tmp_path):
+    """A worker process dying (killed, out of memory, a segfault) breaks the pool without saying which file did it:
+    the files whose results were lost run again one at a time, the one that kills its worker again is quarantined
+    (deid_error), every other file is de-identified, in listing order, and no staged file is left behind."""
+    from pydicom.data import get_testdata_files
+
+    from imaging_tasks.deid import tree
+    from imaging_tasks.deid.dicom import DeidOptions
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "rtdose.dcm", "MR_small_RLE.dcm", "liver_1frame.dcm"):
+        data = Path(get_testdata_files(name)[0]).read_bytes()
+        (src / f"a-{name}").write_bytes(data)
+        (src / f"z-{name}").write_bytes(data)
+    (src / "crash.dcm").write_bytes(Path(get_testdata_files("CT_small.dcm")[0]).read_bytes())
+    objects, _hidden = tree.list_inputs(src)
+    job = tree._Job(dst=str(dst), quarantine=str(tmp_path / "q"), key=b"workers-test-key-0123456789", demo=False,
+                    options=DeidOptions(), tmp=str(tmp_path), staged=True, local=True)
+    got = []
+    for n, obj, done in tree._pooled(objects, job, 2, work=_dies_on_crash_inputs):
+        got.append((n, obj, done))
+        if done.status == "ok":
+            done.publish(job)  # as deidentify_tree does, before the next (but its duplicate check)
+    assert [n for n, _obj, _done in got] == list(range(len(objects)))
+    outcome = {obj.relpath: done for _n, obj, done in got}
+    assert outcome["crash.dcm"].status == "quarantined" and outcome["crash.dcm"].refusal[0] == "deid_error"
+    assert all(done.status == "ok" for rel, done in outcome.items() if rel != "crash.dcm"), \
+        {rel: (d.status, d.refusal) for rel, d in outcome.items()}
+    assert not list(dst.rglob(".*")), "staged files of the dead workers left behind"
+    assert len(list((tmp_path / "q").rglob("reason.json"))) == 1

@@ -425,26 +425,32 @@ _TOKEN = re.compile(rb"FZ(?:FAM|GIV|PID|ACC|INST|REF|OPER|OPID|RACC|NREF|PRIV|PS
 
 
 def _in_process(case: Case) -> tuple[str, bytes | None]:
-    """What the pipeline does with one file: de-identify, then the audit's header read.  Returns
+    """What the pipeline does with one file: de-identify, reading the audit's identifying values from the same
+    parse (``source=``), which must find at least what a separate header read finds.  Returns
     ("deidentified", output) or (BadInput reason, None); anything else raised fails the test."""
     from imaging_tasks.deid import deidentify_bytes
     from imaging_tasks.dicom_io import read_header
     from imaging_tasks.errors import BadInput
-    from imaging_tasks.phi_audit import dicom_identifying_values, retained_by
+    from imaging_tasks.phi_audit import IdentifyingValues, dicom_identifying_values, retained_by
 
     try:
-        audit_ok = dicom_identifying_values(read_header(case.data), retained_by(None)) is not None
+        header_values = dicom_identifying_values(read_header(case.data), retained_by(None))
     except BadInput:
-        audit_ok = False
-    outcomes = []
+        header_values = None
+    outcomes, read = [], []
     for fast in (True, False):  # the byte-level fast path (default) and the reference walker alone
+        reader = IdentifyingValues(retained_by(None))
         try:
-            outcomes.append(("deidentified", deidentify_bytes(case.data, KEY, fast=fast)[0]))
+            outcomes.append(("deidentified", deidentify_bytes(case.data, KEY, fast=fast, source=reader.source)[0]))
+            read.append(reader.values)
         except BadInput as exc:
             outcomes.append((exc.reason, None))
     assert outcomes[0][0] == outcomes[1][0], ("fast path and reference disagree", outcomes[0][0], outcomes[1][0])
     if outcomes[0][1] is not None:
-        assert audit_ok, "de-identified, but the audit cannot read the input's header"
+        assert header_values is not None, "de-identified, but the audit cannot read the input's header"
+        for values in read:  # never fewer values than the header read (more: elements after Pixel Data)
+            assert all(strings <= values.get(attr, set()) for attr, strings in header_values.items()), \
+                ("the de-identifier's parse missed identifying values", sorted(header_values), sorted(values))
         read_back(outcomes[1][1])
         assert not survivors(case.planted, outcomes[1][1]) and not _TOKEN.search(outcomes[1][1])
     return outcomes[0]

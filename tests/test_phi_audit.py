@@ -94,6 +94,61 @@ def test_manufacturer_containing_the_institution_is_not_a_leak(tmp_path):
     assert report["deidentified"] == len(paths) and not report["quarantined"], report["quarantined"]
 
 
+def test_values_read_from_the_de_identifiers_parse_equal_a_header_read():
+    """One parse per file: the identifying values every output is audited against are read from the parse that
+    de-identifies the input (``deidentify_bytes(source=...)``), by the fast path (a data set of the identifying
+    elements and every sequence) and by the reference path (pydicom's whole data set).  Over pydicom's test
+    files and the charset files, with and without an option that retains attributes: the same values as a
+    separate header read, and the same outcome; without ``source`` read, the values refuse to be used."""
+    from pathlib import Path
+
+    from pydicom.data import get_charset_files, get_testdata_files
+
+    from imaging_tasks.deid import deidentify_bytes
+    from imaging_tasks.deid.dicom import DeidOptions
+    from imaging_tasks.dicom_io import read_header
+    from imaging_tasks.errors import BadInput
+    from imaging_tasks.phi_audit import IdentifyingValues, retained_by
+
+    key, compared = b"audit-test-key-00001", {True: 0, False: 0}
+    paths = [Path(p) for p in sorted(get_testdata_files()) + sorted(get_charset_files("*.dcm")) if Path(p).is_file()]
+    for path in paths:
+        data = path.read_bytes()
+        for options in (DeidOptions(), DeidOptions(retain_uids=True, retain_institution_identity=True)):
+            for fast in (True, False):
+                reader = IdentifyingValues(retained_by(options))
+                try:
+                    deidentify_bytes(data, key, options, fast=fast, source=reader.source)
+                except BadInput:
+                    continue
+                assert reader.values == dicom_identifying_values(read_header(data), retained_by(options)), path.name
+                compared[fast] += 1
+    assert compared[True] >= 100 and compared[False] >= 100, compared
+    with pytest.raises(RuntimeError):
+        IdentifyingValues().values  # noqa: B018 - never read: never mistaken for "no identifying values"
+
+
+def test_a_folder_run_parses_each_dicom_once(tmp_path, monkeypatch):
+    """The folder tool (and the pipeline's step, the same calls) on files the byte-level path handles: no pydicom
+    parse at all - neither the de-identifier nor the audit's values read the input a second time."""
+    from pathlib import Path
+
+    from pydicom.data import get_testdata_files
+
+    from imaging_tasks.deid.tree import deidentify_tree
+
+    src = tmp_path / "src"
+    for i, name in enumerate(("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "liver_1frame.dcm")):
+        (src / str(i)).mkdir(parents=True)
+        (src / str(i) / name).write_bytes(Path(get_testdata_files(name)[0]).read_bytes())
+    parses = []
+    real = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: parses.append(1) or real(*a, **k))
+    report = deidentify_tree(src, tmp_path / "dst", key=b"audit-test-key-00001", demo=False, workers=1)
+    assert report["deidentified"] == 4 and not report["quarantined"], report["quarantined"]
+    assert parses == []
+
+
 VALUES = {"InstitutionName": {"TOSHIBA"}, "PatientName": {"Quintero^Pilar", "Quintero", "Pilar"},
           "PatientID": {"MRN-7731902"}, "StudyDate": {"20240102"}}
 
@@ -216,7 +271,8 @@ def test_audit_study_passes_real_output_and_catches_a_raw_copy(tmp_path):
 
 @pytest.mark.e2e
 def test_dag_fails_closed_when_de_identification_leaks(airflow_db, buckets, monkeypatch):
-    """Break the de-identifier on purpose: the audit task fails, nothing is processed or loaded."""
+    """Break the de-identifier on purpose: the audit fails the study closed (no retry), nothing is processed or
+    loaded, and the run fails naming it."""
     import imaging_tasks.deid.dicom as deid_dicom
     import imaging_tasks.phi_audit as phi_audit
     from imaging_tasks.cardiovascular.synth import synthesize
@@ -238,10 +294,19 @@ def test_dag_fails_closed_when_de_identification_leaks(airflow_db, buckets, monk
     run = dag.test()
     assert run.state == "failed"
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
-    assert states["deidentify"] == "success" and states["audit_phi"] == "failed"
-    assert states["route_series"] in ("upstream_failed", None) and states["load_metadata"] != "success"
+    # the audit's batch goes on for its other studies; the leaking one is failed, never retried, never processed
+    assert states["deidentify"] == "success" and states["audit_phi"] == "success"
+    assert states["route_series"] in ("skipped", None) and states["load_metadata"] == "failed"
+    (record,) = _ledger_rows(buckets["lake"])
+    assert (record["state"], record["step"], record["reason"]) == ("failed", "audit_phi", "phi_audit_failed")
     assert not (buckets["lake"] / "derived").exists()
     assert not buckets["warehouse"].exists() or _studies(buckets["warehouse"]) == 0
+
+
+def _ledger_rows(lake) -> list[dict]:
+    import json
+
+    return [json.loads(p.read_text()) for p in (lake / "ledger" / "cardiovascular" / "studies").glob("*.json")]
 
 
 def _studies(path) -> int:

@@ -18,8 +18,11 @@ quote a value), so a batch quarantines the file and goes on.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+from contextvars import ContextVar
+from typing import Any, Callable, Collection
 
 from pydicom.dataset import Dataset
 
@@ -31,10 +34,25 @@ from .rules import (BURNED_IN_MODALITIES, BURNED_IN_SOP_CLASSES, DEMO_MARK, REQU
                     DeidOptions, header_summary, method_values)
 
 log = logging.getLogger(__name__)
+# ``deidentify_bytes(source=(tags, read))``: which elements the caller reads, and what reads them.
+SourceReader = tuple[Collection[int], Callable[[Dataset], Any]]
+_SOURCE: ContextVar[SourceReader | None] = ContextVar("deid_source_reader", default=None)
+
+
+@contextlib.contextmanager
+def reading_source(source: SourceReader):
+    """``deidentify_bytes`` calls made inside read the input with ``source`` as if given ``source=source``: for
+    callers that reach it through a name others may wrap (the pipeline's step: a wrapper that calls the real
+    function keeps working, one that does not leaves the reader unread, which its caller refuses)."""
+    token = _SOURCE.set(source)
+    try:
+        yield
+    finally:
+        _SOURCE.reset(token)
 
 
 def deidentify_bytes(data: bytes, key: bytes, options: DeidOptions = DeidOptions(), *,
-                     demo: bool = False, fast: bool = True) -> tuple[bytes, dict]:
+                     demo: bool = False, fast: bool = True, source: SourceReader | None = None) -> tuple[bytes, dict]:
     """Parse a DICOM file, de-identify it and serialize it; returns ``(bytes, info)``.
 
     ``info``: pseudo_patient, pseudo_study (folder names), study_uid/series_uid/sop_uid (new), modality,
@@ -49,17 +67,43 @@ def deidentify_bytes(data: bytes, key: bytes, options: DeidOptions = DeidOptions
     where a full pydicom re-read costs 190% of it), or where that parser cannot judge (deflate, nested
     character sets...) by pydicom, in full (``dicom_io.check_readable``).
 
+    ``source``: ``(tags, read)``, to read the input from the parse that de-identifies it, not from a second
+    one (the PHI audit's identifying values, which every output is checked against before it is written, are
+    read this way: ``phi_audit.dicom_identifying_values``).  ``read(ds)`` is called once when the output is
+    ready, with the input as it was parsed: by the fast path, a data set of the elements of ``tags`` (ints) at
+    every depth, inside the sequences that lead to them, each value converted from its raw bytes as pydicom
+    converts it (``stream._source_view``); by the reference path, the whole data set pydicom read, before any
+    change.  What it raises is raised (a BadInput as it is; anything else as ``deid_error``), after the
+    de-identifier's own refusals: a file both refuse gets the de-identifier's reason.  Inside
+    ``with reading_source(source)``, the same without the argument.
+
     Raises BadInput and nothing else, whatever ``data`` holds (see the module docstring).
     """
+    source = source or _SOURCE.get()
     try:
         if fast:
             try:
-                return stream.deidentify_stream(data, key, options, demo=demo)  # read back by stream._verify
+                if source is None:
+                    return stream.deidentify_stream(data, key, options, demo=demo)  # read back by stream._verify
+                out, info, view = stream.deidentify_stream_source(data, key, options, demo=demo,
+                                                                  source_tags=frozenset(source[0]))
+                source[1](view)
+                return out, info
             except stream.Unsupported:
                 pass
-        out, info = reference.deidentify(data, key, options, demo)
+        refused: list[BadInput] = []
+
+        def read(ds: Dataset) -> None:  # its refusal comes after the de-identifier's own (read-back included)
+            try:
+                source[1](ds)
+            except BadInput as exc:
+                refused.append(exc)
+
+        out, info = reference.deidentify(data, key, options, demo, read=read if source else None)
         if not stream.verified(out):  # the same byte-level read-back where it can judge, else pydicom's, in full
             check_readable(out)
+        if refused:
+            raise refused[0]
         return out, info
     except BadInput:
         raise
@@ -97,5 +141,6 @@ def unexpected(exc: BaseException, what: str) -> BadInput:
                     "quarantined - report it with the file's sha256")
 
 
-__all__ = ["DeidOptions", "deidentify_dataset", "deidentify_bytes", "unexpected", "header_summary", "SAFE_PRIVATE",
-           "BURNED_IN_MODALITIES", "BURNED_IN_SOP_CLASSES", "DEMO_MARK", "REQUIRED_CONTENT", "method_values"]
+__all__ = ["DeidOptions", "deidentify_dataset", "deidentify_bytes", "reading_source", "unexpected", "header_summary",
+           "SAFE_PRIVATE", "BURNED_IN_MODALITIES", "BURNED_IN_SOP_CLASSES", "DEMO_MARK", "REQUIRED_CONTENT",
+           "method_values"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import re
+from typing import Any, Callable
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -256,8 +257,11 @@ def deidentify_inplace(ds: Dataset, key: bytes, options: DeidOptions, demo: bool
                            pseudo_study=pseudo_id(key, original_study, "study"))
 
 
-def deidentify(data: bytes, key: bytes, options: DeidOptions, demo: bool) -> tuple[bytes, dict]:
-    """The reference path, bytes to ``(bytes, info)``; the output is not read back here (the caller does)."""
+def deidentify(data: bytes, key: bytes, options: DeidOptions, demo: bool, *,
+               read: Callable[[Dataset], Any] | None = None) -> tuple[bytes, dict]:
+    """The reference path, bytes to ``(bytes, info)``; the output is not read back here (the caller does).
+    ``read``: called with the data set as parsed, once it passed the refusal checks and before any change
+    (``dicom.deidentify_bytes``' ``source``)."""
     # One parse of the whole file, every value decoded: empty_file / not_dicom / unreadable_dicom /
     # truncated_* / nesting_too_deep from parse; then the refusals (missing_attribute, missing_pixels /
     # missing_content for an object lacking what its SOP class needs - a file cut at an element boundary reads
@@ -265,6 +269,8 @@ def deidentify(data: bytes, key: bytes, options: DeidOptions, demo: bool) -> tup
     ds = parse(data)
     for check in rules.REFUSAL_CHECKS:
         check(ds)
+    if read is not None:
+        read(ds)
     info = deidentify_inplace(ds, key, options, demo)
     buf = io.BytesIO()
     try:

@@ -182,6 +182,10 @@ class _Parser:
         self.encodings = encodings
         self.check_text = check_text
         self.value_checks = _VALUE_CHECK  # the output check only needs the structure: {"SQ": 1}
+        # Why the fast path declines a file whose structure it still walks to the end (an item's own character
+        # set): raised by the caller once the refusal checks ran, so a file the reference would refuse for a
+        # top-level reason is refused here, not parsed a second time by the reference first.
+        self.declined: str | None = None
 
     def dataset(self, pos: int, end: int, depth: int, undefined: bool) -> tuple[list, int]:
         buf, implicit, check_text, value_checks = self.buf, self.implicit, self.check_text, self.value_checks
@@ -286,7 +290,7 @@ class _Parser:
                 if 0x10 <= el <= 0xFF:
                     creators[tag] = self.creator(buf[vstart:vend])
             elif tag == SPECIFIC_CHARSET and depth > 0:
-                raise Unsupported("nested_charset")
+                self.declined = self.declined or "nested_charset"
             append((tag, vr, stored, hstart, vstart, length, vend, items))
             pos = vend
         if undefined:
@@ -763,9 +767,18 @@ def _read_meta(buf: bytes) -> tuple[int, dict[int, bytes]]:
 
 def deidentify_stream(data: bytes, key: bytes, options, *, demo: bool = False) -> tuple[bytes, dict]:
     """``dicom.deidentify_bytes`` on the raw bytes; raises Unsupported where the reference path must run."""
+    out, info, _view = deidentify_stream_source(data, key, options, demo=demo, source_tags=None)
+    return out, info
+
+
+def deidentify_stream_source(data: bytes, key: bytes, options, *, demo: bool = False,
+                             source_tags: frozenset[int] | None) -> tuple[bytes, dict, Dataset | None]:
+    """:func:`deidentify_stream`, plus (``source_tags`` given) the input as this parse read it: a pydicom data
+    set of the elements of ``source_tags`` at every depth, inside the sequences that lead to them, converted as
+    pydicom converts them (:func:`_source_view`).  No second parse of the input."""
     global LAST_FALLBACK
     try:
-        out, info = _deidentify(data, key, options, demo)
+        out, info, view = _deidentify(data, key, options, demo, source_tags)
     except Unsupported as exc:
         LAST_FALLBACK = str(exc) or "unsupported"
         FALLBACKS[LAST_FALLBACK] += 1
@@ -777,10 +790,11 @@ def deidentify_stream(data: bytes, key: bytes, options, *, demo: bool = False) -
         FALLBACKS[LAST_FALLBACK] += 1
         raise Unsupported(LAST_FALLBACK) from None
     HANDLED["ok"] += 1
-    return out, info
+    return out, info, view
 
 
-def _deidentify(data: bytes, key: bytes, options, demo: bool) -> tuple[bytes, dict]:
+def _deidentify(data: bytes, key: bytes, options, demo: bool,
+                source_tags: frozenset[int] | None = None) -> tuple[bytes, dict, Dataset | None]:
     if options.clean_descriptors or options.retain_patient_characteristics:
         raise Unsupported("option_scrub")
     if not isinstance(data, bytes):
@@ -838,6 +852,8 @@ def _deidentify(data: bytes, key: bytes, options, demo: bool) -> tuple[bytes, di
                 store[Tag(t)] = RawDataElement(Tag(t), "UN", 0, b"", 0, implicit, little)
     for check in rules.REFUSAL_CHECKS:  # the whole file parsed and its values decode: the reference's checks now
         check(pre)
+    if probe.declined:
+        raise Unsupported(probe.declined)
 
     walker = Walker(key, options, pre)
     rw = _Rewriter(data, key, options, implicit, encodings, walker, little)
@@ -890,7 +906,37 @@ def _deidentify(data: bytes, key: bytes, options, demo: bool) -> tuple[bytes, di
     original_study = str(pre.get("StudyInstanceUID", "") or "").strip()
     info_ds.file_meta = _Values({"TransferSyntaxUID": ts})
     info = rules.deid_info(info_ds, pseudo_patient=pseudo, pseudo_study=pseudo_id(key, original_study, "study"))
-    return result, info
+    view = None if source_tags is None else _source_view(data, elems, source_tags, implicit, enc_key, little)
+    return result, info, view
+
+
+def _source_view(buf: bytes, elems: list, tags: frozenset[int], implicit: bool, enc_key: tuple,
+                 little: bool) -> Dataset:
+    """The elements of ``tags`` of a parsed data set (``_Parser.dataset``), at every depth, as a pydicom data
+    set: each value converted from its raw bytes exactly as pydicom converts it when it reads the file (stored VR,
+    or the dictionary's for implicit VR; the file's character set, which items cannot change here), inside the
+    sequences and items that lead to them (sequences holding none are left out: nothing to read there)."""
+    return _view(buf, elems, tags, implicit, enc_key, little) or Dataset()
+
+
+def _view(buf: bytes, elems: list, tags: frozenset[int], implicit: bool, enc_key: tuple,
+          little: bool) -> Dataset | None:
+    ds = None
+    for tag, _vr, stored, _h, vstart, _length, vend, children in elems:
+        if isinstance(children, list):  # a sequence (encapsulated Pixel Data is the _ENCAP string); depth is
+            items = [item for item in (_view(buf, child, tags, implicit, enc_key, little) for child in children)
+                     if item is not None]  # bounded by the parser (MAX_NESTING)
+            if not items:
+                continue
+            elem = DataElement(tag, "SQ", Sequence(items))
+        elif tag in tags:
+            elem = _converted(tag, stored, buf[vstart:vend], enc_key, implicit, little)
+        else:
+            continue
+        if ds is None:
+            ds = Dataset()
+        ds._dict[Tag(tag)] = elem
+    return ds
 
 
 def _peek_charset(buf: bytes, pos: int, implicit: bool, little: bool = True) -> bytes | None:
@@ -940,6 +986,8 @@ def _verify(out: bytes, implicit: bool, encapsulated: bool, encodings, little: b
     _elems, end = parser.dataset(start, len(out), 0, False)
     if end != len(out):
         raise Unsupported("verify")
+    if parser.declined:
+        raise Unsupported(parser.declined)
 
 
 def verified(out: bytes) -> bool:
@@ -964,4 +1012,5 @@ def verified(out: bytes) -> bool:
         return False
 
 
-__all__ = ["Unsupported", "deidentify_stream", "verified", "FALLBACKS", "HANDLED", "LAST_FALLBACK"]
+__all__ = ["Unsupported", "deidentify_stream", "deidentify_stream_source", "verified", "FALLBACKS", "HANDLED",
+           "LAST_FALLBACK"]
