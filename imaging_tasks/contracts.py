@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypedDict
 
-Status = Literal["ok", "quarantined", "skipped"]
-STATUSES = ("ok", "quarantined", "skipped")
+Status = Literal["ok", "quarantined", "skipped", "failed"]
+STATUSES = ("ok", "quarantined", "skipped", "failed")
 
 
 class StudyRecord(TypedDict, total=False):
@@ -18,14 +18,15 @@ class StudyRecord(TypedDict, total=False):
     study: str  # required: S…, keyed pseudonym of StudyInstanceUID (or of the slide's content)
     patient: str  # required: P…
     fingerprint: str  # required: of the raw inputs; new inputs make the study due again
-    status: Status  # required: "ok" goes on; "quarantined" / "skipped" go no further
+    status: Status  # required: "ok" goes on; "quarantined" / "skipped" / "failed" go no further
     manifest: str  # index: URI of the raw-input manifest (work/, PHI zone)
     n_files: int
     modalities: dict[str, int]
     anonymized: str  # de-identification: URI of the de-identified copies
     n_instances: int
     n_quarantined: int
-    reason: str  # why a study is quarantined
+    reason: str  # why a study is quarantined (a reason code) or failed (the exception's class name)
+    failed_step: str  # the step a study failed at, after its task's retries (its ledger row has the rest)
     steps_done: list[str]  # a multi-step chain's finished steps
     derived: str  # the published results (last step)
     metrics: dict[str, Any]
@@ -50,7 +51,7 @@ JSON_SCHEMA = {
         "status": {"enum": list(STATUSES)}, "manifest": {"type": "string"}, "n_files": {"type": "integer"},
         "modalities": {"type": "object", "additionalProperties": {"type": "integer"}},
         "anonymized": {"type": "string"}, "n_instances": {"type": "integer"}, "n_quarantined": {"type": "integer"},
-        "reason": {"type": "string"}, "steps_done": {"type": "array", "items": {"type": "string"}},
+        "reason": {"type": "string"}, "failed_step": {"type": "string"}, "steps_done": {"type": "array", "items": {"type": "string"}},
         "derived": {"type": "string"}, "metrics": {"type": "object"}, "plan": {"type": "string"},
         "plan_sha256": {"type": "string"}, "n_tiles": {"type": "integer"}, "features": {"type": "string"},
         "device": {"type": "string"}, "encoder": {"type": ["string", "null"]},

@@ -103,6 +103,8 @@ class Specialty:
     bad_modality: str = "CT"  # a modality it refuses (synthetic bad inputs)
     fan_out: str | None = None  # module with plan_slide / slide_features / finish_slide: the DAG runs them as one
     #                             mapped task group per study (plan_tiles -> tile_features -> finish_slide)
+    batch_size: int | None = None  # studies per mapped task instance when the run and setting do not say (None:
+    #   imaging_tasks.batches.DEFAULT_BATCH_SIZE); 1 for studies whose steps take minutes
     order: int = 100  # position in listings; ``imaging-tasks synth`` seeds it with seed + 1000 x order
     nifti_uploads: dict | None = None  # NIfTI file stem -> modality (e.g. {"mri": "MR", "pet": "PT"}): a DICOM
     #   specialty that also takes NIfTI uploads laid out as <patient>/<session>/<stem>.nii[.gz] (+ <stem>.json

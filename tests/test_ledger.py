@@ -1,6 +1,7 @@
 """Nothing lost, nothing loaded twice: the study ledger across failures, kills and reruns."""
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import json
 import os
@@ -114,20 +115,23 @@ def test_dag_one_study_failing_after_its_retries_does_not_block_the_others(airfl
     for t in dag.tasks:  # keep the retries, not the half-minute waits between them
         t.retries, t.retry_delay, t.retry_exponential_backoff = 1, dt.timedelta(seconds=0), False
     real = pipeline.process_study
-    victim = {}
+    victim, calls = {}, collections.Counter()
 
     def flaky(study, lake, **kw):
         victim.setdefault("study", study["study"])
+        calls[study["study"]] += 1
         if study["study"] == victim["study"]:
             raise RuntimeError("injected device fault")
         return real(study, lake, **kw)
 
     monkeypatch.setattr(pipeline, "process_study", flaky)
-    run = dag.test(run_conf={"landing_quiet_seconds": 0})
+    run = dag.test(run_conf={"landing_quiet_seconds": 0, "batch_size": 3})  # the three studies share one instance
     assert run.state == "failed"  # the failure stays visible...
     wh = DuckDBWarehouse(buckets["warehouse"])
     studies = {s for (s,) in wh.query("SELECT study_id FROM studies")}
     assert len(studies) == 2 and victim["study"] not in studies  # ...and the other two were loaded in this run
+    # the retry redid only the failed study: the two others ran once, the failed one once per attempt
+    assert calls[victim["study"]] == 2 and sorted(calls.values()) == [1, 1, 2]
     assert wh.query("SELECT state, step, reason, attempt FROM ledger WHERE study_id = ?", [victim["study"]]) == \
         [("failed", "process_study", "RuntimeError", 2)]
     counts = {t: wh.count(t) for t in ("studies", "results", "findings", "instances")}

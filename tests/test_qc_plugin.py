@@ -27,20 +27,21 @@ def _pseudo_study(truth: dict) -> str:
     return pseudo_id(DEMO_KEY, truth["study_uid"], "study")
 
 
-def _study_map_indexes(dag_id: str, run_id: str) -> dict[str, int]:
-    """study -> map index of its calcium_scoring instance, from the XComs."""
+def _study_map_indexes(dag_id: str, run_id: str, task_id: str) -> dict[str, int]:
+    """study -> map index of its ``task_id`` instance, from the XComs."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
     with create_session() as session:
         rows = session.execute(select(XComModel.map_index, XComModel.value).where(
-            XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.task_id == "calcium_scoring",
+            XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.task_id == task_id,
             XComModel.key == "return_value")).all()
     out = {}
     for map_index, value in rows:
         value = json.loads(value) if isinstance(value, str) else value
-        out[value["study"]] = map_index
+        for study in value:  # the batch's outcomes
+            out[study["study"]] = map_index
     return out
 
 
@@ -79,7 +80,7 @@ def test_qc_pages_of_a_real_run(qc_client, buckets):
     truths = [json.loads(p.read_text()) for p in sorted((buckets["truth"] / "cardiovascular").glob("*.json"))]
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
-    run = bag.dags["cardiovascular"].test()
+    run = bag.dags["cardiovascular"].test(run_conf={"batch_size": 2})  # 3 studies: batches of 2 and 1
     assert run.state == "success"
     run_id, lake = run.run_id, buckets["lake"]
     studies = {}  # study pseudonym -> patient pseudonym, the patient read from the lake's layout
@@ -174,21 +175,31 @@ def test_qc_pages_of_a_real_run(qc_client, buckets):
                       f"/imaging/dags/not_imaging/studies/{patient}/{study}/files/calcium_scoring/qc_calcium.png"):
             assert client.get(other).status_code == 404, other
 
-    # the resolver: a mapped calcium_scoring instance -> its study page; a task that holds no study says so
-    indexes = _study_map_indexes("cardiovascular", run_id)
-    assert set(indexes) == set(studies)
-    for study, map_index in indexes.items():
-        response = get(f"{run_url}/tasks/calcium_scoring/{map_index}", follow_redirects=False, status=303)
+    # the resolver: a mapped instance holding one study -> its study page; a batch -> a page linking each of its
+    # studies; a task that holds no study says so
+    indexes = _study_map_indexes("cardiovascular", run_id, "calcium_scoring")
+    assert set(indexes) == set(studies) and set(indexes.values()) == {0}  # the two audited studies, one batch
+    page = get(f"{run_url}/tasks/calcium_scoring/0").text
+    assert "calcium_scoring [0]: a batch of 2 studies" in unescape(page)
+    for study, patient in studies.items():
+        assert f"/imaging/dags/cardiovascular/studies/{patient}/{study}?run_id=" in unescape(page)
+    deidentified = _study_map_indexes("cardiovascular", run_id, "deidentify")
+    (single,) = [m for m in set(deidentified.values()) if list(deidentified.values()).count(m) == 1]
+    (study,) = [s for s, m in deidentified.items() if m == single]
+    if study in studies:
+        response = get(f"{run_url}/tasks/deidentify/{single}", follow_redirects=False, status=303)
         location = response.headers["location"]
         assert urlsplit(location).path == f"/imaging/dags/cardiovascular/studies/{studies[study]}/{study}"
         assert "Metrics" in get(location).text
+    else:  # the truncated CT's own study, quarantined at de-identification
+        assert f"Study {study} was quarantined" in get(f"{run_url}/tasks/deidentify/{single}").text
     assert "holds no single study" in get(f"{run_url}/tasks/load_metadata/-1").text
     assert "holds no single study" in get(f"{run_url}/tasks/index_studies/%7BMAP_INDEX%7D").text
     get(f"{run_url}/tasks/calcium_scoring/99", status=404)
 
     # the "Study QC" extra link, evaluated by the api-server on the serialized DAG
     links = f"/api/v2/dags/cardiovascular/dagRuns/{quote(run_id, safe='')}/taskInstances"
-    some = next(iter(indexes.items()))
+    some = next(iter(indexes.items()))  # (study, its batch's map index)
     got = client.get(f"{links}/calcium_scoring/links", params={"map_index": some[1]}).json()["extra_links"]
     assert got["Study QC"] == f"{run_url}/tasks/calcium_scoring/{some[1]}"
     assert client.get(f"{links}/index_studies/links").json()["extra_links"]["Study QC"] is None

@@ -157,23 +157,28 @@ def test_a_missing_key_fails_the_index_once_not_three_times(airflow_db, buckets,
 # --------------------------------------------------------------------------- a run as the UI shows it
 @pytest.mark.e2e
 def test_mapped_tasks_are_named_by_study_and_quarantined_studies_never_reach_the_gpu(airflow_db, buckets, dagbag):
+    from imaging_tasks.batches import label
     from imaging_tasks.specialties import synthesizer
     from imaging_tasks.synth.bad_inputs import write_bad_inputs
 
     synthesizer("cardiovascular")(buckets["landing"], 2, 7)
     write_bad_inputs(buckets["landing"], "cardiovascular", seed=4)  # one of them is a study of its own
-    run = dagbag.dags["cardiovascular"].test(run_conf={"landing_quiet_seconds": 0})
+    run = dagbag.dags["cardiovascular"].test(run_conf={"landing_quiet_seconds": 0, "batch_size": 2})
     assert run.state == "success"
 
     deid = _tis("cardiovascular", run.run_id, "deidentify")
-    returned = _xcoms("cardiovascular", run.run_id, "deidentify")
-    ok = {v["study"] for v in returned.values() if v["status"] == "ok"}
-    held = {v["study"] for v in returned.values() if v["status"] != "ok"}
+    returned = _xcoms("cardiovascular", run.run_id, "deidentify")  # map index -> its batch's outcomes
+    assert sorted(len(batch) for batch in returned.values()) == [1, 2]  # 3 studies in batches of at most 2
+    outcomes = [s for m in sorted(returned) for s in returned[m]]
+    ok = {v["study"] for v in outcomes if v["status"] == "ok"}
+    held = {v["study"] for v in outcomes if v["status"] != "ok"}
     assert len(ok) == 2 and held, "the planted truncated CT should end quarantined at de-identification"
-    assert {ti.rendered_map_index for ti in deid} == ok | held  # every instance named by its study
+    assert {ti.rendered_map_index for ti in deid} == {label(b) for b in returned.values()}  # named by its studies
+    assert any(ti.rendered_map_index.endswith("(2 studies)") for ti in deid)
     for step in ("calcium_scoring", "cine_function", "flow"):
         gpu = _tis("cardiovascular", run.run_id, step)
-        assert {ti.rendered_map_index for ti in gpu} == ok  # only audited studies took a GPU slot
+        (batch,) = _xcoms("cardiovascular", run.run_id, step).values()  # the audited studies, batched afresh
+        assert {s["study"] for s in batch} == ok and [ti.rendered_map_index for ti in gpu] == [label(batch)]
         assert all(ti.pool == "gpu" and ti.state == "success" for ti in gpu)
 
     (event,) = _asset_events("cardiovascular", run.run_id)

@@ -32,6 +32,7 @@ _CHAIN4D = "imaging_tasks.neuroimaging.chain4d"
 SPECIALTY = Specialty(
     name="neuroimaging",
     order=0,
+    batch_size=1,  # a session's chain takes minutes: an instance start is nothing beside it
     title="Neuroimaging",
     summary="MRI/PET sessions: N4, brain extraction, PET averaging, PET-to-T1, MNI152 atlas, SUVR, ROI features",
     file_kind="dicom",

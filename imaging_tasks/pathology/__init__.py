@@ -11,6 +11,7 @@ from imaging_tasks.specialty import Option, Specialty, Step
 SPECIALTY = Specialty(
     name="pathology",
     order=2,
+    batch_size=1,  # a slide is gigabytes to copy and audit: one per instance
     title="Pathology",
     summary="Whole-slide images: tissue, tiles, stain features, tile QC and a bring-your-own encoder per tile",
     file_kind="slide",

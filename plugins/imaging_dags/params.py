@@ -41,6 +41,13 @@ def pipeline_params(**extra: Param) -> dict[str, Param]:
                                                    "new object. Empty: the [imaging] landing_quiet_seconds setting "
                                                    "(default 120 s).",
                                        section=UPLOADS),
+        "batch_size": Param(None, type=["null", "integer"], minimum=1, maximum=1000,
+                            title="Studies per task instance (optional)",
+                            description="Each mapped step runs over batches of this many studies; each study keeps "
+                                        "its own outcome and a retry redoes only the failed ones. Empty: the "
+                                        "[imaging] batch_size setting (default 16). Large nights grow batches so a "
+                                        "step maps at most 250 instances.",
+                            section=INPUTS),
         **extra,
     }
 

@@ -77,6 +77,24 @@ def landing_quiet_seconds(params=None) -> float:
     return seconds
 
 
+def batch_size(params=None) -> int | None:
+    """Run time: studies per mapped task instance: the run's Param ``batch_size`` if given, else
+    ``[imaging] batch_size`` (``AIRFLOW__IMAGING__BATCH_SIZE``), else None (the library's default,
+    ``imaging_tasks.batches.DEFAULT_BATCH_SIZE``)."""
+    value = (params or {}).get("batch_size")
+    if value is None or value == "":
+        value = conf.get("imaging", "batch_size", fallback="") or None
+    if value is None:
+        return None
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"batch_size must be a whole number of studies, got {value!r}") from None
+    if size < 1:
+        raise ConfigError(f"batch_size must be at least 1 study per task instance, got {size}")
+    return size
+
+
 def schedule(specialty: str | None = None):
     """Cron with data intervals (not Airflow 3's default trigger timetable): a nightly run owns the arrivals of
     the previous day, and a backfill over a date range re-processes exactly those days.

@@ -65,6 +65,50 @@ def label_study(study: dict, extra: str = "") -> None:
     get_current_context()["study_label"] = label  # type: ignore[index]
 
 
+def label_batch(studies: list[dict]) -> None:
+    """Name this mapped task instance after the studies of its batch (first, last and count), and list them all
+    in the task log."""
+    from imaging_tasks.batches import label
+
+    get_current_context()["study_label"] = label(studies)  # type: ignore[index]
+    log.info("batch of %d stud(ies): %s", len(studies), ", ".join(str(s.get("study")) for s in studies))
+
+
+def _final_attempt() -> bool:
+    """Whether this try is the instance's last (no retry follows a failure)."""
+    ti = get_current_context()["ti"]
+    max_tries = getattr(ti, "max_tries", None)
+    if max_tries is None:
+        max_tries = ti.task.retries or 0
+    return ti.try_number > max_tries
+
+
+def _batches(specialty: str, studies: list[dict]) -> list[list[dict]]:
+    """The studies in batches of the run's size (its Param, else the setting: exactly that), else of the
+    specialty's default spread over the workers a small night has (``imaging_tasks.batches.plan_batches``)."""
+    from imaging_dags.settings import batch_size
+    from imaging_tasks.batches import plan_batches
+    from imaging_tasks.specialties import get
+
+    with failing_fast("batch size"):
+        return plan_batches(studies, batch_size(get_current_context()["params"]), default=get(specialty).batch_size)
+
+
+def run_batch(specialty: str, batch: list[dict], step: str, work, *, detail: bool = True, settled=()) -> list[dict]:
+    """``work`` on each study of the batch (``imaging_tasks.batches.run_batch``): a failing study is recorded in
+    the ledger (step, reason, attempt); the instance retries only the failed studies, and on its last attempt
+    lets them go on as failed so the rest of the batch is not held back (the load then fails the run, naming
+    them).  ``detail=False`` keeps failure messages out of the ledger and log (steps reading raw inputs)."""
+    from imaging_tasks import batches
+
+    def on_failure(study: dict, exc: BaseException) -> None:
+        _record_failure(specialty, study, step, exc, detail=detail)
+
+    with failing_fast(f"{specialty} {step}"):
+        return batches.run_batch(batch, work, lake=_lake(specialty), run_id=get_current_context()["ti"].run_id,
+                                 step=step, final_attempt=_final_attempt(), on_failure=on_failure, settled=settled)
+
+
 @contextmanager
 def naming_study(specialty: str, study: dict, step: str, *, detail: bool = True):
     """Re-raise any failure with the study it happened to, so the UI and alerts say which one, and record it in
@@ -113,8 +157,9 @@ def landing_sensor(specialty: str):
 
 @lineage.task(reads=("landing",), writes=("work", "quarantine"))
 @in_object_storage
-def index_studies(specialty: str, arrived: dict | None = None) -> list[dict]:
-    """Headers only; groups files into studies, quarantines unreadable ones, skips studies already done."""
+def index_studies(specialty: str, arrived: dict | None = None) -> list[list[dict]]:
+    """Headers only; groups files into studies, quarantines unreadable ones, skips studies already done; the
+    studies to process in batches (``imaging_tasks.batches``), each mapped to one instance per step."""
     from imaging_dags.settings import deid_key, for_specialty
     from imaging_dags.window import run_window
     from imaging_tasks.pipeline import index_landing
@@ -135,63 +180,70 @@ def index_studies(specialty: str, arrived: dict | None = None) -> list[dict]:
               "already_done": len(summary["skipped_done"]), "waiting": len(summary["waiting"]),
               "quarantined": summary["quarantined"], "quarantined_new": summary["quarantined_new"]}
     ctx["ti"].xcom_push(key="summary", value=counts)
+    batches = _batches(specialty, summary["studies"])
     if summary["studies"]:
-        log.info("index %s: studies to process: %s", specialty, ", ".join(s["study"] for s in summary["studies"][:50])
+        log.info("index %s: %d stud(ies) to process in %d batch(es): %s", specialty, len(summary["studies"]),
+                 len(batches), ", ".join(s["study"] for s in summary["studies"][:50])
                  + (" ..." if len(summary["studies"]) > 50 else ""))
-    return summary["studies"]
+    return batches
 
 
 @lineage.task(max_active_tis_per_dagrun=4, map_index_template=STUDY_LABEL, reads=("landing", "work"),
               writes=("anonymized", "quarantine"))
 @in_object_storage
-def deidentify(specialty: str, study: dict) -> dict:
-    """PS3.15 basic profile with keyed pseudonyms; outputs audited for PHI before they are written."""
+def deidentify(specialty: str, study: list[dict]) -> list[dict]:
+    """PS3.15 basic profile with keyed pseudonyms, on each study of a batch; outputs audited for PHI before they
+    are written."""
     from imaging_dags.settings import deid_key
     from imaging_tasks.pipeline import deidentify_study
 
-    label_study(study)
-    with failing_fast(f"de-identify {specialty} study {study.get('study')}"):
+    label_batch(study)
+    with failing_fast(f"de-identify {specialty}"):
         key, demo = deid_key()
         lake = _lake(specialty)
     options = run_options(specialty, get_current_context()["params"])  # the specialty's PS3.15 option choices
-    with naming_study(specialty, study, "de-identification", detail=False):
-        return deidentify_study(study, lake, key=key, demo=demo, options=options, run=_run())
+    run = _run()
+    return run_batch(specialty, study, "de-identification",
+                     lambda one: deidentify_study(one, lake, key=key, demo=demo, options=options, run=run),
+                     detail=False)
 
 
 @lineage.task(max_active_tis_per_dagrun=4, map_index_template=STUDY_LABEL, reads=("landing", "anonymized"))
 @in_object_storage
-def audit_phi(specialty: str, study: dict) -> dict:
-    """Independent, fail-closed PHI audit of a de-identified study: the raw inputs' identifying values are
-    re-read and searched for in every byte written to the lake and in the XCom; returns the study unchanged.
+def audit_phi(specialty: str, study: list[dict]) -> list[dict]:
+    """Independent, fail-closed PHI audit of each de-identified study of a batch: the raw inputs' identifying
+    values are re-read and searched for in every byte written to the lake and in the XCom; returns the studies
+    unchanged.
 
-    A leak fails the task without retries (the result would not change) and nothing downstream runs on it.
+    A leak fails its study at once, without retries (the result would not change): it goes no further, its
+    ledger row names the attribute, and the load fails the run naming it.
     """
-    from airflow.sdk.exceptions import AirflowFailException
-
     from imaging_tasks.phi_audit import PHILeak
     from imaging_tasks.pipeline import audit_deidentified
 
-    label_study(study)
-    if not is_ok(study):
-        log.info("PHI audit %s study %s: nothing to audit (status %s)", specialty, study.get("study"),
-                 study.get("status"))
-        return study
-    try:
-        audit_deidentified(study, _lake(specialty), run=_run())  # logs what it searched; ledger: audited
-    except PHILeak as exc:  # names attributes, never values
-        raise AirflowFailException(f"{specialty} study {study['study']}: {exc}") from None
-    return study
+    label_batch(study)
+    lake, run = _lake(specialty), _run()
+
+    def audit(one: dict) -> dict:
+        audit_deidentified(one, lake, run=run)  # logs what it searched; ledger: audited (or failed: the leak)
+        return one
+
+    return run_batch(specialty, study, "audit_phi", audit, settled=(PHILeak,))
 
 
 @lineage.task  # reads and writes no data: XComs only
-def ready_for_processing(specialty: str, audited: list[dict]) -> list[dict]:
-    """Only de-identified, audited studies go on: a quarantined study never takes a GPU slot."""
-    ready = [s for s in audited if is_ok(s)]
-    held = [s for s in audited if s and not is_ok(s)]
+def ready_for_processing(specialty: str, audited: list[list[dict]], *, batched: bool = True) -> list:
+    """Only de-identified, audited studies go on: a quarantined study never takes a GPU slot.  The ready studies
+    in fresh batches (``batched``), or one by one (the per-slide chain maps a task group per slide)."""
+    from imaging_tasks.batches import flatten
+
+    studies = flatten(audited)
+    ready = [s for s in studies if is_ok(s)]
+    held = [s for s in studies if not is_ok(s)]
     log.info("%s: %d stud(ies) ready for processing%s", specialty, len(ready),
-             "" if not held else f"; {len(held)} held back (quarantined at de-identification): "
-             + ", ".join(str(s.get("study")) for s in held[:50]))
-    return ready
+             "" if not held else f"; {len(held)} held back (quarantined or failed before processing): "
+             + ", ".join(f"{s.get('study')} ({s.get('status')})" for s in held[:50]))
+    return _batches(specialty, ready) if batched else ready
 
 
 GPU_ROUTING = {"queue": GPU_QUEUE, "pool": GPU_POOL}  # GPU steps; CPU fallback inside the step when no CUDA
@@ -204,15 +256,17 @@ def gpu_task(**kwargs):
 
 @lineage.task(map_index_template=STUDY_LABEL, reads=("anonymized", "earlier_steps"), writes=("this_step",))
 @in_object_storage
-def _study_step(specialty: str, step: str, study: dict) -> dict:
-    """One processing step of the specialty's record on one study (the last one publishes it)."""
+def _study_step(specialty: str, step: str, study: list[dict]) -> list[dict]:
+    """One processing step of the specialty's record on each study of a batch (the last step publishes it)."""
     from imaging_tasks.pipeline import process_study as run_step
 
-    label_study(study)
-    _skip_unless_ok(specialty, study, step)
-    params = get_current_context()["params"]
-    with naming_study(specialty, study, step):
-        return run_step(study, _lake(specialty), step=step, options=run_options(specialty, params), run=_run())
+    label_batch(study)
+    if not any(is_ok(s) for s in study):
+        _skip_unless_ok(specialty, study[0] if study else {}, step)
+    options = run_options(specialty, get_current_context()["params"])
+    lake, run = _lake(specialty), _run()
+    return run_batch(specialty, study, step,
+                     lambda one: run_step(one, lake, step=step, options=options, run=run))
 
 
 def _skip_unless_ok(specialty: str, study: dict, step: str) -> None:
@@ -226,8 +280,8 @@ def _skip_unless_ok(specialty: str, study: dict, step: str) -> None:
 
 
 def study_step(specialty: str, name: str):
-    """The task of processing step ``name`` of the specialty's record, to ``.expand(study=...)``: its task id is the
-    step's name, and a GPU step runs on the GPU queue and pool (CPU fallback inside the step when no CUDA)."""
+    """The task of processing step ``name`` of the specialty's record, to ``.expand(study=batches)``: its task id
+    is the step's name, and a GPU step runs on the GPU queue and pool (CPU fallback inside the step when no CUDA)."""
     from imaging_tasks.specialties import get
 
     step = get(specialty).step(name)
@@ -303,13 +357,14 @@ def _load_metadata(specialty: str, processed: list[dict] | None = None) -> dict:
 
     from imaging_dags.settings import for_specialty
     from imaging_dags.warehouse_hook import WarehouseHook
+    from imaging_tasks.batches import flatten, forget_run
     from imaging_tasks.pipeline import load, pending_loads
 
     ctx = get_current_context()
     ti = ctx["ti"]
     if isinstance(processed, dict):  # a mapped task group expanded once hands over its one value unpacked
         processed = [processed]      # (apache/airflow#69036), not a list of one
-    processed = [p for p in (processed or []) if p]
+    processed = flatten(processed)  # batches of studies (or slides one by one)
     indexed = ti.xcom_pull(task_ids="index_studies", key="summary") or {}
     with failing_fast(f"load {specialty}"):
         settings = for_specialty(specialty)
@@ -322,6 +377,7 @@ def _load_metadata(specialty: str, processed: list[dict] | None = None) -> dict:
                                   Variable.get("imaging_gcp_conn_id", default="google_cloud_default")).get_conn()
     counts = load(processed, settings.lake, warehouse, run=_run())  # audits each study's rows and files first
     failed, loaded = counts.pop("failed"), counts.pop("loaded")
+    forget_run(settings.lake, ti.run_id)  # the batches' checkpoints: a clear of this finished run recomputes
     ctx["outlet_events"][warehouse_asset(specialty)].extra = {
         "specialty": specialty, "run_id": ti.run_id, "rows": counts, "studies": len(loaded),
         "study_ids": [x["study"] for x in loaded][:200], "derived_uris": [x["derived"] for x in loaded][:200],
@@ -342,11 +398,11 @@ def _fail_if_upstream_failed(specialty: str, ti, *, loaded: int, failed: list[di
     from airflow.sdk.exceptions import AirflowFailException
 
     broken = ti.get_ti_count(dag_id=ti.dag_id, run_ids=[ti.run_id], states=["failed", "upstream_failed"])
-    if broken:
+    if broken or failed:
         studies = ", ".join(f"{f['study']} ({f['step']}: {f['reason']})" for f in failed) or "see the failed tasks"
-        raise AirflowFailException(f"{specialty}: {loaded} stud(ies) loaded, but {broken} task instance(s) of this "
-                                   f"run failed: {studies}; the ledger table names each failed study and the next "
-                                   "run retries them")
+        raise AirflowFailException(f"{specialty}: {loaded} stud(ies) loaded, but {len(failed)} stud(ies) and "
+                                   f"{broken} task instance(s) of this run failed: {studies}; the ledger table "
+                                   "names each failed study and the next run retries them")
 
 
 def load_metadata(specialty: str, processed):

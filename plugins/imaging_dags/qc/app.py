@@ -230,6 +230,16 @@ def create_app() -> FastAPI:
             return _html(render.message_page(base, "No such task instance",
                                              f"{dag_id} run {run_id} has no {task_id} [{index}].", run_link,
                                              crumbs=crumbs), 404)
+        if found["batch"]:  # a batch of studies: each one's page
+            held = found["batch"]
+            links = [(f"study {b['study']}" + (f" ({b['status']}{': ' + b['reason'] if b.get('reason') else ''})"
+                                               if b.get("status") and b["status"] != "ok" else ""),
+                      render.study_url(base, dag_id, b["patient"], b["study"], run_id)) for b in held if b["patient"]]
+            return _html(render.message_page(
+                base, f"{task_id} [{index}]: a batch of {len(held)} studies",
+                f"{task_id} [{index}] ({found['state'] or 'not run'}) holds {len(held)} studies; each has its own "
+                "QC page and outcome (a study that failed or was quarantined says so).", links + run_link,
+                crumbs=crumbs))
         study, patient = found["study"], found["patient"]
         if found["status"] == "quarantined":
             reason = f" ({found['reason']})" if found.get("reason") else ""

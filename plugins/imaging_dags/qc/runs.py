@@ -109,9 +109,41 @@ def task_instance(session, dag_id: str, run_id: str, task_id: str, map_index: in
 
 
 def study_of_label(label) -> str | None:
-    """The study pseudonym a rendered map index names (``S…`` or ``S… tiles 0-64``)."""
-    first = str(label or "").split(" ", 1)[0]
-    return first if STUDY.match(first) else None
+    """The study pseudonym a rendered map index names (``S…`` or ``S… tiles 0-64``); None for a batch's label
+    (``S… … S… (n studies)``: its studies come from the run's batch plan, :func:`_members`)."""
+    text = str(label or "")
+    first = text.split(" ", 1)[0]
+    return first if STUDY.match(first) and "studies)" not in text else None
+
+
+# The XComs that hold a run's batches: index_studies' list of batches (de-identification and audit instance i holds
+# batch i) and ready_for_processing's (processing instance i holds its batch i, or its study i, per slide).
+PLAN_TASKS = ("index_studies", "ready_for_processing")
+BEFORE_PROCESSING = ("deidentify", "audit_phi")
+
+
+def _studies_in(value) -> list[dict]:
+    """The study records in an XCom value: one study, a batch, or a list of batches."""
+    if isinstance(value, dict):
+        return [value] if STUDY.match(str(value.get("study") or "")) else []
+    if isinstance(value, list):
+        return [s for item in value for s in _studies_in(item)]
+    return []
+
+
+def _members(values):
+    """A function (task_id, map_index) -> the studies the instance holds: its own XCom where it returned one, else
+    (failed, running or not yet run) its batch in the run's plan, so every study of a failed batch shows it."""
+    plans = {t: v for t, _m, v in values if t in PLAN_TASKS and isinstance(v, list)}
+    own = {(t, m): _studies_in(v) for t, m, v in values if t not in PLAN_TASKS}
+
+    def held(task_id: str, map_index: int) -> list[dict]:
+        if (task_id, map_index) in own:
+            return own[(task_id, map_index)]
+        plan = plans.get("index_studies" if task_id in BEFORE_PROCESSING else "ready_for_processing") or []
+        return _studies_in(plan[map_index]) if map_index is not None and 0 <= map_index < len(plan) else []
+
+    return held
 
 
 # ---------------------------------------------------------------------------------------------- a run's studies
@@ -138,32 +170,23 @@ def run_studies(session, dag_id: str, run_id: str, lake: LakeView) -> list[Study
     def row(study: str) -> StudyRow:
         return studies.setdefault(study, StudyRow(study=study))
 
-    values = return_values(session, dag_id, run_id, ("index_studies", *study_tasks()))
-    for task_id, map_index, value in values:
-        if task_id == "index_studies" and isinstance(value, list):
-            for n, item in enumerate(value):
-                if isinstance(item, dict) and STUDY.match(str(item.get("study") or "")):
-                    r = row(item["study"])
-                    r.order = min(r.order, n)
-                    r.patient = r.patient or _patient(item)
-    by_key: dict[tuple[str, int], Any] = {(t, m): v for t, m, v in values if t != "index_studies"}
+    values = return_values(session, dag_id, run_id, PLAN_TASKS + study_tasks())
+    for n, item in enumerate(_studies_in(next((v for t, _m, v in values if t == "index_studies"), None))):
+        r = row(item["study"])
+        r.order = min(r.order, n)
+        r.patient = r.patient or _patient(item)
+    members = _members(values)
     for ti in task_instances(session, dag_id, run_id, study_tasks()):
-        value = by_key.pop((ti["task_id"], ti["map_index"]), None)
-        study = (value.get("study") if isinstance(value, dict) else None) or study_of_label(ti["label"])
-        if not study or not STUDY.match(str(study)):
-            continue
-        r = row(study)
-        if isinstance(value, dict):
-            r.patient = r.patient or _patient(value)
-        step = {"state": ti["state"], "map_index": ti["map_index"], "duration": ti["duration"],
-                "status": value.get("status") if isinstance(value, dict) else None,
-                "reason": value.get("reason") if isinstance(value, dict) else None}
-        r.steps[ti["task_id"]] = step
-    for (task_id, map_index), value in by_key.items():  # XComs without an instance row (should not happen)
-        if isinstance(value, dict) and STUDY.match(str(value.get("study") or "")):
+        held = members(ti["task_id"], ti["map_index"])
+        if not held:
+            study = study_of_label(ti["label"])
+            held = [{"study": study}] if study else []
+        for value in held:
             r = row(value["study"])
             r.patient = r.patient or _patient(value)
-            r.steps.setdefault(task_id, {"state": None, "map_index": map_index, "status": value.get("status")})
+            r.steps[ti["task_id"]] = {"state": ti["state"], "map_index": ti["map_index"], "duration": ti["duration"],
+                                      "status": value.get("status"), "reason": value.get("reason"),
+                                      "batch": len(held)}
     lineage = lake.run_lineage(run_id)
     for rec in lineage:
         study = str(rec.get("study_id") or "")
@@ -199,7 +222,7 @@ def _settle(r: StudyRow) -> None:
     steps = sorted(r.steps.items(), key=lambda kv: _step_rank(kv[0]))
     final = [s for t, s in steps if t in final_tasks()]
     quarantined = [(t, s) for t, s in steps if s.get("status") == "quarantined"]
-    failed = [(t, s) for t, s in steps if s.get("state") in FAILED]
+    failed = [(t, s) for t, s in steps if s.get("state") in FAILED or s.get("status") == "failed"]
     running = [(t, s) for t, s in steps if s.get("state") in UNFINISHED]
     if final and final[-1].get("status") == "ok":
         r.status, r.detail = "published", ""
@@ -208,7 +231,8 @@ def _settle(r: StudyRow) -> None:
         r.status, r.detail = "quarantined", f"at {task_id}" + (f": {s['reason']}" if s.get("reason") else "")
     elif failed:
         task_id, s = failed[0]
-        r.status, r.detail = "failed", f"{task_id} {s['state']}"
+        r.status, r.detail = "failed", (f"at {task_id}" + (f": {s['reason']}" if s.get("reason") else "")
+                                        if s.get("status") == "failed" else f"{task_id} {s['state']}")
     elif running:
         task_id, s = running[-1]
         r.status, r.detail = "running", f"{task_id} {s['state']}"
@@ -228,19 +252,24 @@ def resolve_study(session, dag_id: str, run_id: str, task_id: str, map_index: in
     with the patient from another XCom of the run or the lake.
     """
     ti = task_instance(session, dag_id, run_id, task_id, map_index)
-    value = return_value(session, dag_id, run_id, task_id, map_index)
-    out = {"study": None, "patient": None, "status": None, "reason": None,
+    values = return_values(session, dag_id, run_id, (*PLAN_TASKS, task_id))
+    held = _members(values)(task_id, map_index)
+    out = {"study": None, "patient": None, "status": None, "reason": None, "batch": [],
            "state": ti["state"] if ti else None, "exists": ti is not None}
-    if isinstance(value, dict):
-        study = str(value.get("study") or "")
-        out.update(study=study if STUDY.match(study) else None, patient=_patient(value),
-                   status=value.get("status"), reason=value.get("reason"))
+    if len(held) > 1:  # a batch: the page lists its studies
+        out["batch"] = [{"study": s["study"], "patient": _patient(s) or lake.find_patient(s["study"]),
+                         "status": s.get("status"), "reason": s.get("reason")} for s in held]
+        return out
+    if held:
+        value = held[0]
+        out.update(study=value["study"], patient=_patient(value), status=value.get("status"),
+                   reason=value.get("reason"))
     if out["study"] is None and ti is not None:
         out["study"] = study_of_label(ti["label"])
     if out["study"] and not out["patient"]:
         for _t, _m, other in return_values(session, dag_id, run_id, ("index_studies", *study_tasks())):
-            for item in other if isinstance(other, list) else [other]:
-                if isinstance(item, dict) and item.get("study") == out["study"] and _patient(item):
+            for item in _studies_in(other):
+                if item.get("study") == out["study"] and _patient(item):
                     out["patient"] = _patient(item)
                     break
             if out["patient"]:
