@@ -27,10 +27,13 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 install: $(STAMP)
 
+# One slot per GPU; on a machine without one the GPU steps run on the CPU, so one per core (IMAGING_GPU_SLOTS wins).
+GPU_SLOTS ?= $(or $(IMAGING_GPU_SLOTS),$(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c GPU); [ "$$n" -gt 0 ] && echo $$n || nproc))
+
 $(AIRFLOW_HOME)/airflow.db: $(STAMP)
 	mkdir -p $(AIRFLOW_HOME)
 	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 || (cat $(AIRFLOW_HOME)/db-migrate.log; exit 1)
-	$(BIN)/airflow pools set gpu 1 "GPU slots (one task per GPU)" > /dev/null
+	$(BIN)/airflow pools set gpu $(GPU_SLOTS) "GPU slots (one task per GPU; per core where the GPU steps run on the CPU)" > /dev/null
 
 demo: $(AIRFLOW_HOME)/airflow.db
 	$(BIN)/python deploy/demo.py

@@ -226,16 +226,48 @@ def task_failure_facts(context) -> TaskFailure:
                        max_attempts=(retries + 1) if isinstance(retries, int) else None)
 
 
+def study_failure_facts(context, *, study: str, step: str, exc: BaseException) -> TaskFailure:
+    """One study of a batch that failed on the instance's last attempt (the instance goes on for the others)."""
+    ti = context["ti"]
+    record = _study_record(ti.dag_id, study, ti.run_id)
+    retries = getattr(getattr(ti, "task", None), "retries", None)
+    return TaskFailure(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
+                       map_index=getattr(ti, "map_index", -1) if getattr(ti, "map_index", None) is not None else -1,
+                       study=pseudonym(study), step=record.get("step") or step, reason=record.get("reason"),
+                       exceptions=_exception_chain(exc), attempt=getattr(ti, "try_number", None),
+                       max_attempts=(retries + 1) if isinstance(retries, int) else None)
+
+
+def notify_study_failure(context, *, study: str, step: str, exc: BaseException) -> None:
+    """Tell that one study failed after its retries, as a failed task is told; never fails the task (its other
+    studies' work is done): a channel that cannot be served is logged."""
+    from imaging_dags.settings import notify_channels
+
+    try:
+        channels = notify_channels()
+        if channels:
+            message = compose(study_failure_facts(context, study=study, step=step, exc=exc), base_url=ui_base_url())
+            sent = deliver(message, channels, context)
+            log.info("notification sent (%d channel(s)): %s", sent, message.subject)
+    except Exception as err:  # noqa: BLE001 - the notification matters less than the batch
+        log.error("notification of study %s failing at %s not sent: %s", pseudonym(study) or "?", step,
+                  err if isinstance(err, NotificationError) else type(err).__name__)
+
+
 def told_by_the_summary(context) -> bool:
-    """The load step failing on purpose, after loading the rest, because another task of the run failed: that task
-    was told already and the end-of-run summary names the failed studies, so no message of its own.  (Its other
-    failures, a PHI audit at load or a configuration error, are told.)"""
+    """The load step failing on purpose, after loading the rest, because a study or another task of the run
+    failed: those were told already and the end-of-run summary names the failed studies, so no message of its
+    own.  (Its other failures, a PHI audit at load or a configuration error, are told.)"""
     from airflow.sdk.exceptions import AirflowFailException
+
+    from imaging_dags.tasks import FailuresInRun
 
     ti = context.get("ti")
     if getattr(ti, "task_id", None) != "load_metadata" or \
             not isinstance(context.get("exception"), AirflowFailException):
         return False
+    if isinstance(context.get("exception"), FailuresInRun):
+        return True
     try:
         others = [t for t in ti.task.dag.task_ids if t != ti.task_id]
         return bool(others and ti.get_ti_count(dag_id=ti.dag_id, task_ids=others, run_ids=[ti.run_id],

@@ -9,6 +9,7 @@ import logging
 from contextlib import contextmanager
 
 from airflow.sdk import Asset, TriggerRule, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 from imaging_dags import lineage
 from imaging_dags.params import run_options
@@ -41,6 +42,11 @@ def _run():
     return RunContext(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, map_index=ti.map_index)
 
 
+class FailuresInRun(AirflowFailException):
+    """The load, having loaded the good studies, fails the run because studies or tasks of it failed (each was
+    told when it failed; the end-of-run summary names them)."""
+
+
 class StudyFailed(RuntimeError):
     """A step failed for one study: the message names the specialty, the pseudonymous study and the step."""
 
@@ -49,8 +55,6 @@ class StudyFailed(RuntimeError):
 def failing_fast(what: str):
     """A configuration error (no key, unknown bucket, bad warehouse URI) fails the task once, without retries:
     retrying cannot fix it, and the message says what to set."""
-    from airflow.sdk.exceptions import AirflowFailException
-
     from imaging_tasks.errors import ConfigError
 
     try:
@@ -99,14 +103,19 @@ def run_batch(specialty: str, batch: list[dict], step: str, work, *, detail: boo
     the ledger (step, reason, attempt); the instance retries only the failed studies, and on its last attempt
     lets them go on as failed so the rest of the batch is not held back (the load then fails the run, naming
     them).  ``detail=False`` keeps failure messages out of the ledger and log (steps reading raw inputs)."""
+    from imaging_dags.notifiers import notify_study_failure
     from imaging_tasks import batches
+
+    final = _final_attempt()
 
     def on_failure(study: dict, exc: BaseException) -> None:
         _record_failure(specialty, study, step, exc, detail=detail)
+        if final:  # told now, as a failed task instance would be (the instance itself goes on)
+            notify_study_failure(get_current_context(), study=study.get("study"), step=step, exc=exc)
 
     with failing_fast(f"{specialty} {step}"):
         return batches.run_batch(batch, work, lake=_lake(specialty), run_id=get_current_context()["ti"].run_id,
-                                 step=step, final_attempt=_final_attempt(), on_failure=on_failure, settled=settled)
+                                 step=step, final_attempt=final, on_failure=on_failure, settled=settled)
 
 
 @contextmanager
@@ -117,8 +126,6 @@ def naming_study(specialty: str, study: dict, step: str, *, detail: bool = True)
     ``detail=False`` keeps the original message out (steps reading raw inputs, whose errors may quote them).
     A configuration error fails once, without retries (as in ``failing_fast``).
     """
-    from airflow.sdk.exceptions import AirflowFailException
-
     try:
         with failing_fast(f"{specialty} study {study.get('study', '?')}: {step}"):
             yield
@@ -353,7 +360,7 @@ def _load_metadata(specialty: str, processed: list[dict] | None = None) -> dict:
     """Load every pending study (this run's and any earlier run's that never reached the warehouse), then fail the
     run if one of its studies or tasks failed: the others are loaded first, the failure stays visible."""
     from airflow.sdk import Variable
-    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+    from airflow.sdk.exceptions import AirflowSkipException
 
     from imaging_dags.settings import for_specialty
     from imaging_dags.warehouse_hook import WarehouseHook
@@ -395,12 +402,10 @@ def _load_metadata(specialty: str, processed: list[dict] | None = None) -> dict:
 
 def _fail_if_upstream_failed(specialty: str, ti, *, loaded: int, failed: list[dict] = ()) -> None:
     """The load runs whatever failed upstream (so the good studies land); then the run must still end failed."""
-    from airflow.sdk.exceptions import AirflowFailException
-
     broken = ti.get_ti_count(dag_id=ti.dag_id, run_ids=[ti.run_id], states=["failed", "upstream_failed"])
     if broken or failed:
         studies = ", ".join(f"{f['study']} ({f['step']}: {f['reason']})" for f in failed) or "see the failed tasks"
-        raise AirflowFailException(f"{specialty}: {loaded} stud(ies) loaded, but {len(failed)} stud(ies) and "
+        raise FailuresInRun(f"{specialty}: {loaded} stud(ies) loaded, but {len(failed)} stud(ies) and "
                                    f"{broken} task instance(s) of this run failed: {studies}; the ledger table "
                                    "names each failed study and the next run retries them")
 
