@@ -30,14 +30,16 @@ log = logging.getLogger(__name__)
 
 # Studies per batch when neither the run nor the setting says (a specialty's record may say: heavy studies, whose
 # steps take minutes, gain nothing from sharing an instance).  Chosen with bench/scale.py at 200 cardiovascular
-# studies under the standalone scheduler (README, "Scale"): small batches pay an instance start per few studies,
-# large ones leave a worker idle at the end of a step and make a retry redo more.
-DEFAULT_BATCH_SIZE = 16
+# studies under the standalone scheduler (bench/README.md, "scale.py"): 16 a batch took 1.36x the library's wall
+# time, 32 took 1.19x; each instance costs ~2-8 s of process start and imports, and a step's instances finish
+# together before the next step's start, so fewer, fuller instances win until a night has too few to fill the
+# workers (MIN_BATCHES).
+DEFAULT_BATCH_SIZE = 32
 # A small night is spread over at least this many instances per step (while it has the studies), so the workers
 # it has are used: 20 studies are 7 batches of 3, not 2 of 10.
 MIN_BATCHES = 8
 # Instances per mapped step, whatever the night's size: beyond it batches grow instead (1,000 studies at the
-# default size are 63 batches; 10,000 are 250 batches of 40).
+# default size are 32 batches; 10,000 are 250 batches of 40).
 MAX_BATCHES = 250
 
 

@@ -564,7 +564,8 @@ def process_study(study: dict, lake: Lake, *, step: str | None = None, device: s
         study = _run_step(record, name, study, lake, device=device, options=options, run=run)
         if study.get("status") == "skipped":
             break
-        metrics.step_done(lake.specialty, name, time.time() - started, device=_device_name(device))
+        metrics.step_done(lake.specialty, name, time.time() - started,
+                          device=_device_name(device) if record.step(name).gpu else "cpu")
         if not is_ok(study):
             break
     return study
@@ -590,7 +591,7 @@ def _run_step(record, name: str, study: dict, lake: Lake, *, device: str | None,
     order = [s.name for s in record.steps]
     index, fn, kwargs = record.step_call(name, options)
     deid = storage.read_json(storage.join(study["anonymized"], DEID_MANIFEST))
-    dev = str(pick_device(device))
+    dev = str(pick_device(device)) if record.step(name).gpu else "cpu"  # a CPU step never imports torch (~2 s)
     with tempfile.TemporaryDirectory(prefix=f"{lake.specialty}-") as tmp:
         files = fetch_instances(deid["instances"], Path(tmp) / "in")
         previous = {}

@@ -33,8 +33,8 @@ def test_a_requested_size_is_kept_exactly_up_to_the_instance_cap(n, size, length
 @pytest.mark.parametrize("n, lengths", [
     (3, [1, 1, 1]),              # a small night is spread over the workers
     (20, [3] * 6 + [2]),         # ceil(20 / MIN_BATCHES) = 3 per batch
-    (200, [16] * 5 + [15] * 8),  # the default size: 13 instances
-    (1000, [16] * 55 + [15] * 8),
+    (200, [25] * 8),             # the default size (32), spread over MIN_BATCHES instances
+    (1000, [32] * 8 + [31] * 24),
 ])
 def test_the_default_size_spreads_small_nights_and_caps_large_ones(n, lengths):
     assert [len(b) for b in batches.plan_batches(_studies(n))] == lengths

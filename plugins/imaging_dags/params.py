@@ -45,7 +45,8 @@ def pipeline_params(**extra: Param) -> dict[str, Param]:
                             title="Studies per task instance (optional)",
                             description="Each mapped step runs over batches of this many studies; each study keeps "
                                         "its own outcome and a retry redoes only the failed ones. Empty: the "
-                                        "[imaging] batch_size setting (default 16). Large nights grow batches so a "
+                                        "[imaging] batch_size setting, else 32 (1 for neuroimaging sessions and "
+                                        "slides) spread over at least 8 instances. Large nights grow batches so a "
                                         "step maps at most 250 instances.",
                             section=INPUTS),
         **extra,
