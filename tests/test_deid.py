@@ -399,6 +399,40 @@ def test_overlay_in_unused_high_bits_is_cleared():
     assert not np.any(got >> 12) and np.array_equal(got & 0x0FFF, words & 0x0FFF)
 
 
+def test_compressed_pixels_are_decoded_only_when_their_stream_can_hold_bits_above_bits_stored(monkeypatch):
+    """A JPEG-family stream declaring a precision within BitsStored cannot carry overlay bits: not decoded.  One
+    declaring more is decoded and checked, as before (here: refused, its values use bits above BitsStored)."""
+    import pydicom.pixels
+    from pydicom.data import get_testdata_file
+
+    from imaging_tasks.deid import pixels
+
+    j2k = pydicom.dcmread(get_testdata_file("J2K_pixelrep_mismatch.dcm"))  # SIZ: 13 bits; BitsStored 13 of 16
+    ts = j2k.file_meta.TransferSyntaxUID
+    assert pixels._declared_precision(j2k, ts) == 13
+    real = pydicom.pixels.pixel_array
+    decoded = []
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    assert pixels.clean_pixel_data(j2k, ts) is False and decoded == []
+
+    j2k.BitsStored, j2k.HighBit = 10, 9  # the stream's 11-bit values no longer fit: decoded, and refused
+    with pytest.raises(BadInput, match="overlay bits above BitsStored"):
+        pixels.clean_pixel_data(j2k, ts)
+    assert decoded == [1]
+
+    wide = pydicom.dcmread(get_testdata_file("693_J2KI.dcm"))  # SIZ: 16 bits for BitsStored 14: decoded
+    assert pixels._declared_precision(wide, wide.file_meta.TransferSyntaxUID) == 16
+    assert pixels.clean_pixel_data(wide, wide.file_meta.TransferSyntaxUID) is False and decoded == [1, 1]
+
+    # JPEG and JPEG-LS: the SOF segment after any other segments; anything unreadable counts as unknown
+    jpeg = pydicom.dcmread(get_testdata_file("JPGExtended.dcm"))
+    assert pixels._declared_precision(jpeg, jpeg.file_meta.TransferSyntaxUID) == 12
+    header = b"\xff\xd8" + b"\xff\xe0\x00\x04ab" + b"\xff\xff\xc3\x00\x0b\x0c\x00\x08\x00\x08\x01\x01\x11\x00"
+    assert pixels._jpeg_precision(header) == 12
+    assert pixels._jpeg_precision(b"\xff\xd8\xff\xda\x00\x02") == pixels.UNKNOWN_PRECISION
+    assert pixels._jpeg_precision(b"not a jpeg") == pixels._j2k_precision(b"\xff\x4f") == pixels.UNKNOWN_PRECISION
+
+
 def test_bad_inputs_are_quarantined():
     rng = np.random.default_rng(6)
     study = phi.fake_study(rng, "study-bad")

@@ -267,9 +267,13 @@ def _study_step(specialty: str, step: str, study: list[dict]) -> list[dict]:
     """One processing step of the specialty's record on each study of a batch (the last step publishes it)."""
     from imaging_tasks.pipeline import process_study as run_step
 
+    from airflow.sdk.exceptions import AirflowSkipException
+
     label_batch(study)
-    if not any(is_ok(s) for s in study):
-        _skip_unless_ok(specialty, study[0] if study else {}, step)
+    if not any(is_ok(s) for s in study):  # Airflow's own state in the grid, not a run for nothing
+        raise AirflowSkipException(f"{specialty} {step}: skipped, every study of this batch went no further at an "
+                                   "earlier step: " + ", ".join(f"{s.get('study')} ({s.get('status')})"
+                                                                for s in study[:50]))
     options = run_options(specialty, get_current_context()["params"])
     lake, run = _lake(specialty), _run()
     return run_batch(specialty, study, step,
