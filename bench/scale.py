@@ -1,7 +1,7 @@
 """Scale bench (issue 17): N synthetic studies of one specialty through the library alone and through its DAG under
 the real Airflow scheduler, side by side on the same landing folder.
 
-    .venv/bin/python bench/scale.py [--studies 200] [--specialty cardiovascular] [--batch-sizes 25]
+    .venv/bin/python bench/scale.py [--studies 200] [--specialty cardiovascular] [--batch-sizes 16,32]
         [--skip-library] [--skip-dag] [--parallelism N] [--with-deid] [--workdir DIR] [--out bench/results/scale]
 
 Why it is built this way:
@@ -715,7 +715,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--studies", type=int, default=200)
     p.add_argument("--specialty", default="cardiovascular")
-    p.add_argument("--batch-sizes", default="25", help="comma list: one more DAG run per batch size ('' for none)")
+    p.add_argument("--batch-sizes", default="", help="comma list: one more DAG run per batch size (default: none)")
     p.add_argument("--skip-library", action="store_true")
     p.add_argument("--skip-dag", action="store_true")
     p.add_argument("--parallelism", type=int, default=None,
