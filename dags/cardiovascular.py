@@ -17,13 +17,13 @@ SPECIALTY = "cardiovascular"
 def cardiovascular():
     arrived = landing_sensor(SPECIALTY)
     studies = index_studies(SPECIALTY, arrived.output)
-    clean = deidentify.partial(specialty=SPECIALTY).expand(study=studies)
-    audited = audit_phi.partial(specialty=SPECIALTY).expand(study=clean)   # fail closed
+    clean = deidentify.partial(specialty=SPECIALTY).expand(batch=studies)
+    audited = audit_phi.partial(specialty=SPECIALTY).expand(batch=clean)   # fail closed
     ready = ready_for_processing(SPECIALTY, audited)                       # quarantined studies stop here
-    routed = study_step(SPECIALTY, "route_series").expand(study=ready)     # which series each step takes
-    calcium = study_step(SPECIALTY, "calcium_scoring").expand(study=routed)
-    cine = study_step(SPECIALTY, "cine_function").expand(study=calcium)
-    flow = study_step(SPECIALTY, "flow").expand(study=cine)
+    routed = study_step(SPECIALTY, "route_series").expand(batch=ready)     # which series each step takes
+    calcium = study_step(SPECIALTY, "calcium_scoring").expand(batch=routed)
+    cine = study_step(SPECIALTY, "cine_function").expand(batch=calcium)
+    flow = study_step(SPECIALTY, "flow").expand(batch=cine)
     fhir_update(SPECIALTY, load_metadata(SPECIALTY, flow))   # optional: skipped without a FHIR server
 
 

@@ -15,10 +15,10 @@ SPECIALTY = "mammography"
 def mammography():
     arrived = landing_sensor(SPECIALTY)
     studies = index_studies(SPECIALTY, arrived.output)
-    clean = deidentify.partial(specialty=SPECIALTY).expand(study=studies)
-    audited = audit_phi.partial(specialty=SPECIALTY).expand(study=clean)   # fail closed
+    clean = deidentify.partial(specialty=SPECIALTY).expand(batch=studies)
+    audited = audit_phi.partial(specialty=SPECIALTY).expand(batch=clean)   # fail closed
     ready = ready_for_processing(SPECIALTY, audited)                       # quarantined studies stop here
-    processed = study_step(SPECIALTY, "process_study").expand(study=ready)
+    processed = study_step(SPECIALTY, "process_study").expand(batch=ready)
     fhir_update(SPECIALTY, load_metadata(SPECIALTY, processed))   # optional: skipped without a FHIR server
 
 

@@ -19,19 +19,19 @@ SPECIALTY = "neuroimaging"
 def neuroimaging():
     arrived = landing_sensor(SPECIALTY)
     sessions = index_studies(SPECIALTY, arrived.output)
-    clean = deidentify.partial(specialty=SPECIALTY).expand(study=sessions)
-    audited = audit_phi.partial(specialty=SPECIALTY).expand(study=clean)   # fail closed
+    clean = deidentify.partial(specialty=SPECIALTY).expand(batch=sessions)
+    audited = audit_phi.partial(specialty=SPECIALTY).expand(batch=clean)   # fail closed
     ready = ready_for_processing(SPECIALTY, audited)                       # quarantined sessions stop here
-    n4 = study_step(SPECIALTY, "n4_bias").expand(study=ready)
-    brain = study_step(SPECIALTY, "brain_extraction").expand(study=n4)                 # GPU
-    pet = study_step(SPECIALTY, "pet_average").expand(study=brain)
-    pet_t1 = study_step(SPECIALTY, "pet_to_t1").expand(study=pet)
-    atlas = study_step(SPECIALTY, "atlas_registration").expand(study=pet_t1)
-    suvr = study_step(SPECIALTY, "suvr").expand(study=atlas)
-    glm = study_step(SPECIALTY, "fmri_glm").expand(study=suvr)                         # GPU
-    tensors = study_step(SPECIALTY, "dti").expand(study=glm)                           # GPU
-    tracts = study_step(SPECIALTY, "tractography").expand(study=tensors)               # GPU
-    features = study_step(SPECIALTY, "roi_features").expand(study=tracts)
+    n4 = study_step(SPECIALTY, "n4_bias").expand(batch=ready)
+    brain = study_step(SPECIALTY, "brain_extraction").expand(batch=n4)                 # GPU
+    pet = study_step(SPECIALTY, "pet_average").expand(batch=brain)
+    pet_t1 = study_step(SPECIALTY, "pet_to_t1").expand(batch=pet)
+    atlas = study_step(SPECIALTY, "atlas_registration").expand(batch=pet_t1)
+    suvr = study_step(SPECIALTY, "suvr").expand(batch=atlas)
+    glm = study_step(SPECIALTY, "fmri_glm").expand(batch=suvr)                         # GPU
+    tensors = study_step(SPECIALTY, "dti").expand(batch=glm)                           # GPU
+    tracts = study_step(SPECIALTY, "tractography").expand(batch=tensors)               # GPU
+    features = study_step(SPECIALTY, "roi_features").expand(batch=tracts)
     fhir_update(SPECIALTY, load_metadata(SPECIALTY, features))   # optional: skipped without a FHIR server
 
 

@@ -17,8 +17,8 @@ SPECIALTY = "pathology"
 def pathology():
     arrived = landing_sensor(SPECIALTY)
     slides = index_studies(SPECIALTY, arrived.output)
-    clean = deidentify.partial(specialty=SPECIALTY).expand(study=slides)
-    audited = audit_phi.partial(specialty=SPECIALTY).expand(study=clean)   # fail closed
+    clean = deidentify.partial(specialty=SPECIALTY).expand(batch=slides)
+    audited = audit_phi.partial(specialty=SPECIALTY).expand(batch=clean)   # fail closed
     ready = ready_for_processing(SPECIALTY, audited, batched=False)       # one by one; quarantined ones stop here
     summaries = per_slide(SPECIALTY).expand(study=ready)   # plan_tiles → tile_features → finish_slide, per slide
     fhir_update(SPECIALTY, load_metadata(SPECIALTY, summaries))   # optional: skipped without a FHIR server

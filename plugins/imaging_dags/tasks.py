@@ -198,26 +198,26 @@ def index_studies(specialty: str, arrived: dict | None = None) -> list[list[dict
 @lineage.task(max_active_tis_per_dagrun=4, map_index_template=STUDY_LABEL, reads=("landing", "work"),
               writes=("anonymized", "quarantine"))
 @in_object_storage
-def deidentify(specialty: str, study: list[dict]) -> list[dict]:
+def deidentify(specialty: str, batch: list[dict]) -> list[dict]:
     """PS3.15 basic profile with keyed pseudonyms, on each study of a batch; outputs audited for PHI before they
     are written."""
     from imaging_dags.settings import deid_key
     from imaging_tasks.pipeline import deidentify_study
 
-    label_batch(study)
+    label_batch(batch)
     with failing_fast(f"de-identify {specialty}"):
         key, demo = deid_key()
         lake = _lake(specialty)
     options = run_options(specialty, get_current_context()["params"])  # the specialty's PS3.15 option choices
     run = _run()
-    return run_batch(specialty, study, "de-identification",
+    return run_batch(specialty, batch, "de-identification",
                      lambda one: deidentify_study(one, lake, key=key, demo=demo, options=options, run=run),
                      detail=False)
 
 
 @lineage.task(max_active_tis_per_dagrun=4, map_index_template=STUDY_LABEL, reads=("landing", "anonymized"))
 @in_object_storage
-def audit_phi(specialty: str, study: list[dict]) -> list[dict]:
+def audit_phi(specialty: str, batch: list[dict]) -> list[dict]:
     """Independent, fail-closed PHI audit of each de-identified study of a batch: the raw inputs' identifying
     values are re-read and searched for in every byte written to the lake and in the XCom; returns the studies
     unchanged.
@@ -228,14 +228,14 @@ def audit_phi(specialty: str, study: list[dict]) -> list[dict]:
     from imaging_tasks.phi_audit import PHILeak
     from imaging_tasks.pipeline import audit_deidentified
 
-    label_batch(study)
+    label_batch(batch)
     lake, run = _lake(specialty), _run()
 
     def audit(one: dict) -> dict:
         audit_deidentified(one, lake, run=run)  # logs what it searched; ledger: audited (or failed: the leak)
         return one
 
-    return run_batch(specialty, study, "audit_phi", audit, settled=(PHILeak,))
+    return run_batch(specialty, batch, "audit_phi", audit, settled=(PHILeak,))
 
 
 @lineage.task  # reads and writes no data: XComs only
@@ -263,20 +263,20 @@ def gpu_task(**kwargs):
 
 @lineage.task(map_index_template=STUDY_LABEL, reads=("anonymized", "earlier_steps"), writes=("this_step",))
 @in_object_storage
-def _study_step(specialty: str, step: str, study: list[dict]) -> list[dict]:
+def _study_step(specialty: str, step: str, batch: list[dict]) -> list[dict]:
     """One processing step of the specialty's record on each study of a batch (the last step publishes it)."""
     from imaging_tasks.pipeline import process_study as run_step
 
     from airflow.sdk.exceptions import AirflowSkipException
 
-    label_batch(study)
-    if not any(is_ok(s) for s in study):  # Airflow's own state in the grid, not a run for nothing
+    label_batch(batch)
+    if not any(is_ok(s) for s in batch):  # Airflow's own state in the grid, not a run for nothing
         raise AirflowSkipException(f"{specialty} {step}: skipped, every study of this batch went no further at an "
                                    "earlier step: " + ", ".join(f"{s.get('study')} ({s.get('status')})"
-                                                                for s in study[:50]))
+                                                                for s in batch[:50]))
     options = run_options(specialty, get_current_context()["params"])
     lake, run = _lake(specialty), _run()
-    return run_batch(specialty, study, step,
+    return run_batch(specialty, batch, step,
                      lambda one: run_step(one, lake, step=step, options=options, run=run))
 
 
@@ -291,7 +291,7 @@ def _skip_unless_ok(specialty: str, study: dict, step: str) -> None:
 
 
 def study_step(specialty: str, name: str):
-    """The task of processing step ``name`` of the specialty's record, to ``.expand(study=batches)``: its task id
+    """The task of processing step ``name`` of the specialty's record, to ``.expand(batch=batches)``: its task id
     is the step's name, and a GPU step runs on the GPU queue and pool (CPU fallback inside the step when no CUDA)."""
     from imaging_tasks.specialties import get
 
