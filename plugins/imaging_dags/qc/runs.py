@@ -185,8 +185,7 @@ def run_studies(session, dag_id: str, run_id: str, lake: LakeView) -> list[Study
             r = row(value["study"])
             r.patient = r.patient or _patient(value)
             r.steps[ti["task_id"]] = {"state": ti["state"], "map_index": ti["map_index"], "duration": ti["duration"],
-                                      "status": value.get("status"), "reason": value.get("reason"),
-                                      "batch": len(held)}
+                                      "status": value.get("status"), "reason": value.get("reason")}
     lineage = lake.run_lineage(run_id)
     for rec in lineage:
         study = str(rec.get("study_id") or "")
