@@ -211,30 +211,22 @@ def _study_record(specialty: str, study: str, run_id: str) -> dict:
     return record if record.get("run_id") == run_id and record.get("state") == "failed" else {}
 
 
-def task_failure_facts(context) -> TaskFailure:
+def task_failure_facts(context, *, study: str | None = None, step: str | None = None,
+                       exc: BaseException | None = None) -> TaskFailure:
+    """The failed instance's facts; or, given ``study``, ``step`` and ``exc``, those of one study of a batch that
+    failed on the instance's last attempt (the instance goes on for the others)."""
     ti = context["ti"]
     map_index = getattr(ti, "map_index", -1)
-    study = pseudonym(context.get("study_label") or getattr(ti, "rendered_map_index", None))
+    study = pseudonym(study if study is not None else
+                      context.get("study_label") or getattr(ti, "rendered_map_index", None))
     record = _study_record(ti.dag_id, study, ti.run_id) if study else {}
     task = getattr(ti, "task", None)
     retries = getattr(task, "retries", None)
     return TaskFailure(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
                        map_index=map_index if map_index is not None else -1, study=study,
-                       step=record.get("step") or ti.task_id, reason=record.get("reason"),
-                       exceptions=_exception_chain(context.get("exception")),
+                       step=record.get("step") or step or ti.task_id, reason=record.get("reason"),
+                       exceptions=_exception_chain(exc if exc is not None else context.get("exception")),
                        attempt=getattr(ti, "try_number", None),
-                       max_attempts=(retries + 1) if isinstance(retries, int) else None)
-
-
-def study_failure_facts(context, *, study: str, step: str, exc: BaseException) -> TaskFailure:
-    """One study of a batch that failed on the instance's last attempt (the instance goes on for the others)."""
-    ti = context["ti"]
-    record = _study_record(ti.dag_id, study, ti.run_id)
-    retries = getattr(getattr(ti, "task", None), "retries", None)
-    return TaskFailure(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
-                       map_index=getattr(ti, "map_index", -1) if getattr(ti, "map_index", None) is not None else -1,
-                       study=pseudonym(study), step=record.get("step") or step, reason=record.get("reason"),
-                       exceptions=_exception_chain(exc), attempt=getattr(ti, "try_number", None),
                        max_attempts=(retries + 1) if isinstance(retries, int) else None)
 
 
@@ -246,7 +238,7 @@ def notify_study_failure(context, *, study: str, step: str, exc: BaseException) 
     try:
         channels = notify_channels()
         if channels:
-            message = compose(study_failure_facts(context, study=study, step=step, exc=exc), base_url=ui_base_url())
+            message = compose(task_failure_facts(context, study=study, step=step, exc=exc), base_url=ui_base_url())
             sent = deliver(message, channels, context)
             log.info("notification sent (%d channel(s)): %s", sent, message.subject)
     except Exception as err:  # noqa: BLE001 - the notification matters less than the batch

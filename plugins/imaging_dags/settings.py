@@ -63,11 +63,15 @@ REMOTE_CONN_VARIABLES = {"s3": "imaging_aws_conn_id", "s3a": "imaging_aws_conn_i
                          "gs": "imaging_gcs_conn_id", "gcs": "imaging_gcs_conn_id"}
 
 
+def _param_or_setting(params, name: str, fallback: str):
+    """Run time: the run's Param ``name`` if given, else the setting ``[imaging] name`` (raw, to parse)."""
+    value = (params or {}).get(name)
+    return conf.get("imaging", name, fallback=fallback) if value is None or value == "" else value
+
+
 def landing_quiet_seconds(params=None) -> float:
     """Run time: the run's Param ``landing_quiet_seconds`` if given, else ``[imaging] landing_quiet_seconds``."""
-    value = (params or {}).get("landing_quiet_seconds")
-    if value is None or value == "":
-        value = conf.get("imaging", "landing_quiet_seconds", fallback=str(LANDING_QUIET_DEFAULT_S))
+    value = _param_or_setting(params, "landing_quiet_seconds", str(LANDING_QUIET_DEFAULT_S))
     try:
         seconds = float(value)
     except (TypeError, ValueError):
@@ -81,10 +85,8 @@ def batch_size(params=None) -> int | None:
     """Run time: studies per mapped task instance: the run's Param ``batch_size`` if given, else
     ``[imaging] batch_size`` (``AIRFLOW__IMAGING__BATCH_SIZE``), else None (the library's default,
     ``imaging_tasks.batches.DEFAULT_BATCH_SIZE``)."""
-    value = (params or {}).get("batch_size")
+    value = _param_or_setting(params, "batch_size", "")
     if value is None or value == "":
-        value = conf.get("imaging", "batch_size", fallback="") or None
-    if value is None:
         return None
     try:
         size = int(value)
