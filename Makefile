@@ -38,8 +38,13 @@ $(AIRFLOW_HOME)/airflow.db: $(STAMP)
 demo: $(AIRFLOW_HOME)/airflow.db
 	$(BIN)/python deploy/demo.py
 
+# Two pytest workers, one test file each at a time (a file's module fixtures are built once): much of the suite waits on
+# Airflow components and servers in subprocesses, so two workers suit two cores (41 min in one, 21 min in two on CI's
+# 2-core machine). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The UI on the embedded default. The landing folders hold synthetic studies, so the public demo key is selected
 # explicitly (outputs marked DEMO KEY), as `make demo` does; set IMAGING_DEID_KEY for real data.

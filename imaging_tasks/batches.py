@@ -16,6 +16,7 @@ recomputes.  Pure Python: the Airflow tasks and ``bench/scale.py`` call it the s
 """
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 import time
@@ -41,6 +42,8 @@ MIN_BATCHES = 8
 # Instances per mapped step, whatever the night's size: beyond it batches grow instead (1,000 studies at the
 # default size are 32 batches; 10,000 are 250 batches of 40).
 MAX_BATCHES = 250
+# Checkpoints of a run that never reached its load (killed, failed, abandoned) are swept after this long.
+STALE_AFTER = dt.timedelta(days=14)
 
 
 def batch_size_for(n_studies: int, requested: int | None = None, *, default: int | None = None) -> int:
@@ -157,9 +160,15 @@ def run_batch(studies: list[dict], work: Callable[[dict], dict], *, lake: Lake, 
     return outcomes
 
 
-def forget_run(lake: Lake, run_id: str) -> int:
-    """Drop the run's checkpoints once its studies are loaded (a cleared, finished run then recomputes)."""
+def forget_run(lake: Lake, run_id: str, *, now: dt.datetime | None = None) -> int:
+    """Drop the run's checkpoints once its studies are loaded (a cleared, finished run then recomputes), and those
+    of any run untouched for :data:`STALE_AFTER` (a run killed or failed before its load never forgets its own;
+    a checkpoint only saves work, so a run cleared after that long recomputes).  Returns how many were removed."""
     root = lake.work("batches", safe_name(run_id))
-    if not storage.exists(root):
-        return 0
-    return sum(storage.remove(o.uri) for o in storage.list_objects(root))
+    removed = sum(storage.remove(o.uri) for o in storage.list_objects(root)) if storage.exists(root) else 0
+    cutoff = (now or dt.datetime.now(dt.timezone.utc)) - STALE_AFTER
+    stale = [o for o in storage.list_objects(lake.work("batches")) if o.modified and o.modified < cutoff]
+    if stale:
+        log.info("%s: %d checkpoint(s) of runs untouched since before %s removed", lake.specialty, len(stale),
+                 cutoff.date())
+    return removed + sum(storage.remove(o.uri) for o in stale)

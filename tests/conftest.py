@@ -5,6 +5,7 @@ Environment variables are set before anything imports Airflow, as Airflow reads 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import subprocess
@@ -50,3 +51,22 @@ def buckets(tmp_path, monkeypatch):
     monkeypatch.setenv("AIRFLOW_VAR_IMAGING_LAKE_URI", lake.as_uri())
     monkeypatch.setenv("AIRFLOW_VAR_IMAGING_WAREHOUSE", f"duckdb://{warehouse}")
     return {"landing": landing, "lake": lake, "warehouse": warehouse, "truth": landing / "_truth"}
+
+
+@contextlib.contextmanager
+def api_server_client():
+    """The api-server app (core APIs, plugins, auth manager) as a test client, and JWTs of an admin (``admin``) and
+    of a user with no role (``no_role``): ``with api_server_client() as (client, tokens)``."""
+    from airflow.api_fastapi.app import create_app, get_auth_manager, purge_cached_app
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+    from fastapi.testclient import TestClient
+
+    app = create_app(apps="core")
+    manager = get_auth_manager()
+    tokens = {"admin": manager.generate_jwt(SimpleAuthManagerUser(username="admin", role="admin")),
+              "no_role": manager.generate_jwt(SimpleAuthManagerUser(username="nobody", role=None))}
+    try:
+        with TestClient(app) as client:
+            yield client, tokens
+    finally:
+        purge_cached_app()

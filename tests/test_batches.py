@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,25 @@ def test_settled_failures_are_not_retried_and_configuration_errors_fail_the_batc
 
     with pytest.raises(ConfigError):
         batches.run_batch(studies, misconfigured, lake=lake, run_id="r", step="deidentify", final_attempt=True)
+
+
+def test_checkpoints_of_a_run_that_never_loaded_are_swept_by_a_later_load(tmp_path):
+    """A killed night never reaches its load: its checkpoints go with the first load STALE_AFTER later; a run
+    that is still going (fresh checkpoints) keeps its own."""
+    import datetime as dt
+    import os
+
+    lake, studies = _lake(tmp_path), _studies(2)
+    for run_id in ("scheduled__2026-11-01T02:00:00+00:00", "manual__2026-12-02T01:00:00+00:00",
+                   "scheduled__2026-12-02T02:00:00+00:00"):
+        batches.run_batch(studies, lambda s: {**s, "steps_done": ["x"]}, lake=lake, run_id=run_id, step="x",
+                          final_attempt=True)
+    old = dt.datetime(2026, 11, 1, 3, tzinfo=dt.timezone.utc).timestamp()
+    for f in Path(lake.work("batches").path).rglob("*.json"):
+        if "2026-11-01" in str(f):
+            os.utime(f, (old, old))
+    now = dt.datetime(2026, 12, 2, 4, tzinfo=dt.timezone.utc)
+    assert batches.forget_run(lake, "manual__2026-12-02T01:00:00+00:00", now=now) == 2 + 2
+    left = sorted(p.relative_to(Path(lake.work("batches").path)).parts[0]
+                  for p in Path(lake.work("batches").path).rglob("*.json"))
+    assert len(left) == 2 and all("2026-12-02T02" in name for name in left), left

@@ -97,6 +97,18 @@ def test_settings_per_specialty_shared_and_placeholder(monkeypatch):
         event_sources("neuroimaging")
 
 
+def test_the_dicom_receiver_setting_gives_the_dag_a_landing_asset_with_no_watcher(monkeypatch):
+    """``imaging-tasks receive --airflow-url`` posts the landing asset's events itself: no queue to watch."""
+    from imaging_dags.settings import event_sources
+    from imaging_tasks.errors import ConfigError
+
+    monkeypatch.setenv("IMAGING_EVENTS_RECEIVER", "true")
+    assert _watchers(_parse_dag()) == []
+    monkeypatch.setenv("IMAGING_EVENTS_RECEIVER", "sometimes")
+    with pytest.raises(ConfigError, match="expected true or false"):
+        event_sources(SPECIALTY)
+
+
 def test_an_event_started_run_looks_at_everything_not_done_like_a_manual_run():
     """An asset-triggered run's data interval spans its events, not the arrivals: it must not narrow the window
     (the landing sensor then applies the quiet period to the whole prefix; the ledger skips what is done)."""

@@ -53,18 +53,11 @@ def _metric_cells(page: str) -> dict[str, str]:
 
 @pytest.fixture()
 def qc_client(airflow_db, buckets):
-    """The api-server app (core APIs, plugins, auth manager) and a JWT of the admin user."""
-    from airflow.api_fastapi.app import create_app, get_auth_manager, purge_cached_app
-    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
-    from fastapi.testclient import TestClient
+    """The api-server app (core APIs, plugins, auth manager) and JWTs (conftest.api_server_client)."""
+    from conftest import api_server_client
 
-    app = create_app(apps="core")
-    manager = get_auth_manager()
-    tokens = {"admin": manager.generate_jwt(SimpleAuthManagerUser(username="admin", role="admin")),
-              "no_role": manager.generate_jwt(SimpleAuthManagerUser(username="nobody", role=None))}
-    with TestClient(app) as client:
+    with api_server_client() as (client, tokens):
         yield client, tokens
-    purge_cached_app()
 
 
 def test_qc_pages_of_a_real_run(qc_client, buckets):

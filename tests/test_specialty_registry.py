@@ -107,11 +107,11 @@ SPECIALTY = "toy"
 def toy():
     arrived = landing_sensor(SPECIALTY)
     studies = index_studies(SPECIALTY, arrived.output)
-    clean = deidentify.partial(specialty=SPECIALTY).expand(study=studies)
-    audited = audit_phi.partial(specialty=SPECIALTY).expand(study=clean)
+    clean = deidentify.partial(specialty=SPECIALTY).expand(batch=studies)
+    audited = audit_phi.partial(specialty=SPECIALTY).expand(batch=clean)
     ready = ready_for_processing(SPECIALTY, audited)
-    measured = study_step(SPECIALTY, "measure").expand(study=ready)
-    reported = study_step(SPECIALTY, "report").expand(study=measured)
+    measured = study_step(SPECIALTY, "measure").expand(batch=ready)
+    reported = study_step(SPECIALTY, "report").expand(batch=measured)
     load_metadata(SPECIALTY, reported)
 
 

@@ -313,20 +313,13 @@ def test_every_dag_ends_with_the_optional_fhir_update():
 @pytest.fixture(scope="module")
 def api(airflow_db, cli_run):
     """The api-server app (core APIs, plugins, auth manager), the lake and warehouse of the CLI run, JWTs."""
-    from airflow.api_fastapi.app import create_app, get_auth_manager, purge_cached_app
-    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
-    from fastapi.testclient import TestClient
+    from conftest import api_server_client
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AIRFLOW_VAR_IMAGING_LAKE_URI", cli_run.lake.as_uri())
         mp.setenv("AIRFLOW_VAR_IMAGING_WAREHOUSE", f"duckdb://{cli_run.warehouse}")
-        app = create_app(apps="core")
-        manager = get_auth_manager()
-        tokens = {"admin": manager.generate_jwt(SimpleAuthManagerUser(username="admin", role="admin")),
-                  "no_role": manager.generate_jwt(SimpleAuthManagerUser(username="nobody", role=None))}
-        with TestClient(app) as client:
+        with api_server_client() as (client, tokens):
             yield client, tokens
-        purge_cached_app()
 
 
 def test_status_routes_are_authenticated_like_the_qc_pages():

@@ -141,7 +141,8 @@ def pubsub_trigger(specialty: str, subscription: str, *, conn_id: str) -> Landin
 
 
 def landing_asset(specialty: str):
-    """The specialty's landing asset with a watcher per configured queue, or None when no queue is configured."""
+    """The specialty's landing asset with a watcher per configured queue (none where only the DICOM receiver posts
+    its events), or None when nothing is configured to send it events."""
     from airflow.sdk import Asset, AssetWatcher
 
     from imaging_dags.settings import event_sources
@@ -154,6 +155,6 @@ def landing_asset(specialty: str):
     if sources.pubsub_subscription:
         watchers.append(AssetWatcher(name=f"{specialty}_pubsub", trigger=pubsub_trigger(
             specialty, sources.pubsub_subscription, conn_id=sources.gcp_conn_id)))
-    if not watchers:
+    if not watchers and not sources.receiver:
         return None
     return Asset(name=landing_asset_name(specialty), watchers=watchers)

@@ -127,6 +127,7 @@ class EventSources:
     pubsub_subscription: str | None = None  # projects/<project>/subscriptions/<name>
     aws_conn_id: str | None = "aws_default"
     gcp_conn_id: str = "google_cloud_default"
+    receiver: bool = False  # the DICOM receiver (`imaging-tasks receive --airflow-url`) posts the asset's events
 
 
 def _parse_time(name: str) -> str:
@@ -137,7 +138,9 @@ def _parse_time(name: str) -> str:
 def event_sources(specialty: str) -> EventSources:
     """Parse time: the queues that wake ``specialty``'s DAG.  ``events_sqs_queue_url_<specialty>`` wins over
     ``events_sqs_queue_url`` (in which ``{specialty}`` is replaced; without it the queue is shared and filtered by
-    key); likewise ``events_pubsub_subscription[_<specialty>]``, which must name one subscription per specialty."""
+    key); likewise ``events_pubsub_subscription[_<specialty>]``, which must name one subscription per specialty.
+    ``events_receiver`` (true/false): the DICOM receiver posts the landing asset's events through the REST API
+    when a study is complete (``imaging_tasks.edge``), so the asset exists even with no queue to watch."""
     sqs = _parse_time(f"events_sqs_queue_url_{specialty}")
     shared = False
     if not sqs:
@@ -155,9 +158,14 @@ def event_sources(specialty: str) -> EventSources:
         sub = sub.replace("{specialty}", specialty)
     if sub and not re.fullmatch(r"projects/[^/]+/subscriptions/[^/]+", sub):
         raise ConfigError(f"Pub/Sub subscription {sub!r} for {specialty}: expected projects/<project>/subscriptions/<name>")
+    receiver = _parse_time("events_receiver")
+    if receiver.lower() not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
+        raise ConfigError(f"IMAGING_EVENTS_RECEIVER={receiver!r}: expected true or false (true: the DICOM receiver "
+                          "posts an asset event when a study is complete, and that event starts the DAG)")
     return EventSources(sqs_queue_url=sqs or None, sqs_shared=shared, pubsub_subscription=sub or None,
                         aws_conn_id=_parse_time("events_aws_conn_id") or "aws_default",
-                        gcp_conn_id=_parse_time("events_gcp_conn_id") or "google_cloud_default")
+                        gcp_conn_id=_parse_time("events_gcp_conn_id") or "google_cloud_default",
+                        receiver=receiver.lower() in ("1", "true", "yes", "on"))
 
 
 def _var(name: str, default: str) -> str:
