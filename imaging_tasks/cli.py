@@ -5,6 +5,7 @@
         --warehouse data/warehouse.duckdb
     imaging-tasks deidentify SRC DST [--option retain-device-identity ...] [--quarantine Q] [--workers N]
     imaging-tasks process cardiovascular FILE... --out DIR
+    imaging-tasks receive --landing URI --spool DIR [--port 11112] [--allow-ae AE ...] [--deidentify] ...
 """
 from __future__ import annotations
 
@@ -219,6 +220,98 @@ def _positive(text: str) -> int:
     return value
 
 
+def _receive(args) -> int:
+    """A DICOM Storage SCP feeding the landing bucket (imaging_tasks.edge), until SIGTERM/SIGINT.
+
+    Exit status 2 for what no retry can fix (bad routes, port taken, missing bucket, no key in edge mode).
+    """
+    import signal
+    import threading
+
+    from imaging_tasks.edge.completion import AirflowTarget
+    from imaging_tasks.edge.routing import load_routes
+    from imaging_tasks.edge.scp import Receiver, ReceiverSettings, TLSFiles
+    from imaging_tasks.errors import ConfigError
+
+    # the receiver's own lines (facts, no PHI) at INFO; pynetdicom's only from WARNING up (it can dump identifiers)
+    logging.getLogger("imaging_tasks.edge").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("imaging-tasks: --tls-cert and --tls-key go together (the certificate and its private key)",
+              file=sys.stderr)
+        return 2
+    if args.quarantine and not args.deidentify:
+        print("imaging-tasks: --quarantine holds instances the de-identifier refuses; it needs --deidentify",
+              file=sys.stderr)
+        return 2
+    key, demo = _key(args) if args.deidentify else (None, False)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # from here on a signal means: finish cleanly
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        airflow = None
+        if args.airflow_url:
+            airflow = AirflowTarget(args.airflow_url,
+                                    username=args.airflow_user or os.environ.get("AIRFLOW_RECEIVER_USER"),
+                                    password=args.airflow_password or os.environ.get("AIRFLOW_RECEIVER_PASSWORD"),
+                                    token=os.environ.get("IMAGING_AIRFLOW_TOKEN") or None)
+        settings = ReceiverSettings(
+            landing=args.landing, spool=args.spool, ae_title=args.ae_title, host=args.host, port=args.port,
+            allow_ae=tuple(args.allow_ae), allow_hosts=tuple(args.allow_host),
+            tls=TLSFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None,
+            routes=load_routes(args.routes) if args.routes else None, deidentify=args.deidentify, key=key,
+            demo=demo, quarantine=args.quarantine, quiet_seconds=args.quiet_seconds, airflow=airflow,
+            max_backoff_s=args.retry_cap_seconds, initial_backoff_s=min(0.5, args.retry_cap_seconds))
+        receiver = Receiver(settings).start()
+    except ConfigError as exc:
+        print(f"imaging-tasks: {exc}", file=sys.stderr)
+        return 2
+    print(f"imaging-tasks receive: AE {args.ae_title} listening on {args.host}:{receiver.port}", file=sys.stderr,
+          flush=True)
+    try:
+        while not stop.wait(300):
+            logging.getLogger("imaging_tasks.edge").info("receiver: %s; %d instance(s) in the spool",
+                                                         receiver.summary(), receiver.spool.count())
+    finally:
+        receiver.stop()
+    return 0
+
+
+def _receive_arguments(p) -> None:
+    p.add_argument("--landing", required=True, help="landing bucket or folder (file://, s3://, gs://, a path); "
+                   "instances go to <landing>/<specialty>/<study>/<series>/<sop>.dcm, named by UID hashes")
+    p.add_argument("--spool", required=True, help="local folder holding acknowledged instances until they are "
+                   "uploaded (survives restarts; one receiver per spool)")
+    p.add_argument("--ae-title", default="IMAGING", help="this receiver's AE title (default IMAGING)")
+    p.add_argument("--port", type=int, default=11112)
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+    p.add_argument("--allow-ae", nargs="+", action="extend", default=[], metavar="AE",
+                   help="accept associations only from these calling AE titles")
+    p.add_argument("--allow-host", nargs="+", action="extend", default=[], metavar="IP/CIDR",
+                   help="accept associations only from these addresses or networks")
+    p.add_argument("--tls-cert", default=None, metavar="FILE", help="PEM certificate (chain): serve DICOM over TLS")
+    p.add_argument("--tls-key", default=None, metavar="FILE", help="its private key")
+    p.add_argument("--tls-ca", default=None, metavar="FILE",
+                   help="CA bundle: clients must present a certificate it signed (mutual TLS)")
+    p.add_argument("--deidentify", action="store_true", help="edge mode: de-identify on receipt (the specialty's "
+                   "PS3.15 options), upload only the result; refused instances stay in a local quarantine")
+    p.add_argument("--quarantine", default=None, metavar="DIR",
+                   help="local folder for instances the de-identifier refuses (default SPOOL/quarantine)")
+    p.add_argument("--routes", default=None, metavar="FILE", help="JSON routing table replacing the built-in one "
+                   '(a list of {"modality", "sop_class", "calling_ae", "specialty"}; see imaging_tasks/edge/routing.py)')
+    p.add_argument("--quiet-seconds", type=float, default=30.0, metavar="S",
+                   help="a study is complete once nothing arrived for it this long (default 30)")
+    p.add_argument("--airflow-url", default=None, metavar="URL",
+                   help="Airflow 3 API server: post an asset event (imaging_<specialty>_landing) per complete study")
+    p.add_argument("--airflow-user", default=None,
+                   help="Airflow user (default $AIRFLOW_RECEIVER_USER; or a token in $IMAGING_AIRFLOW_TOKEN)")
+    p.add_argument("--airflow-password", default=None,
+                   help="its password (prefer $AIRFLOW_RECEIVER_PASSWORD: arguments are visible to other users)")
+    p.add_argument("--retry-cap-seconds", type=float, default=30.0, metavar="S",
+                   help="longest wait between retries of uploads and asset events (default 30)")
+    p.add_argument("--demo-key", action="store_true", help="edge mode with the public demo key (synthetic data only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imaging-tasks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -252,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _per_specialty(sub, "process", "run one specialty's processing on already de-identified local files",
                    _process_arguments, _process)
+
+    p = sub.add_parser("receive", help="DICOM Storage SCP: receive C-STORE pushes into the landing bucket")
+    _receive_arguments(p)
+    p.set_defaults(func=_receive)
     return parser
 
 

@@ -17,6 +17,9 @@ SPECIALTY = Specialty(
     summary="Cardiac CT calcium scoring; cine-MR LV function (EDV, ESV, EF, mass); phase-contrast and 4-D flow",
     file_kind="dicom",
     modalities=frozenset({"CT", "MR"}),
+    # cardiac MR (cine, phase contrast) looks like any MR in its header: neuroimaging claims MR by default, and a
+    # site sends its cardiac scanner's AE title here with a rule in the receiver's routes file
+    receives=({"modality": ["CT"]},),
     steps=(
         Step("route_series", f"{_CV}.series:route_series", gpu=False,
              description="sort the study's series into calcium-scoring CT, cine MR and flow MR (headers only)"),

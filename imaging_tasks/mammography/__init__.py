@@ -14,6 +14,13 @@ SPECIALTY = Specialty(
     summary="Mammography exam: calcification clusters, density, bring-your-own detector, per-breast summary",
     file_kind="dicom",
     modalities=frozenset({"MG"}),
+    receives=({"modality": ["MG", "DX"], "sop_class": [
+        "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography X-Ray Image Storage - For Presentation
+        "1.2.840.10008.5.1.4.1.1.1.2.1",  # ... - For Processing
+        "1.2.840.10008.5.1.4.1.1.13.1.3",  # Breast Tomosynthesis Image Storage
+        "1.2.840.10008.5.1.4.1.1.13.1.4",  # Breast Projection X-Ray Image Storage - For Presentation
+        "1.2.840.10008.5.1.4.1.1.13.1.5"]},  # ... - For Processing
+        {"modality": ["MG"]}),
     steps=(Step("process_study", "imaging_tasks.mammography.study:process_study", gpu=True,
                 description="the exam: every view normalised, calcification clusters, density, an optional "
                             "bring-your-own detector, lesions seen in both views, per-breast summary, QC montage"),),

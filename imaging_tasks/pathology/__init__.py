@@ -15,6 +15,8 @@ SPECIALTY = Specialty(
     title="Pathology",
     summary="Whole-slide images: tissue, tiles, stain features, tile QC and a bring-your-own encoder per tile",
     file_kind="slide",
+    receives=({"sop_class": ["1.2.840.10008.5.1.4.1.1.77.1.6"]},  # VL Whole Slide Microscopy Image Storage
+              {"modality": ["SM"]}),
     steps=(Step("process_study", "imaging_tasks.pathology.slide_features:process_study", gpu=True,
                 description="tissue detection, tiling, tile features, summary and bag of one slide in one process "
                             "(the DAG runs the same work as plan_tiles -> tile_features -> finish_slide per slide)"),),
