@@ -36,4 +36,24 @@ mc admin policy create local imaging-airflow /tmp/imaging-airflow-policy.json
 mc admin user add local "${IMAGING_S3_ACCESS_KEY}" "${IMAGING_S3_SECRET_KEY}"
 mc admin policy attach local imaging-airflow --user "${IMAGING_S3_ACCESS_KEY}" 2>/dev/null \
   || echo "policy imaging-airflow already attached to ${IMAGING_S3_ACCESS_KEY}"
+# the DICOM receiver (dicom-receiver): adds objects to landing, reads them back (is it there yet?), deletes nothing
+cat > /tmp/imaging-receiver-policy.json <<EOF
+{
+  "Version": "2012-10-17",
+  "Statement": [
+    {"Sid": "ListLanding", "Effect": "Allow",
+     "Action": ["s3:ListBucket", "s3:GetBucketLocation"],
+     "Resource": ["arn:aws:s3:::${LANDING}"]},
+    {"Sid": "AddToLanding", "Effect": "Allow",
+     "Action": ["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
+     "Resource": ["arn:aws:s3:::${LANDING}/*"]}
+  ]
+}
+EOF
+if [ -n "${IMAGING_RECEIVER_S3_ACCESS_KEY:-}" ]; then
+  mc admin policy create local imaging-receiver /tmp/imaging-receiver-policy.json
+  mc admin user add local "${IMAGING_RECEIVER_S3_ACCESS_KEY}" "${IMAGING_RECEIVER_S3_SECRET_KEY:?}"
+  mc admin policy attach local imaging-receiver --user "${IMAGING_RECEIVER_S3_ACCESS_KEY}" 2>/dev/null \
+    || echo "policy imaging-receiver already attached to ${IMAGING_RECEIVER_S3_ACCESS_KEY}"
+fi
 echo "buckets s3://${LANDING} (read-only for Airflow) and s3://${LAKE} (read/write) ready"
