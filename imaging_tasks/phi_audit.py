@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import pydicom
 
+from imaging_tasks.deid.rules import DUMMY_BY_VR, DUMMY_TEXT
 from imaging_tasks.dicom_io import MAX_NESTING, read_header
 from imaging_tasks.errors import BadInput
 from imaging_tasks.formats import file_kind
@@ -110,6 +111,9 @@ def dicom_identifying_values(ds: pydicom.Dataset, retained: frozenset[str] = fro
                     multi = isinstance(elem.value, (list, tuple, pydicom.multival.MultiValue))
                     for v in (elem.value if multi else [elem.value]):
                         text = str(v)
+                        if text.strip() == DUMMY_BY_VR.get(elem.VR, DUMMY_TEXT):
+                            continue  # the placeholder a de-identification wrote (an input de-identified at the
+                            # edge): it identifies nobody, and de-identifying the input again writes it again
                         parts = _name_parts(text) if elem.VR == "PN" else {text.strip()}
                         found.setdefault(elem.keyword, set()).update(p for p in parts if long_enough(p))
         return {k: v for k, v in found.items() if v}
