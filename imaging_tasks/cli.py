@@ -6,6 +6,7 @@
     imaging-tasks deidentify SRC DST [--option retain-device-identity ...] [--quarantine Q] [--workers N]
     imaging-tasks process cardiovascular FILE... --out DIR
     imaging-tasks receive --landing URI --spool DIR [--port 11112] [--allow-ae AE ...] [--deidentify] ...
+    imaging-tasks train-progression --out models/progression [--cohort synthetic --patients 200 | --sessions F --scores F]
 """
 from __future__ import annotations
 
@@ -312,6 +313,55 @@ def _receive_arguments(p) -> None:
     p.add_argument("--demo-key", action="store_true", help="edge mode with the public demo key (synthetic data only)")
 
 
+def _train_progression(args) -> int:
+    """Train the reference progression LSTM (imaging_tasks.progression.train), write OUT.pt + OUT.json, and print
+    its held-out MAE per score and horizon beside last-value-carried-forward and a per-patient linear fit.
+
+    The synthetic cohort (default) is scored against its true scores; uploaded data against observed follow-up.
+    A raw score upload (--scores) is pseudonymised with the de-identification key, exactly as the studies were.
+    Exit status 2 for what retrying cannot fix: unusable inputs, too few patients, no key.
+    """
+    from imaging_tasks.errors import BadInput, ConfigError
+    from imaging_tasks.progression import features as pf
+    from imaging_tasks.progression.model import load_progression_model
+    from imaging_tasks.progression.train import evaluate, format_mae_table, train_progression
+
+    if args.sessions and not args.scores:
+        print("imaging-tasks: --sessions needs --scores (the cognitive scores are the training targets)",
+              file=sys.stderr)
+        return 2
+    try:
+        truth = None
+        if args.sessions:
+            sessions = pf.read_session_rows(args.sessions)
+            if args.scores_pseudonymised:
+                scores = pf.read_table_rows(args.scores)
+            else:
+                key, _demo = _key(args)
+                scores = pf.read_scores_upload(args.scores, key)
+            source = f"{args.sessions} + {args.scores}"
+        else:
+            from imaging_tasks.progression.cohort import synthesize_cohort
+
+            sessions, scores, truth = synthesize_cohort(args.patients, args.seed)
+            source = f"synthetic cohort ({args.patients} patients, seed {args.seed})"
+        features = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else None
+        result = train_progression(sessions, scores, seed=args.seed, epochs=args.epochs, hidden=args.hidden,
+                                   out=args.out, truth=truth, features=features, name=args.name,
+                                   version=args.version)
+        model, spec = load_progression_model(result.model_uri)
+        report = evaluate(model, spec, result.sequences, result.test_patients, truth=truth)
+    except (BadInput, ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"imaging-tasks: {exc}", file=sys.stderr)
+        return 2
+    print(format_mae_table(report))
+    print(f"\ntrained on {source}: {len(result.train_patients)} patient(s), {result.samples} sample(s), "
+          f"{len(result.test_patients)} held out, {len(result.skipped)} unusable, {result.seconds:.1f} s")
+    print(f"model {spec.name} {spec.version}: {result.model_uri} (sha256 {result.sha256[:16]}...), "
+          f"contract {result.config_uri}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imaging-tasks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -349,6 +399,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("receive", help="DICOM Storage SCP: receive C-STORE pushes into the landing bucket")
     _receive_arguments(p)
     p.set_defaults(func=_receive)
+    p = sub.add_parser("train-progression", help="train the reference progression model (LSTM) and compare it "
+                                                 "with LOCF and a per-patient linear fit on held-out patients")
+    p.add_argument("--out", required=True, help="writes OUT.pt (TorchScript) and OUT.json (the model contract); a "
+                   "path (relative to the working directory) or a file://, s3://, gs:// URI")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--cohort", choices=["synthetic"], default="synthetic",
+                        help="train on the synthetic cohort with known truth (the default without --sessions)")
+    source.add_argument("--sessions", default=None, metavar="FILE", help="session rows: a DuckDB warehouse "
+                        "(studies joined with roi_features) or a CSV/Parquet of patient_id, study_id, study_date, "
+                        "atlas, roi, metric, value")
+    p.add_argument("--scores", default=None, metavar="FILE", help="cognitive scores (CSV/Parquet: patient_id, "
+                   "date, score, value) as the site exports them: pseudonymised here with the de-identification key")
+    p.add_argument("--scores-pseudonymised", action="store_true",
+                   help="--scores already holds patient pseudonyms and shifted dates (skip pseudonymisation)")
+    p.add_argument("--patients", type=int, default=200, help="synthetic cohort size (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="cohort, split and training seed (default 0)")
+    p.add_argument("--epochs", type=int, default=60, help="training epochs (default 60)")
+    p.add_argument("--hidden", type=int, default=32, help="LSTM units (default 32)")
+    p.add_argument("--features", default=None, help="comma-separated feature names (default: the synthetic "
+                   "cohort's ROI volumes, SUVR, the three scores and the two time features)")
+    p.add_argument("--name", default="progression-lstm", help="the model's name in its JSON and predictions")
+    p.add_argument("--version", default=None, help="its version (default: a digest of the data and settings)")
+    p.add_argument("--demo-key", action="store_true", help="pseudonymise --scores with the public demo key "
+                   "(synthetic data only)")
+    p.set_defaults(func=_train_progression)
     return parser
 
 

@@ -112,6 +112,8 @@ class Specialty:
     upload_sidecars: dict | None = None  # further sidecar file name -> the NIfTI stem it belongs to, e.g.
     #   {"events.tsv": "bold", "dwi.bval": "dwi"}; its kind is its suffix (tsv events, bval, bvec).  An events
     #   table may also sit beside the DICOM files of one study (a DICOM BOLD series): the index attaches it there.
+    progression: bool = False  # its sessions' ROI features (warehouse roi_features) feed the progression model
+    #   (imaging_tasks.progression): longitudinal tables, predictions
     receives: tuple = ()  # what the DICOM receiver routes here by default: rules like {"modality": ["CT"]} or
     #   {"modality": ["MG"], "sop_class": ["1.2.840..."]} (imaging_tasks.edge.routing: a rule naming SOP classes is
     #   tried before modality-only ones).  A modality two specialties take is claimed by one; the other gets it

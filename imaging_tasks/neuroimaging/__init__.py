@@ -38,6 +38,7 @@ SPECIALTY = Specialty(
     file_kind="dicom",
     modalities=frozenset({"MR", "PT"}),
     receives=({"modality": ["MR", "PT"]},),
+    progression=True,
     # <patient>/<session>/mri.nii.gz, pet.nii.gz, bold.nii.gz, dwi.nii.gz (+ <stem>.json sidecars) and these:
     nifti_uploads={"mri": "MR", "pet": "PT", "bold": "MR", "dwi": "MR"},
     upload_sidecars={"events.tsv": "bold", "bold_events.tsv": "bold", "dwi.bval": "dwi", "dwi.bvec": "dwi"},
