@@ -315,6 +315,7 @@ class BigQueryWarehouse:
         return [tuple(r.values()) for r in self.client.query(sql, job_config=config).result()]
 
     def count(self, table_name: str, where: str = "", params: list | None = None) -> int:
+        self.ensure_table(TABLES[table_name])  # tables are made on first load: one nothing loaded yet counts 0
         return self.query(f"SELECT count(*) FROM {_q(self.table_id(TABLES[table_name].name))} {where}", params)[0][0]
 
 

@@ -39,9 +39,10 @@ class Table:
     @property
     def clustering(self) -> tuple[str, ...]:
         """BigQuery clustering columns: specialty and modality where the table has them, then the study
-        (what MERGE keys and scope replacement filter on); at most four."""
+        (what MERGE keys and scope replacement filter on), or the patient in a per-patient table; at most four."""
         names = set(self.column_names)
-        return tuple(c for c in ("specialty", "modality", "study_id") if c in names)[:4]
+        study = "study_id" if "study_id" in names else "patient_id"
+        return tuple(c for c in ("specialty", "modality", study) if c in names)[:4]
 
 
 LOADED_AT = "loaded_at"
@@ -100,6 +101,23 @@ _TABLES: list[Table] = [
         _c("code_version", "STRING"), _c("device", "STRING"), _c("started_at", "TIMESTAMP"),
         _c("ended_at", "TIMESTAMP"), _c("duration_s", "FLOAT64"), _c("status", "STRING"),
     ), "lineage: what each task read and wrote, with checksums, code version, device and timings"),
+    Table("cognitive_scores", ("specialty", "patient_id", "score", "date"), (
+        _c("specialty", "STRING", True, "the specialty whose sessions the scores go with"), _c("patient_id", "STRING", True, "keyed pseudonym of PatientID (the key that made the imaging's)"),
+        _c("score", "STRING", True, "MMSE, CDR_SB, ADAS_Cog, ..."),
+        _c("date", "STRING", True, "assessment date, shifted per patient like the studies (YYYYMMDD)"),
+        _c("value", "FLOAT64"), _c("source_sha256", "STRING", False, "of the upload the row came from"),
+    ), "cognitive scores, pseudonymised from uploads (imaging_tasks.progression.features.read_scores_upload)"),
+    Table("predictions", ("specialty", "patient_id", "model", "model_version", "horizon_months", "score"), (
+        _c("specialty", "STRING", True), _c("patient_id", "STRING", True, "keyed pseudonym of PatientID"),
+        _c("model", "STRING", True, "the model's name (its JSON)"), _c("model_version", "STRING", True),
+        _c("horizon_months", "INT64", True), _c("score", "STRING", True, "MMSE, CDR_SB, ADAS_Cog, ..."),
+        _c("value", "FLOAT64", False, "predicted score at as_of_date + horizon"),
+        _c("as_of_study_id", "STRING", False, "the patient's last session the prediction saw"),
+        _c("as_of_date", "STRING", False, "its date (shifted per patient, YYYYMMDD)"),
+        _c("target_date", "STRING", False, "as_of_date + horizon (shifted alike)"),
+        _c("n_sessions", "INT64"), _c("model_sha256", "STRING", False, "the archive the prediction came from"),
+        _c("run_id", "STRING"), _c("computed_at", "TIMESTAMP"),
+    ), "progression predictions: the latest per patient, model, horizon and score"),
     Table("ledger", ("specialty", "study_id"), (
         _c("specialty", "STRING", True), _c("study_id", "STRING", True), _c("patient_id", "STRING"),
         _c("state", "STRING", True, "loaded | quarantined | failed (the states that reach the warehouse)"),
