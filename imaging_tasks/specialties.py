@@ -71,6 +71,18 @@ def get(name: str) -> Specialty:
     return registry[name]
 
 
+def progression_specialty() -> str:
+    """The installed specialty whose record says its ROI features feed progression (``progression=True``):
+    the sessions and the warehouse asset the progression model and DAG read."""
+    chosen = [n for n in names() if get(n).progression]
+    if len(chosen) != 1:
+        from imaging_tasks.errors import ConfigError
+
+        raise ConfigError(f"progression needs exactly one installed specialty with progression=True in its record, "
+                          f"found {chosen or 'none'}: set it in one record (imaging_tasks.specialty.Specialty)")
+    return chosen[0]
+
+
 def run_steps(specialty: str, files: list[Path], out: Path, *, device: str | None = None, step: str | None = None,
               options: dict | None = None) -> dict:
     """Run the specialty's steps on local files (the CLI's ``process``), without a lake: each step but the last

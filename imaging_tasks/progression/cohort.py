@@ -165,7 +165,7 @@ def synthesize_cohort(n_patients: int = 200, seed: int = 0, params: CohortParams
     the warehouse's of ``specialty`` (default: the one whose ROI features feed progression)."""
     from imaging_tasks.deid.pseudonym import date_shift_days, pseudo_id
     from imaging_tasks.deid.rules import shift_date
-    from imaging_tasks.progression.features import progression_specialty
+    from imaging_tasks.specialties import progression_specialty
 
     specialty = specialty or progression_specialty()
 

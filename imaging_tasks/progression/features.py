@@ -58,6 +58,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from imaging_tasks.errors import BadInput
+from imaging_tasks.specialties import progression_specialty
 
 DAYS_PER_MONTH = 365.25 / 12
 WINDOW_DAYS = 90
@@ -209,19 +210,6 @@ def records(table: Any, what: str = "rows") -> list[dict]:
         raise BadInput("bad_rows", f"{what} must be mappings (dicts), a pyarrow Table, a DuckDB relation or a "
                                    "pandas DataFrame")
     return [dict(r) for r in out]
-
-
-def progression_specialty() -> str:
-    """The installed specialty whose record says its ROI features feed progression (``progression=True``)."""
-    from imaging_tasks import specialties
-
-    names = [n for n in specialties.names() if specialties.get(n).progression]
-    if len(names) != 1:
-        from imaging_tasks.errors import ConfigError
-
-        raise ConfigError(f"progression needs exactly one installed specialty with progression=True in its record, "
-                          f"found {names or 'none'}: name the specialty explicitly")
-    return names[0]
 
 
 def warehouse_session_rows(con, specialty: str | None = None) -> list[dict]:
