@@ -12,6 +12,9 @@ auth manager's read access to the DAG:
 | ``/dags/{dag_id}/studies/{patient}/{study}/files/{name}`` | one output listed in the study's ``_MANIFEST.json`` (checksum verified); anything else is 404 |
 | ``/dags/{dag_id}/runs/{run_id}/tasks/{task_id}/{map_index}`` | a mapped study task instance -> its study page (or why there is none) |
 | ``/status/study/{study}``, ``/status/{patient}`` | JSON: where a study (or each study of a patient) is in the ledger, with links (``qc/status.py``) |
+| ``/patients``, ``/patients/{patient}`` | progression: the patients with sessions, and a patient's timeline (ROI trajectories, cognitive scores, stored predictions at their horizons) as charts (``qc/progression.py``) |
+| ``/patient-timeline/{patient}`` | JSON: the same timeline |
+| ``POST /predict-progression`` | JSON: predictions on demand for ``{"patient_id"}`` with the configured model (``imaging_progression_model_uri``) |
 
 What is never shown: raw landing paths or names (``reason.json``'s ``source_uri``), bytes of the anonymized or
 quarantine zones, anything outside ``derived/`` that a manifest does not list.  The api-server reads the lake

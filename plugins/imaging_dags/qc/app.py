@@ -262,4 +262,8 @@ def create_app() -> FastAPI:
     from imaging_dags.qc.status import router as status_router  # /status/...: JSON for research systems
 
     app.include_router(status_router)
+    from imaging_dags.qc.progression import router as progression_router, warm_up  # predictions, timelines
+
+    app.include_router(progression_router)
+    warm_up()
     return app

@@ -131,7 +131,9 @@ def page(title: str, body: str, *, crumbs: list[tuple[str, str | None]]) -> str:
 # ------------------------------------------------------------------------------------------ pages
 def index_page(base: str, ui_root: str, dags: list[tuple[str, list[dict] | None]]) -> str:
     parts = ['<h1>Imaging QC</h1><p class="muted">QC pictures, metrics, findings and lineage of the imaging '
-             "DAGs, read from the lake. Quarantined inputs show their reasons only.</p>"]
+             "DAGs, read from the lake. Quarantined inputs show their reasons only. "
+             f'<a href="{h(base)}/patients">Patient timelines</a> (sessions, cognitive scores, progression '
+             "predictions).</p>"]
     for dag_id, runs in dags:
         parts.append(f'<h2>{h(dag_id)} <a class="muted" target="_top" href="{h(ui_root)}/dags/{h(seg(dag_id))}">'
                      "(DAG in Airflow)</a></h2>")
@@ -312,3 +314,114 @@ def message_page(base: str, title: str, text: str, links: list[tuple[str, str]] 
     more = "".join(f'<li><a href="{h(url)}">{h(label)}</a></li>' for label, url in links)
     body = f"<h1>{h(title)}</h1><p>{h(text)}</p>" + (f"<ul>{more}</ul>" if more else "")
     return page(title, body, crumbs=crumbs or [("Imaging QC", f"{base}/"), (title, None)])
+
+
+# ------------------------------------------------------------------------------------------ charts (inline SVG)
+CHART_COLORS = ("#0b61a4", "#c2410c", "#15803d", "#7c3aed", "#b91c1c", "#0e7490")
+SVG_NS = "http://www.w3.org/2000/svg"
+
+
+def _nice_step(span: float, ticks: int = 5) -> float:
+    import math
+
+    raw = max(span, 1e-12) / ticks
+    base = 10 ** math.floor(math.log10(raw))
+    return next(m * base for m in (1, 2, 2.5, 5, 10) if m * base >= raw)
+
+
+def _date_ticks(start: dt.date, end: dt.date) -> list[dt.date]:
+    """1 January of each year in range (every 6 months when the span is under two years; every 2+ years when long)."""
+    years = (end - start).days / 365.25
+    months = 6 if years < 2 else 12 * max(1, int(years // 8) + (1 if years > 16 else 0))
+    ticks, year, month = [], start.year, 1 if months >= 12 else (1 if start.month <= 6 else 7)
+    while True:
+        when = dt.date(year, month, 1)
+        if when > end:
+            return ticks
+        if when >= start:
+            ticks.append(when)
+        month += months
+        year, month = year + (month - 1) // 12, (month - 1) % 12 + 1
+
+
+def time_chart(title: str, unit: str, series: list[dict], *, x_range: tuple[dt.date, dt.date],
+               width: int = 760, height: int = 230, marks: list[tuple[dt.date, str]] = (),
+               y_bounds: tuple[float, float] | None = None) -> str:
+    """An inline SVG line chart of values over dates, drawn server-side (no script).
+
+    ``series``: dicts with ``label``, ``points`` (``[(date, value, tooltip)]``, in date order), ``kind``
+    (``"observed"``: solid line, circles; ``"predicted"``: dashed line, diamonds) and optional ``color`` and
+    ``attrs`` (extra ``data-*`` attributes of the series' group).  ``marks``: dotted vertical lines with a label
+    (e.g. where a prediction was made from).  Every marker has a ``<title>`` (the browser's tooltip) and the
+    class ``point`` plus ``observed`` / ``predicted``; the SVG is well-formed XML.  ``y_bounds``: the values' valid
+    range (a score's), which the axis never goes beyond."""
+    left, right, top, bottom = 58, 16 + 150, 26, 30
+    plot_w, plot_h = width - left - right, height - top - bottom
+    values = [v for s in series for _, v, _ in s["points"] if v is not None]
+    x0, x1 = x_range
+    if x1 <= x0:
+        x1 = x0 + dt.timedelta(days=1)
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    pad = (hi - lo) * 0.08 or (abs(hi) * 0.05 or 1.0)
+    step = _nice_step(hi - lo + 2 * pad)
+    lo, hi = (lo - pad) // step * step, -((-(hi + pad)) // step) * step
+    if y_bounds is not None:
+        lo, hi = max(lo, y_bounds[0]), min(hi, y_bounds[1])
+        hi = hi if hi > lo else lo + step
+
+    def x(day: dt.date) -> float:
+        return left + plot_w * (day - x0).days / (x1 - x0).days
+
+    def y(value: float) -> float:
+        return top + plot_h * (1 - (value - lo) / (hi - lo))
+
+    out = [f'<svg xmlns="{SVG_NS}" class="chart" role="img" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" aria-label="{h(title)}"><title>{h(title)}</title>',
+           f'<text x="{left}" y="16" font-size="13" font-weight="600" fill="#1f2933">{h(title)}'
+           f'{h(f" ({unit})") if unit and unit != "1" else ""}</text>',
+           f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fbfcfd" stroke="#e4e7eb"/>']
+    first = -((-lo) // step) * step  # the first grid value at or above lo
+    for i in range(int((hi - first) / step + 1e-9) + 1):
+        value = first + i * step
+        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(value):.1f}" y2="{y(value):.1f}" '
+                   f'stroke="#eef0f3"/><text x="{left - 6}" y="{y(value) + 4:.1f}" font-size="11" fill="#616e7c" '
+                   f'text-anchor="end">{h(fmt(round(value, 10)))}</text>')
+    for tick in _date_ticks(x0, x1):
+        out.append(f'<line x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{top}" y2="{top + plot_h}" stroke="#eef0f3"/>'
+                   f'<text x="{x(tick):.1f}" y="{top + plot_h + 16}" font-size="11" fill="#616e7c" '
+                   f'text-anchor="middle">{h(tick.strftime("%Y") if tick.month == 1 else tick.strftime("%Y-%m"))}'
+                   "</text>")
+    for when, label in marks:
+        out.append(f'<g class="mark"><line x1="{x(when):.1f}" x2="{x(when):.1f}" y1="{top}" y2="{top + plot_h}" '
+                   f'stroke="#9aa5b1" stroke-dasharray="2 3"/><text x="{x(when) + 3:.1f}" y="{top + 11}" '
+                   f'font-size="10" fill="#7b8794">{h(label)}</text></g>')
+    for i, s in enumerate(series):
+        color = s.get("color") or CHART_COLORS[i % len(CHART_COLORS)]
+        kind = s.get("kind", "observed")
+        attrs = "".join(f' {k}="{h(v)}"' for k, v in (s.get("attrs") or {}).items())
+        pts = [(x(d), y(v), tip) for d, v, tip in s["points"] if v is not None]
+        out.append(f'<g class="series {kind}" data-label="{h(s["label"])}"{attrs}>')
+        if len(pts) > 1:
+            dash = ' stroke-dasharray="6 4"' if kind == "predicted" else ""
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.8"{dash} points="'
+                       + " ".join(f"{px:.1f},{py:.1f}" for px, py, _ in pts) + '"/>')
+        for px, py, tip in pts:
+            if kind == "predicted":
+                out.append(f'<path class="point predicted" d="M{px:.1f} {py - 5:.1f}l5 5-5 5-5-5z" fill="#fff" '
+                           f'stroke="{color}" stroke-width="1.8"><title>{h(tip)}</title></path>')
+            else:
+                out.append(f'<circle class="point observed" cx="{px:.1f}" cy="{py:.1f}" r="3.5" fill="{color}">'
+                           f"<title>{h(tip)}</title></circle>")
+        out.append("</g>")
+    for i, s in enumerate(series):  # legend, right of the plot
+        color = s.get("color") or CHART_COLORS[i % len(CHART_COLORS)]
+        ly = top + 8 + 16 * i
+        dash = ' stroke-dasharray="4 3"' if s.get("kind") == "predicted" else ""
+        out.append(f'<line x1="{left + plot_w + 10}" x2="{left + plot_w + 28}" y1="{ly}" y2="{ly}" stroke="{color}" '
+                   f'stroke-width="2"{dash}/><text x="{left + plot_w + 32}" y="{ly + 4}" font-size="11" '
+                   f'fill="#323f4b">{h(s["label"][:26])}</text>')
+    if not values:
+        out.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h / 2}" font-size="12" fill="#7b8794" '
+                   'text-anchor="middle">no values</text>')
+    out.append("</svg>")
+    return "".join(out)
