@@ -268,10 +268,28 @@ def test_helm_values_put_gpu_work_on_the_gpu_node_pool():
     values = yaml.safe_load((REPO / "deploy" / "helm" / "values.yaml").read_text())
     assert values["executor"] == "CeleryExecutor"
     assert values["config"]["imaging"] == {"gpu_queue": "gpu", "gpu_pool": "gpu", "schedule": "0 2 * * *",
-                                           "sensor_timeout": "3600"}
+                                           "sensor_timeout": "3600", "events_receiver": "true"}
     celery = values["workers"]["celery"]
     assert celery["queue"] == "default" and celery["enableDefault"] is True
     (gpu,) = celery["sets"]
     assert gpu["queue"] == "gpu" and gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert gpu["tolerations"][0]["key"] == "nvidia.com/gpu" and gpu["nodeSelector"]
     assert "nvidia.com/gpu" not in json.dumps(celery["resources"])  # CPU workers stay off the GPU nodes
+
+
+def test_the_dicom_receiver_is_deployed_beside_airflow(services):
+    """docker compose: port 11112, a spool volume, the landing bucket with an account of its own, the api-server
+    for its asset events, which the DAGs are scheduled on; Kubernetes: the same in deploy/helm/dicom-receiver.yaml."""
+    receiver = services["dicom-receiver"]
+    assert receiver["ports"] == ["${IMAGING_RECEIVER_PORT:-11112}:11112"]
+    assert receiver["volumes"] == ["dicom-spool:/spool"]
+    command = " ".join(receiver["entrypoint"])
+    assert "imaging-tasks receive" in command and "--spool /spool" in command and "airflow-apiserver:8080" in command
+    assert receiver["environment"]["AWS_ACCESS_KEY_ID"].startswith("${IMAGING_RECEIVER_S3_ACCESS_KEY")
+    assert services["airflow-scheduler"]["environment"]["AIRFLOW__IMAGING__EVENTS_RECEIVER"] == "true"
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "helm" / "dicom-receiver.yaml").read_text()))
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["imaging-tasks", "receive"] and "--deidentify" in container["args"]
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/spool"}
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
