@@ -211,7 +211,7 @@ def _xcom_value(task_id: str, run_id: str):
 def test_a_correction_uploaded_later_wins_and_stays(tmp_path):
     """An upload whose every row a later upload corrected is re-read (its sha256 is gone from the warehouse) but
     never undoes the correction."""
-    from imaging_dags.progression import ingest
+    from imaging_tasks.progression.store import ingest
     from imaging_tasks.warehouse import DuckDBWarehouse
 
     warehouse = DuckDBWarehouse(tmp_path / "w.duckdb")
@@ -236,7 +236,7 @@ def test_a_correction_uploaded_later_wins_and_stays(tmp_path):
 
 def test_changed_patients_and_score_uploads_in_bigquery(bq, tmp_path):
     """The same queries and upserts on BigQuery (the emulator): table names qualified, ``?`` parameters."""
-    from imaging_dags.progression import changed_rows, ingest
+    from imaging_tasks.progression.store import changed_rows, ingest
 
     sessions, _, truth = synthesize_cohort(3, seed=8, key=DEMO_KEY)
     _load_sessions(bq, sessions)

@@ -59,6 +59,12 @@ class Warehouse(Upserter, Protocol):
         """Rows of a query in the store's dialect; ``?`` placeholders take ``params``."""
         ...
 
+    def ref(self, table_name: str, *, create: bool = False) -> str:
+        """A table of :data:`TABLES` as this store's SQL names it, for :meth:`query` (BigQuery:
+        `` `project.dataset.name` ``; ``create``: made now if no load made it yet, so a query reads it empty; a
+        reader without write access leaves it False).  DuckDB makes every table when it opens."""
+        ...
+
     def count(self, table_name: str, where: str = "", params: list | None = None) -> int:
         """``SELECT count(*)`` of a table in :data:`TABLES`, with an optional ``WHERE ...`` clause."""
         ...

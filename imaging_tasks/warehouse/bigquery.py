@@ -314,9 +314,13 @@ class BigQueryWarehouse:
         config = bigquery.QueryJobConfig(query_parameters=[_param(v) for v in params or []])
         return [tuple(r.values()) for r in self.client.query(sql, job_config=config).result()]
 
+    def ref(self, table_name: str, *, create: bool = False) -> str:
+        if create:  # tables are made on their first load: one nothing was loaded into yet reads empty
+            self.ensure_table(TABLES[table_name])
+        return _q(self.table_id(TABLES[table_name].name))
+
     def count(self, table_name: str, where: str = "", params: list | None = None) -> int:
-        self.ensure_table(TABLES[table_name])  # tables are made on first load: one nothing loaded yet counts 0
-        return self.query(f"SELECT count(*) FROM {_q(self.table_id(TABLES[table_name].name))} {where}", params)[0][0]
+        return self.query(f"SELECT count(*) FROM {self.ref(table_name, create=True)} {where}", params)[0][0]
 
 
 def _param(value):

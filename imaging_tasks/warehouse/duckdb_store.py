@@ -124,8 +124,11 @@ class DuckDBWarehouse:
         finally:
             con.close()
 
+    def ref(self, table_name: str, *, create: bool = False) -> str:
+        return TABLES[table_name].name
+
     def count(self, table_name: str, where: str = "", params: list | None = None) -> int:
-        return self.query(f"SELECT count(*) FROM {TABLES[table_name].name} {where}", params)[0][0]
+        return self.query(f"SELECT count(*) FROM {self.ref(table_name)} {where}", params)[0][0]
 
 
 class _Transaction:

@@ -269,11 +269,6 @@ def told_by_the_summary(context) -> bool:
         return False
 
 
-def _ledger_table(warehouse) -> str:
-    table_id = getattr(warehouse, "table_id", None)  # BigQuery: project.dataset.ledger
-    return f"`{table_id('ledger')}`" if table_id else "ledger"
-
-
 def run_summary_facts(context, *, succeeded: bool) -> RunSummary:
     """Counts of the run's studies from the warehouse's ``ledger`` table (rows this run set)."""
     dag = context.get("dag")
@@ -308,7 +303,7 @@ def _ledger_rows(specialty: str, run_id: str) -> list[tuple]:
     settings = for_specialty(specialty)
     warehouse = WarehouseHook(settings.warehouse_uri,
                               Variable.get("imaging_gcp_conn_id", default="google_cloud_default")).get_conn()
-    return warehouse.query(f"SELECT study_id, state, step, reason FROM {_ledger_table(warehouse)} "
+    return warehouse.query(f"SELECT study_id, state, step, reason FROM {warehouse.ref('ledger')} "
                            "WHERE specialty = ? AND run_id = ?", [specialty, run_id])
 
 

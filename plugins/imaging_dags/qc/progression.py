@@ -48,7 +48,7 @@ from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
 from airflow.api_fastapi.core_api.security import GetUserDep
 from imaging_dags.qc import render
 from imaging_dags.qc.lake import PATIENT
-from imaging_dags.qc.status import READ_ENTITIES, _base, _reading, _table, _warehouse
+from imaging_dags.qc.status import READ_ENTITIES, _base, _reading, _warehouse
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["progression"])
@@ -112,13 +112,13 @@ def _check_patient(patient: str) -> None:
 def _patient_rows(warehouse, name: str, patient: str) -> tuple[list[dict], int, list[dict]]:
     """The patient's session rows (``SESSIONS_SQL`` for one patient), how many studies it has at all (with ROI
     features or not) and its score rows: one query (one connection: the cost of a DuckDB read is opening it)."""
-    studies, features = _table(warehouse, "studies"), _table(warehouse, "roi_features")
+    studies, features = warehouse.ref("studies"), warehouse.ref("roi_features")
     rows = warehouse.query(
         f"SELECT 'session', s.patient_id, s.study_id, s.study_date, r.atlas, r.roi, r.metric, r.value FROM {studies} s "
         f"LEFT JOIN {features} r ON r.specialty = s.specialty AND r.study_id = s.study_id "
         "WHERE s.specialty = ? AND s.patient_id = ? "
         f"UNION ALL SELECT 'score', patient_id, NULL, date, NULL, score, NULL, value "
-        f"FROM {_table(warehouse, 'cognitive_scores')} WHERE specialty = ? AND patient_id = ?",
+        f"FROM {warehouse.ref('cognitive_scores')} WHERE specialty = ? AND patient_id = ?",
         [name, patient, name, patient])
     columns = ("patient_id", "study_id", "study_date", "atlas", "roi", "metric", "value")
     sessions = sorted((dict(zip(columns, r[1:])) for r in rows if r[0] == "session"),
@@ -129,7 +129,7 @@ def _patient_rows(warehouse, name: str, patient: str) -> tuple[list[dict], int, 
 
 
 def _prediction_rows(warehouse, name: str, patient: str) -> list[dict]:
-    rows = warehouse.query(f"SELECT {', '.join(PREDICTION_COLUMNS)} FROM {_table(warehouse, 'predictions')} "
+    rows = warehouse.query(f"SELECT {', '.join(PREDICTION_COLUMNS)} FROM {warehouse.ref('predictions')} "
                            "WHERE specialty = ? AND patient_id = ? ORDER BY model, model_version, score, "
                            "horizon_months", [name, patient])
     out = []
@@ -470,10 +470,10 @@ def patients_page(request: Request, user: GetUserDep):
         rows, predicted = [], {}
         if warehouse is not None:
             rows = warehouse.query(
-                f"SELECT patient_id, count(*), min(study_date), max(study_date) FROM {_table(warehouse, 'studies')} "
+                f"SELECT patient_id, count(*), min(study_date), max(study_date) FROM {warehouse.ref('studies')} "
                 f"WHERE specialty = ? GROUP BY patient_id ORDER BY patient_id LIMIT {MAX_PATIENTS + 1}", [name])
             predicted = dict(warehouse.query(
-                f"SELECT patient_id, max(computed_at) FROM {_table(warehouse, 'predictions')} WHERE specialty = ? "
+                f"SELECT patient_id, max(computed_at) FROM {warehouse.ref('predictions')} WHERE specialty = ? "
                 "GROUP BY patient_id", [name]))
     body = [f"<h1>Patients · progression timelines</h1><p class=\"muted\">Patients of {render.h(name)} in the "
             "warehouse (pseudonyms; dates shifted per patient).</p>"]

@@ -134,11 +134,6 @@ def _warehouse(specialty: str):
     return WarehouseHook(uri, server_variable("imaging_gcp_conn_id", "google_cloud_default")).get_conn()
 
 
-def _table(warehouse, name: str) -> str:
-    table_id = getattr(warehouse, "table_id", None)  # BigQuery: project.dataset.<name>
-    return f"`{table_id(name)}`" if table_id else name
-
-
 def _warehouse_patient(allowed: list[str], patient: str) -> tuple[dict[str, set[str]], str | None]:
     """specialty -> the patient's studies in the warehouse ``ledger`` table; and a note when it could not be read."""
     out: dict[str, set[str]] = {}
@@ -146,7 +141,7 @@ def _warehouse_patient(allowed: list[str], patient: str) -> tuple[dict[str, set[
         warehouse = _warehouse(allowed[0])
         if warehouse is None:
             return out, None
-        rows = warehouse.query(f"SELECT specialty, study_id FROM {_table(warehouse, 'ledger')} WHERE patient_id = ?",
+        rows = warehouse.query(f"SELECT specialty, study_id FROM {warehouse.ref('ledger')} WHERE patient_id = ?",
                                [patient])
     except Exception as exc:  # the lake still answers
         log.warning("imaging status: warehouse ledger not read (%s)", type(exc).__name__)
@@ -168,7 +163,7 @@ def _warehouse_facts(specialty: str, studies: list[str]) -> dict[str, dict]:
         marks = ", ".join("?" for _ in studies)
         rows = warehouse.query(
             f"SELECT study_id, modalities, n_series, n_instances, study_date, loaded_at FROM "
-            f"{_table(warehouse, 'studies')} WHERE specialty = ? AND study_id IN ({marks})", [specialty, *studies])
+            f"{warehouse.ref('studies')} WHERE specialty = ? AND study_id IN ({marks})", [specialty, *studies])
     except Exception as exc:
         log.warning("imaging status: warehouse studies not read (%s)", type(exc).__name__)
         return {}
