@@ -263,17 +263,24 @@ def config_uri(uri: str) -> str:
     return str(storage.as_path(uri).with_suffix(".json"))
 
 
+def json_object(text: str | bytes, *, where: str, doc: str) -> dict:
+    """The JSON object a model's JSON file holds, or a ConfigError saying what is wrong with the file (``doc``:
+    where its format is described)."""
+    try:
+        raw = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where} is not valid JSON ({exc}); fix the file, {doc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must hold a JSON object {{...}}, not {type(raw).__name__}; {doc}")
+    return raw
+
+
 def parse_config(text: str | bytes, *, where: str = "model JSON") -> dict:
     """Validate the JSON text; return the normalised fields of :class:`ModelSpec` (no uri/sha256).
 
     Every problem found is reported at once, in one :class:`ConfigError`, so the file is fixed in one go.
     """
-    try:
-        raw = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{where} is not valid JSON ({exc}); fix the file, {DOC}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must hold a JSON object {{...}}, not {type(raw).__name__}; {DOC}")
+    raw = json_object(text, where=where, doc=DOC)
     problems: list[str] = []
     out: dict[str, Any] = {}
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import json
 import math
 import tempfile
 import types
@@ -121,12 +120,9 @@ def _is_number(v: Any) -> bool:
 def parse_contract(text: str | bytes, *, where: str = "progression model JSON") -> dict:
     """Validate the JSON text; the fields of :class:`ProgressionSpec` (no uri/sha256/format).  All problems in one
     :class:`ConfigError`."""
-    try:
-        raw = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{where} is not valid JSON ({exc}); fix the file, {DOC}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must hold a JSON object {{...}}, not {type(raw).__name__}; {DOC}")
+    from imaging_tasks.byo_model import json_object
+
+    raw = json_object(text, where=where, doc=DOC)
     problems: list[str] = []
     out: dict[str, Any] = {}
     missing = [k for k in REQUIRED if k not in raw]
