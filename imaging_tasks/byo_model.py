@@ -443,14 +443,19 @@ def parse_config(text: str | bytes, *, where: str = "model JSON") -> dict:
         problems.append(f"'version' is {version!r}; it must be non-empty text (e.g. \"2026.03.1\"), or left out")
     out["version"] = version.strip() if isinstance(version, str) else ""
 
+    return finish_fields(raw, out, problems, where=where, doc=DOC)
+
+
+def finish_fields(raw: dict, out: dict, problems: list[str], *, where: str, doc: str) -> dict:
+    """The end every model JSON's check shares: ``description`` (text), the ``x_`` keys kept as ``extra``, and
+    one ConfigError listing every problem found, or the fields."""
     description = raw.get("description", "")
     if not isinstance(description, str):
         problems.append("'description' must be text")
     out["description"] = description if isinstance(description, str) else ""
     out["extra"] = types.MappingProxyType({k: v for k, v in raw.items() if str(k).startswith("x_")})
-
     if problems:
-        raise ConfigError(f"{where} is invalid: " + "; ".join(problems) + f". Fix the file ({DOC})")
+        raise ConfigError(f"{where} is invalid: " + "; ".join(problems) + f". Fix the file ({doc})")
     return out
 
 

@@ -35,7 +35,6 @@ import collections
 import hashlib
 import ipaddress
 import logging
-import os
 import ssl
 import threading
 import time
@@ -48,7 +47,7 @@ from imaging_tasks.errors import BadInput, ConfigError
 
 from .completion import AirflowTarget, AssetEvents, Completion
 from .routing import RoutingTable, default_table
-from .spool import Entry, Spool, entry_name, uid_hash
+from .spool import Entry, Spool, entry_name, fsync_path, uid_hash
 from .uploader import Uploader
 
 log = logging.getLogger(__name__)
@@ -409,16 +408,5 @@ def _host_allowed(address: str, networks) -> bool:
 
 def _fsync_tree(folder: Path) -> None:
     """Make a quarantine folder durable before the instance is acknowledged (storage writes do not fsync)."""
-    for path in folder.iterdir():
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for path in (folder, folder.parent):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    for path in [p for p in folder.iterdir() if p.is_file()] + [folder, folder.parent]:
+        fsync_path(path)

@@ -81,7 +81,7 @@ def durable_write(path: Path, data: bytes) -> None:
     the folder)."""
     tmp = _write_temp(path, data)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _write_temp(path: Path, data: bytes) -> Path:
@@ -97,8 +97,9 @@ def _write_temp(path: Path, data: bytes) -> Path:
     return tmp
 
 
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries (a rename or a new name in it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -169,7 +170,7 @@ class Spool:
         with self._lock:
             os.replace(data_tmp, data_path)
             os.replace(side_tmp, side_path)
-            fsync_dir(self.incoming)
+            fsync_path(self.incoming)
             if on_stored is not None:
                 on_stored(entry)
         return entry
@@ -207,7 +208,7 @@ class Spool:
                 on_removed(entry)
             side_path.unlink(missing_ok=True)  # the commit mark goes first: a crash here leaves an unacked .dcm
             (self.incoming / f"{entry.name}.dcm").unlink(missing_ok=True)
-            fsync_dir(self.incoming)
+            fsync_path(self.incoming)
         return True
 
     def count(self) -> int:

@@ -242,11 +242,15 @@ def read_session_rows(uri: Any, specialty: str | None = None) -> list[dict]:
 
 
 def read_table_rows(uri: Any, what: str = "rows") -> list[dict]:
-    """The rows of a Parquet or UTF-8 CSV file at a path or URI (told apart by content: Parquet starts with
-    ``PAR1``); CSV values come as text, which :func:`build_sequences` parses."""
+    """The rows of a Parquet or UTF-8 CSV file at a path or URI (:func:`table_rows`)."""
     from imaging_tasks import storage
 
-    data = storage.read_bytes(uri)
+    return table_rows(storage.read_bytes(uri), what)
+
+
+def table_rows(data: bytes, what: str = "rows") -> list[dict]:
+    """The rows of a Parquet or UTF-8 CSV file's bytes (told apart by content: Parquet starts with ``PAR1``); CSV
+    values come as text, which :func:`build_sequences` parses."""
     if data[:4] == b"PAR1":
         import pyarrow.parquet as pq
 
@@ -485,12 +489,16 @@ def pseudonymise_scores(rows: Any, key: bytes) -> list[dict]:
 def read_scores_upload(uri: Any, key: bytes) -> list[dict]:
     """A CSV or Parquet upload (by content: Parquet starts with ``PAR1``) at a path or URI, pseudonymised
     (:func:`pseudonymise_scores`)."""
-    rows = read_table_rows(uri, "score upload")
-    return pseudonymise_scores(rows, key)
+    return pseudonymise_scores(read_table_rows(uri, "score upload"), key)
+
+
+def scores_upload_rows(data: bytes, key: bytes) -> list[dict]:
+    """:func:`read_scores_upload` of an upload's bytes already read (to hash them, say)."""
+    return pseudonymise_scores(table_rows(data, "score upload"), key)
 
 
 __all__ = ["DAYS_PER_MONTH", "WINDOW_DAYS", "TIME_FEATURES", "SCORE_RANGES", "SESSIONS_SQL", "NotEnoughSessions",
            "Feature", "parse_feature", "canonical_score", "ScoreObservation", "Session", "PatientSequence",
-           "build_sequences", "warehouse_session_rows", "read_session_rows", "read_table_rows", "raw_matrix", "fill",
-           "feature_matrix", "longitudinal_table", "pseudonymise_scores", "read_scores_upload", "records",
+           "build_sequences", "warehouse_session_rows", "read_session_rows", "read_table_rows", "table_rows", "raw_matrix", "fill",
+           "feature_matrix", "longitudinal_table", "pseudonymise_scores", "read_scores_upload", "scores_upload_rows", "records",
            "parse_date"]

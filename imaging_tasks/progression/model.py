@@ -120,7 +120,7 @@ def _is_number(v: Any) -> bool:
 def parse_contract(text: str | bytes, *, where: str = "progression model JSON") -> dict:
     """Validate the JSON text; the fields of :class:`ProgressionSpec` (no uri/sha256/format).  All problems in one
     :class:`ConfigError`."""
-    from imaging_tasks.byo_model import json_object
+    from imaging_tasks.byo_model import finish_fields, json_object
 
     raw = json_object(text, where=where, doc=DOC)
     problems: list[str] = []
@@ -222,14 +222,7 @@ def parse_contract(text: str | bytes, *, where: str = "progression model JSON") 
     if not (_is_int(window) and window >= 0):
         problems.append(f"'score_window_days' is {window!r}; it must be a whole number of days >= 0")
     out["score_window_days"] = window if _is_int(window) else WINDOW_DAYS
-    description = raw.get("description", "")
-    if not isinstance(description, str):
-        problems.append("'description' must be text")
-    out["description"] = description if isinstance(description, str) else ""
-    out["extra"] = types.MappingProxyType({k: v for k, v in raw.items() if str(k).startswith("x_")})
-    if problems:
-        raise ConfigError(f"{where} is invalid: " + "; ".join(problems) + f". Fix the file ({DOC})")
-    return out
+    return finish_fields(raw, out, problems, where=where, doc=DOC)
 
 
 # ------------------------------------------------------------------------------------------------ loading

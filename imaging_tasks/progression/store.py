@@ -28,7 +28,7 @@ def ingest(landing_uri: str, warehouse, specialty: str, key: bytes, *, quiet_s: 
     uploads are only read.  Counts."""
     from imaging_tasks import storage
     from imaging_tasks.errors import BadInput
-    from imaging_tasks.progression.features import read_scores_upload
+    from imaging_tasks.progression.features import scores_upload_rows
 
     now = now or dt.datetime.now(dt.timezone.utc)
     epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
@@ -39,24 +39,25 @@ def ingest(landing_uri: str, warehouse, specialty: str, key: bytes, *, quiet_s: 
     counts = {"uploads": len(objects), "loaded": 0, "already_loaded": 0, "waiting": 0, "malformed": 0,
               "superseded": 0, "rows": 0, "superseded_rows": 0}
     uploads, age = [], {}
+    loaded_shas = set(held.values())
     for obj in objects:
         if quiet_s and obj.modified is not None and (now - obj.modified).total_seconds() < quiet_s:
             counts["waiting"] += 1  # still being written, perhaps: the next run takes it
             continue
-        sha = storage.sha256_bytes(storage.read_bytes(obj.uri))
+        data = storage.read_bytes(obj.uri)
+        sha = storage.sha256_bytes(data)
         if sha in age:  # the same bytes twice in the folder
             counts["already_loaded"] += 1
             continue
         age[sha] = len(age)
-        uploads.append((obj, sha))
-    loaded_shas = set(held.values())
-    for obj, sha in uploads:
+        uploads.append((obj, sha, None if sha in loaded_shas else data))  # parsed from these bytes: read once
+    for obj, sha, data in uploads:
         name = f"score upload sha256 {sha[:16]} ({obj.size} bytes)"
         if sha in loaded_shas:
             counts["already_loaded"] += 1
             continue
         try:
-            rows = read_scores_upload(obj.uri, key)
+            rows = scores_upload_rows(data, key)
         except BadInput as exc:  # its messages name row numbers, never values
             log.error("%s is malformed (%s): %s; not loaded, the others go on", name, exc.reason, exc.message)
             counts["malformed"] += 1
