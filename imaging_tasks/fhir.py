@@ -21,6 +21,9 @@ resets) are retried by :mod:`imaging_tasks.retry`; other 4xx fail that study at 
 Which studies are due is kept in the lake, beside the ledger: ``ledger/<specialty>/fhir/<S…>.json`` holds the
 ledger ``updated_at`` last sent; a study is due while its ledger record is newer (a reprocessed study is sent
 again, a study whose send failed is taken by the next attempt or run).
+
+The same client also reads (:meth:`FhirClient.search`, paged by ``link[relation=next]``, same retries): the
+progression DAG takes cognitive-score Observations from that server (:mod:`imaging_tasks.progression.fhir_scores`).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from imaging_tasks import retry, storage
 from imaging_tasks.errors import ConfigError
@@ -229,7 +232,8 @@ def diagnostic_report(facts: StudyFacts, study_ref: dict, observation_refs: list
 # --------------------------------------------------------------------------------------------- client
 @dataclass
 class FhirClient:
-    """Conditional updates against a FHIR base URL (``https://host/fhir``), with retries on transient faults."""
+    """Conditional updates (and reads: :meth:`read`, :meth:`search`) against a FHIR base URL
+    (``https://host/fhir``), with retries on transient faults."""
 
     base_url: str
     headers: dict = field(default_factory=dict)
@@ -279,6 +283,70 @@ class FhirClient:
             if match:
                 out = {**out, "id": match.group(1)}
         return out
+
+
+    # ----------------------------------------------------------------------------------------- reading
+    def read(self, url: str, params: dict | None = None) -> dict:
+        """``GET`` of a resource or a search page (``url``: relative to the base, or an absolute URL on the base's
+        own server), with the same retries as the PUTs.  A 4xx raises :class:`FhirError` saying what to check."""
+        target = self._url(url)
+        return retry.call(self._get, target, params, operation="FHIR GET", target=origin(self.base_url),
+                          policy=self.policy)
+
+    def search(self, resource_type: str, params: dict) -> Iterator[dict]:
+        """The pages (``Bundle``s) of ``GET [base]/<resource_type>?params``, following ``link[relation=next]``
+        (absolute or server-relative) until there is none.  A next link to another server is refused: the
+        credentials must not go there."""
+        page = self.read(resource_type, params)
+        seen = set()
+        while True:
+            yield page
+            nxt = next((link.get("url") for link in page.get("link") or [] if link.get("relation") == "next"), None)
+            if not nxt or nxt in seen:
+                return
+            seen.add(nxt)
+            page = self.read(nxt)
+
+    def _url(self, url: str) -> str:
+        from urllib.parse import urljoin
+
+        full = urljoin(self.base_url + "/", url)
+        if origin(full) != origin(self.base_url):
+            raise FhirError(f"FHIR server sent a link to another server ({origin(full)}, not "
+                            f"{origin(self.base_url)}): not followed; check the server's base URL setting")
+        return full
+
+    def _get(self, url: str, params: dict | None) -> dict:
+        import requests
+
+        response = self._session.get(url, params=params, auth=self.auth, timeout=self.timeout_s,
+                                     headers={"Accept": MEDIA_TYPE, **self.headers})
+        what = url[len(self.base_url):].split("?", 1)[0].strip("/").split("/", 1)[0] or "search page"
+        if response.status_code >= 400:
+            error = requests.HTTPError(f"FHIR server answered {response.status_code} to GET {what}",
+                                       response=response)
+            if retry.is_transient(error):
+                raise error
+            hint = {401: "check the credentials of connection imaging_fhir",
+                    403: "the FHIR account may not read this resource type: ask for read access",
+                    404: "check the FHIR base URL (Variable imaging_fhir_base_url or connection imaging_fhir)"}
+            raise FhirError(f"FHIR server refused GET {what} (HTTP {response.status_code}: {_outcome(response)})"
+                            + (f"; {hint[response.status_code]}" if response.status_code in hint else ""),
+                            response.status_code)
+        try:
+            return response.json()
+        except ValueError:
+            raise FhirError(f"FHIR server answered GET {what} with no JSON (HTTP {response.status_code}, "
+                            f"{response.headers.get('Content-Type') or 'no content type'}): check the FHIR base URL "
+                            "(it must be the FHIR endpoint, e.g. https://host/fhir)", response.status_code) from None
+
+
+def origin(url: str) -> str:
+    """``scheme://host:port`` of a URL: what log lines and errors may name (paths and queries may not)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"
 
 
 def _outcome(response) -> str:

@@ -1,5 +1,6 @@
-"""The progression data in the warehouse (DuckDB or BigQuery alike): cognitive-score uploads loaded once each,
-the patients whose sessions or scores changed since their last prediction, predictions as table rows.
+"""The progression data in the warehouse (DuckDB or BigQuery alike): cognitive-score uploads loaded once each
+and FHIR score Observations once per version (:func:`ingest_fhir`), the patients whose sessions or scores
+changed since their last prediction, predictions as table rows.
 
 The ``progression`` DAG's tasks (``plugins/imaging_dags/progression.py``) call these with the warehouse and key
 they were configured with; nothing here knows Airflow.  Patients are named by pseudonym only, uploads by their
@@ -21,6 +22,25 @@ def superseded(rows: list[dict], held: dict[tuple, str], age: dict[str, int], mi
     return [r for r in rows if age.get(held.get((r["patient_id"], r["score"], r["date"])), -1) > mine]
 
 
+def held_scores(warehouse, specialty: str) -> dict[tuple, str]:
+    """``(patient_id, score, date) -> source_sha256`` of the specialty's score rows in the warehouse."""
+    ref = warehouse.ref("cognitive_scores", create=True)
+    return {(p, s, d): sha for p, s, d, sha in warehouse.query(
+        f"SELECT patient_id, score, date, source_sha256 FROM {ref} WHERE specialty = ?", [specialty])}
+
+
+def upsert_scores(warehouse, specialty: str, rows: list[tuple[dict, str]], withdrawn: list[tuple] = ()) -> None:
+    """The one way score rows reach the warehouse, from uploads and FHIR alike: ``(row, source_sha256)`` pairs
+    upserted on the table key (the newer value of a key replaces the older), and the ``withdrawn`` keys
+    ``(patient_id, score, date)`` deleted, in one transaction."""
+    scope = ("specialty", "patient_id", "score", "date")
+    with warehouse.transaction() as tx:
+        if withdrawn:
+            tx.upsert("cognitive_scores", [], replace_scope=scope, scopes=[(specialty, *k) for k in withdrawn])
+        if rows:
+            tx.upsert("cognitive_scores", [{**r, "specialty": specialty, "source_sha256": sha} for r, sha in rows])
+
+
 def ingest(landing_uri: str, warehouse, specialty: str, key: bytes, *, quiet_s: float,
            now: dt.datetime | None = None) -> dict:
     """Pseudonymise and upsert every score upload under ``landing_uri`` not loaded yet (its sha256 absent from
@@ -33,9 +53,7 @@ def ingest(landing_uri: str, warehouse, specialty: str, key: bytes, *, quiet_s: 
     now = now or dt.datetime.now(dt.timezone.utc)
     epoch = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
     objects = sorted(storage.list_objects(landing_uri), key=lambda o: (o.modified or epoch, o.relpath))
-    ref = warehouse.ref("cognitive_scores", create=True)
-    held = {(p, s, d): sha for p, s, d, sha in warehouse.query(
-        f"SELECT patient_id, score, date, source_sha256 FROM {ref} WHERE specialty = ?", [specialty])}
+    held = held_scores(warehouse, specialty)
     counts = {"uploads": len(objects), "loaded": 0, "already_loaded": 0, "waiting": 0, "malformed": 0,
               "superseded": 0, "rows": 0, "superseded_rows": 0}
     uploads, age = [], {}
@@ -81,7 +99,7 @@ def ingest(landing_uri: str, warehouse, specialty: str, key: bytes, *, quiet_s: 
             log.info("%s: each of its %d row(s) was corrected by a later upload: nothing to load", name, len(rows))
             counts["superseded"] += 1
             continue
-        warehouse.upsert("cognitive_scores", [{**r, "specialty": specialty, "source_sha256": sha} for r in fresh])
+        upsert_scores(warehouse, specialty, [(r, sha) for r in fresh])
         held.update({(r["patient_id"], r["score"], r["date"]): sha for r in fresh})
         loaded_shas.add(sha)
         counts["loaded"] += 1
@@ -90,6 +108,127 @@ def ingest(landing_uri: str, warehouse, specialty: str, key: bytes, *, quiet_s: 
                  len({r["patient_id"] for r in fresh}),
                  f", {len(later)} left out (a later upload corrected them)" if later else "")
     return counts
+
+
+# ----------------------------------------------------------------------------------------------- FHIR scores
+FHIR_COUNTS = ("observations", "loaded", "amended", "already_loaded", "superseded", "withdrawn", "held_by_upload",
+               "rows", "skipped_status", "skipped_unknown_code", "skipped_no_patient", "skipped_no_date",
+               "skipped_no_value", "skipped_bad_value")
+
+
+def ingest_fhir(client, warehouse, specialty: str, key: bytes, *, lake_root, codes: dict | None = None,
+                patient_system: str | None = None, overlap_s: float | None = None,
+                page_size: int | None = None) -> dict:
+    """Cognitive-score Observations of a FHIR server (``client``: :class:`imaging_tasks.fhir.FhirClient`) new or
+    changed since the last run (the watermark in ``lake_root``, less ``overlap_s``), pseudonymised like uploads
+    (:mod:`imaging_tasks.progression.fhir_scores`) and upserted through :func:`upsert_scores`.  Counts.
+
+    Exactly once, whatever the overlap: an Observation version already loaded (by the lake's record, or its
+    ``source_sha256`` in the warehouse) adds nothing; a newer version (amended, corrected) replaces the row of
+    the earlier one, and removes it when its key moved (another date); an older version read after a newer one
+    changes nothing (``superseded``, as an upload corrected later); ``entered-in-error`` / ``cancelled`` removes
+    the row the Observation gave.  Where an upload holds the same patient, score and date, the upload wins
+    (``held_by_upload``; otherwise it would be reloaded over the Observation's row).  The lake record
+    and watermark are saved after the warehouse write: a run that fails re-reads the same Observations.
+    """
+    from imaging_tasks.progression import fhir_scores as fs
+
+    state = fs.ScoreState.load(lake_root, specialty, client.base_url)
+    held = held_scores(warehouse, specialty)
+    sources = set(held.values())
+    if state.observations and not any(o["source"] in sources for o in state.observations.values()):
+        log.warning("FHIR scores: none of the %d Observation row(s) the lake records as loaded is in the "
+                    "warehouse (a new or reset warehouse?): reading every Observation again",
+                    len(state.observations))
+        state = fs.ScoreState(state.uri)
+    counts = dict.fromkeys(FHIR_COUNTS, 0)
+    fhir_sources = {o["source"] for o in state.observations.values()}  # any other source in held is an upload
+    pending: dict[tuple, tuple[dict, str]] = {}  # key -> (row, source), the newest of the run
+    stale: dict[tuple, str] = {}  # key -> source whose row an amendment or withdrawal takes away
+    newest = state.watermark
+    since = state.since(fs.DEFAULT_OVERLAP_S if overlap_s is None else overlap_s)
+    log.info("FHIR scores of %s: Observations %s", specialty,
+             f"updated after {fs.instant(since)}" if since else "all (no watermark yet)")
+    for score in fs.read_scores(client, key, codes=codes, patient_system=patient_system, since=since,
+                                page_size=page_size or fs.DEFAULT_PAGE_SIZE):
+        counts["observations"] += 1
+        if score.updated is not None and (newest is None or score.updated > newest):
+            newest = score.updated
+        _take_fhir_score(score, state, held, sources, fhir_sources, pending, stale, counts)
+    withdrawn = [k for k, src in stale.items() if k not in pending and held.get(k) == src]
+    rows = list(pending.values())
+    if rows or withdrawn:
+        upsert_scores(warehouse, specialty, rows, withdrawn)
+    counts["rows"] = len(rows)
+    state.watermark = newest
+    state.save()
+    skipped = {k: v for k, v in counts.items() if k.startswith("skipped_") and v}
+    log.info("FHIR scores of %s: %d Observation(s): %d row(s) written (%d new, %d amended), %d withdrawn, %d "
+             "already loaded, %d superseded%s; watermark %s", specialty, counts["observations"], len(rows),
+             counts["loaded"], counts["amended"], counts["withdrawn"], counts["already_loaded"],
+             counts["superseded"], "".join(f", {v} {k}" for k, v in skipped.items()),
+             fs.instant(newest) if newest else "none (no meta.lastUpdated: every run reads everything)")
+    return counts
+
+
+def _take_fhir_score(score, state, held: dict, sources: set, fhir_sources: set, pending: dict, stale: dict,
+                     counts: dict) -> None:
+    """Decide what one :class:`~imaging_tasks.progression.fhir_scores.FhirScore` does (see :func:`ingest_fhir`),
+    updating the run's pending rows, the keys to withdraw, the lake record and the counts."""
+    prev = state.observations.get(score.observation)
+    if prev and prev["source"] != score.source and _older(score.updated, prev.get("updated")):
+        counts["superseded"] += 1  # a newer version of it is loaded already
+        return
+    if score.skipped == "withdrawn":
+        if prev:
+            _retire(prev, pending, stale)
+            del state.observations[score.observation]
+            counts["withdrawn"] += 1
+        else:
+            counts["skipped_status"] += 1
+        return
+    if score.skipped:
+        counts[f"skipped_{score.skipped}"] += 1
+        if score.skipped in ("no_patient", "unknown_code"):
+            log.info("FHIR Observation sha256 %s: %s, skipped", score.observation[:16],
+                     "its patient has no usable identifier" if score.skipped == "no_patient" else
+                     "its code is not a configured score")
+        return
+    row = score.row
+    key = (row["patient_id"], row["score"], row["date"])
+    record = {"source": score.source, "updated": score.updated.isoformat() if score.updated else None,
+              "key": list(key)}
+    if (prev and prev["source"] == score.source) or (not prev and score.source in sources):
+        state.observations[score.observation] = record  # (re)learnt from the warehouse when the lake lost it
+        counts["already_loaded"] += 1
+        return
+    upload = held.get(key)
+    if upload is not None and upload not in fhir_sources:
+        counts["held_by_upload"] += 1  # the site's own upload of that score and date wins (it would reload)
+        return
+    if prev:
+        _retire(prev, pending, stale)
+    pending[key] = (row, score.source)
+    fhir_sources.add(score.source)
+    state.observations[score.observation] = record
+    counts["amended" if prev else "loaded"] += 1
+
+
+def _retire(prev: dict, pending: dict, stale: dict) -> None:
+    """The row of an Observation's earlier version goes (unless another Observation holds that key now)."""
+    key = tuple(prev["key"])
+    if key in pending and pending[key][1] == prev["source"]:
+        del pending[key]
+    stale[key] = prev["source"]
+
+
+def _older(updated: dt.datetime | None, than: str | None) -> bool:
+    if updated is None or not than:
+        return False
+    from imaging_tasks.progression.fhir_scores import parse_instant
+
+    other = parse_instant(than)
+    return other is not None and updated < other
 
 
 _CHANGED_CTE = """WITH sessions AS (

@@ -1,6 +1,6 @@
-"""Airflow glue of the ``progression`` DAG: cognitive-score uploads into the warehouse, then batch predictions for
-the patients whose data changed.  The maths is :mod:`imaging_tasks.progression`; here: settings, warehouse
-queries (DuckDB and BigQuery alike), logging, XCom counts and the asset event.
+"""Airflow glue of the ``progression`` DAG: cognitive-score uploads (and FHIR Observations) into the warehouse,
+then batch predictions for the patients whose data changed.  The maths is :mod:`imaging_tasks.progression`;
+here: settings, warehouse queries (DuckDB and BigQuery alike), logging, XCom counts and the asset event.
 
 XComs and asset events carry counts only: never a patient ID, raw or pseudonymous.  Log lines name patients by
 pseudonym only, and score uploads by their sha256 (an object name in the landing bucket may carry a name).
@@ -20,6 +20,8 @@ log = logging.getLogger("imaging_dags.progression")
 
 SCORES_FOLDER = "cognitive_scores"  # <landing>/cognitive_scores/: top level, outside every specialty's folder
 MODEL_VARIABLE = "imaging_progression_model_uri"
+PATIENT_SYSTEM_VARIABLE = "imaging_fhir_patient_identifier_system"  # the Patient identifier that is the MRN
+SCORE_CODES_VARIABLE = "imaging_fhir_score_codes"  # JSON {"system|code": score}; default LOINC MMSE
 PREDICTIONS_ASSET = Asset(name="imaging_progression_predictions")
 DEFAULT_ARGS = {**SPECIALTY_DEFAULTS, "on_failure_callback": notify_task_failure}
 PREDICTION_SCOPE = ("specialty", "patient_id", "model", "model_version")  # one set per patient and model
@@ -87,7 +89,9 @@ def ingest_scores() -> dict:
     """Cognitive-score uploads (CSV or Parquet: patient_id, date, score, value) in ``<landing>/cognitive_scores/``,
     pseudonymised with the de-identification key (the same pseudonyms and date shifts as the studies) and upserted
     into ``cognitive_scores`` with their sha256; an upload already loaded is skipped, a malformed one is logged
-    and left for the site to fix.  The raw uploads are never modified nor deleted."""
+    and left for the site to fix.  The raw uploads are never modified nor deleted.  Where a FHIR server is
+    configured, its cognitive-score Observations too, once per version (``imaging_tasks.progression.fhir_scores``;
+    counts ``fhir_*``)."""
     from imaging_dags.settings import deid_key, landing_quiet_seconds
 
     ctx = get_current_context()
@@ -105,7 +109,43 @@ def ingest_scores() -> dict:
 
     counts = ingest(landing, warehouse, specialty, key, quiet_s=quiet)
     log.info("cognitive scores: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    counts.update({f"fhir_{k}": v for k, v in _ingest_fhir_scores(specialty, warehouse, key).items()})
     return counts
+
+
+def _ingest_fhir_scores(specialty: str, warehouse, key: bytes) -> dict:
+    """Score Observations of the FHIR server, when one is configured (``settings.fhir_server``); none: nothing
+    (``{}``).  Which versions were loaded and the watermark live in the lake."""
+    from imaging_dags.settings import _var, fhir_server, for_specialty
+    from imaging_tasks.errors import ConfigError
+
+    with failing_fast("ingest cognitive scores from FHIR"):
+        server = fhir_server()
+        if server is None:
+            return {}
+        from imaging_tasks import fhir
+        from imaging_tasks.progression.fhir_scores import parse_codes
+
+        codes = parse_codes(_var(SCORE_CODES_VARIABLE, "") or None)
+        system = (_var(PATIENT_SYSTEM_VARIABLE, "") or "").strip() or None
+        lake = for_specialty(specialty).lake_uri
+        client = fhir.FhirClient(server.base_url, headers=dict(server.headers), auth=server.auth,
+                                 timeout_s=server.timeout_s)
+    from imaging_tasks.progression.store import ingest_fhir
+
+    log.info("cognitive scores from FHIR %s: codes %s, patient identifier system %s", fhir.origin(server.base_url),
+             ", ".join(sorted(codes)), system or "(none: the Patient's only identifier)")
+    try:
+        with failing_fast("ingest cognitive scores from FHIR"):
+            try:
+                return ingest_fhir(client, warehouse, specialty, key, lake_root=lake, codes=codes,
+                                   patient_system=system)
+            except fhir.FhirError as exc:
+                if exc.status in (400, 401, 403, 404):  # a setting to fix (URL, credentials, codes): not retried
+                    raise ConfigError(str(exc)) from None
+                raise
+    finally:
+        client.close()
 
 
 # ----------------------------------------------------------------------------------------------- predictions
@@ -166,5 +206,6 @@ def predict() -> dict:
     return counts
 
 
-__all__ = ["DEFAULT_ARGS", "MODEL_VARIABLE", "PREDICTIONS_ASSET", "SCORES_FOLDER", "ingest_scores", "model_uri",
-           "predict", "progression_params", "scores_landing_uri", "sessions_asset"]
+__all__ = ["DEFAULT_ARGS", "MODEL_VARIABLE", "PATIENT_SYSTEM_VARIABLE", "PREDICTIONS_ASSET", "SCORE_CODES_VARIABLE",
+           "SCORES_FOLDER", "ingest_scores", "model_uri", "predict", "progression_params", "scores_landing_uri",
+           "sessions_asset"]

@@ -26,6 +26,8 @@ Variables (so ``AIRFLOW_VAR_IMAGING_LAKE_URI`` etc.) and Connections, read insid
 | Slack-compatible incoming webhook (the Slack provider's ``slackwebhook`` type: host = base URL, password = path/token) | Variable ``imaging_notify_webhook_conn_id`` | none: no webhook |
 | FHIR server of the optional ``fhir_update`` task (none: the task skips) | Variable ``imaging_fhir_base_url``, else Connection ``imaging_fhir`` (HTTP: host = base URL; login/password; extra ``headers``, ``timeout``) | none |
 | identifier system prefix of the FHIR resources | Variable ``imaging_fhir_identifier_system`` | ``urn:imaging-pipeline`` |
+| the Patient identifier that is the DICOM PatientID (MRN), for cognitive-score Observations read by the ``progression`` DAG | Variable ``imaging_fhir_patient_identifier_system`` | none: the Patient's only identifier, else the subject reference's ``identifier`` |
+| score Observations the ``progression`` DAG reads (a JSON object: score name by code, as in README.md) | Variable ``imaging_fhir_score_codes`` | LOINC 72107-6 (MMSE) |
 | queues whose storage notifications wake a DAG (S3 -> SQS; GCS -> Pub/Sub), read at parse time (``imaging_dags.events``) | env ``IMAGING_EVENTS_SQS_QUEUE_URL[_<SPECIALTY>]`` / ``IMAGING_EVENTS_PUBSUB_SUBSCRIPTION[_<SPECIALTY>]`` (``projects/P/subscriptions/S``; ``{specialty}`` is replaced), or config ``[imaging] events_sqs_queue_url[_<specialty>]`` / ``events_pubsub_subscription[_<specialty>]``; connections ``IMAGING_EVENTS_AWS_CONN_ID`` / ``IMAGING_EVENTS_GCP_CONN_ID`` | none: cron only; connections ``aws_default`` / ``google_cloud_default`` |
 
 Bucket URIs (``file://``, ``s3://``, ``gs://``) all go through Airflow's ``ObjectStoragePath`` and the same
