@@ -2,10 +2,12 @@
 
 - ``fastapi_apps``: the QC app (``imaging_dags.qc.app``) served by the api-server under ``/imaging``, behind
   Airflow's authentication and the auth manager's DAG permissions.
-- ``external_views``: "Imaging QC" in the navigation; an "Imaging QC" tab on each DAG run and a "Study QC" tab
-  on each task instance, opening the pages in the UI's iframe.  Their hrefs are relative (no leading ``/``): the
-  UI resolves them against its ``<base href>``, i.e. the api-server's ``[api] base_url``; the UI fills in
-  ``{DAG_ID}``, ``{RUN_ID}``, ``{TASK_ID}`` and ``{MAP_INDEX}`` (not for ``nav`` views).
+- ``external_views``: "Imaging QC" and "Imaging patients" (the progression timelines, ``/imaging/patients``) in
+  the navigation; an "Imaging QC" tab on each DAG run and a "Study QC" tab on each task instance, opening the
+  pages in the UI's iframe.  Their hrefs are relative (no leading ``/``): the UI resolves them against its
+  ``<base href>``, i.e. the api-server's ``[api] base_url``; the UI fills in ``{DAG_ID}``, ``{RUN_ID}``,
+  ``{TASK_ID}`` and ``{MAP_INDEX}`` (not for ``nav`` views).  The pages' own links are absolute paths under the
+  api-server's root path (``/imaging/...``), so they stay inside the iframe.
 - ``global_operator_extra_links``: "Study QC" on every mapped study task instance (``imaging_dags.qc.links``).
 
 Airflow loads plugins in every component, task processes included, so this module stays light: the FastAPI app
@@ -55,6 +57,8 @@ class ImagingQCPlugin(AirflowPlugin):
     external_views = [
         {"name": "Imaging QC", "href": f"{HREF}/", "destination": "nav", "url_route": "imaging-qc",
          "nav_top_level": True},
+        {"name": "Imaging patients", "href": f"{HREF}/patients", "destination": "nav",
+         "url_route": "imaging-patients", "nav_top_level": True},
         {"name": "Imaging QC", "href": f"{HREF}/dags/{{DAG_ID}}/runs/{{RUN_ID}}", "destination": "dag_run",
          "url_route": "imaging-qc-run"},
         {"name": "Study QC", "href": f"{HREF}/dags/{{DAG_ID}}/runs/{{RUN_ID}}/tasks/{{TASK_ID}}/{{MAP_INDEX}}",
