@@ -153,6 +153,8 @@ def test_runs_predict_changed_patients_once(model_uri, airflow_db, buckets, monk
                       "rows": warehouse.count("cognitive_scores"), "superseded_rows": 0}
     (event,) = _prediction_events()
     assert event["predicted"] == len(expected) and event["rows"] == len(rows)
+    refusals = dict(warehouse.query("SELECT patient_id, reason FROM prediction_refusals"))
+    assert set(refusals) == refused and refusals[by_raw[unscored]] == "missing_features"
     computed = {r[0]: r[6] for r in rows}
 
     # no raw patient ID anywhere in the warehouse or the XComs; the uploads untouched
@@ -167,27 +169,35 @@ def test_runs_predict_changed_patients_once(model_uri, airflow_db, buckets, monk
     assert run2.state == "success" and _states(run2)["predict"] == "skipped"
     assert _xcom_value("ingest_scores", run2.run_id)["already_loaded"] == 2
     assert _summary(run2.run_id)["predicted"] == 0
+    assert _summary(run2.run_id)["refused"] == 0  # refused patients are not looked at again until their data change
     again = warehouse.query("SELECT patient_id, CAST(computed_at AS VARCHAR), run_id FROM predictions")
     assert {r[0]: r[1] for r in again} == computed and {r[2] for r in again} == {run1.run_id}
     assert len(_prediction_events()) == 1
 
-    # run 3: a new session of one patient: that patient only is recomputed
+    # run 3: a new session of one patient, and a second session of a patient refused for having one: those two
+    # only are recomputed; the refused one is predicted now and its refusal goes
     patient = sorted(expected)[0]
-    last = max((r for r in sessions if r["patient_id"] == patient), key=lambda r: r["study_date"])["study_date"]
-    later = (dt.datetime.strptime(last, "%Y%m%d") + dt.timedelta(days=200)).strftime("%Y%m%d")
-    _load_sessions(warehouse, [{**r, "study_id": "NEWSESSION1", "study_date": later}
-                               for r in sessions if r["patient_id"] == patient and r["study_date"] == last])
+    single = sorted(p for p in refused if n_sessions[p] == 1)[0]
+    for who, study in ((patient, "NEWSESSION1"), (single, "NEWSESSION2")):
+        last = max((r for r in sessions if r["patient_id"] == who), key=lambda r: r["study_date"])["study_date"]
+        later = (dt.datetime.strptime(last, "%Y%m%d") + dt.timedelta(days=200)).strftime("%Y%m%d")
+        _load_sessions(warehouse, [{**r, "study_id": study, "study_date": later}
+                                   for r in sessions if r["patient_id"] == who and r["study_date"] == last])
     run3 = dag.test(run_conf={"landing_quiet_seconds": 0})
     assert run3.state == "success" and _states(run3)["predict"] == "success"
     rows3 = warehouse.query("SELECT patient_id, CAST(computed_at AS VARCHAR), run_id, as_of_study_id, n_sessions "
-                            "FROM predictions")
+                            "FROM predictions WHERE patient_id != ?", [single])
     assert len(rows3) == len(rows)
     changed = {r[0] for r in rows3 if r[2] == run3.run_id}
     assert changed == {patient}
+    assert warehouse.count("predictions", "WHERE patient_id = ? AND run_id = ?", [single, run3.run_id]) == \
+        HORIZONS * OUTPUTS
+    assert dict(warehouse.query("SELECT patient_id, reason FROM prediction_refusals")) == \
+        {p: r for p, r in refusals.items() if p != single}
     assert {r[3] for r in rows3 if r[0] == patient} == {"NEWSESSION1"}
     assert {r[4] for r in rows3 if r[0] == patient} == {n_sessions[patient] + 1}
     assert {r[0]: r[1] for r in rows3 if r[0] != patient} == {p: c for p, c in computed.items() if p != patient}
-    assert _summary(run3.run_id)["predicted"] == 1
+    assert _summary(run3.run_id)["predicted"] == 2 and _summary(run3.run_id)["refused"] == 0
 
     # no model configured: predict skipped, the run succeeds, nothing written
     monkeypatch.delenv("AIRFLOW_VAR_IMAGING_PROGRESSION_MODEL_URI")

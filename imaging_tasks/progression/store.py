@@ -237,8 +237,10 @@ _CHANGED_CTE = """WITH sessions AS (
   WHERE s.specialty = ? GROUP BY s.patient_id),
 scores AS (SELECT patient_id, MAX(loaded_at) AS scores_at FROM {cognitive_scores} WHERE specialty = ?
   GROUP BY patient_id),
-predicted AS (SELECT patient_id, MAX(computed_at) AS computed_at FROM {predictions}
-  WHERE specialty = ? AND model = ? AND model_version = ? GROUP BY patient_id),
+predicted AS (SELECT patient_id, MAX(computed_at) AS computed_at FROM (
+  SELECT patient_id, computed_at FROM {predictions} WHERE specialty = ? AND model = ? AND model_version = ?
+  UNION ALL SELECT patient_id, computed_at FROM {prediction_refusals}
+  WHERE specialty = ? AND model = ? AND model_version = ?) AS seen GROUP BY patient_id),
 changed AS (SELECT s.patient_id FROM sessions s LEFT JOIN scores c ON c.patient_id = s.patient_id
   LEFT JOIN predicted p ON p.patient_id = s.patient_id
   WHERE p.computed_at IS NULL OR s.studies_at > p.computed_at OR s.features_at > p.computed_at
@@ -257,11 +259,14 @@ _PATIENTS = ("SELECT COUNT(DISTINCT s.patient_id) FROM {studies} s JOIN {roi_fea
 
 def changed_rows(warehouse, specialty: str, model: str, version: str) -> tuple[list[dict], list[dict], int]:
     """``(session rows, score rows, patients in all)`` of the patients whose session rows (studies joined with
-    roi_features) or cognitive scores were loaded after their newest prediction by this model name and version,
-    or who have none yet: all their sessions and scores, as :func:`~imaging_tasks.progression.build_sequences`
-    takes them."""
-    names = {n: warehouse.ref(n, create=True) for n in ("studies", "roi_features", "cognitive_scores", "predictions")}
-    cte, cte_params = _CHANGED_CTE.format(**names), [specialty, specialty, specialty, model, version]
+    roi_features) or cognitive scores were loaded after their newest prediction, or refusal, by this model name
+    and version, or who have neither yet: all their sessions and scores, as
+    :func:`~imaging_tasks.progression.build_sequences` takes them.  A refused patient (too few sessions, ...)
+    is thus looked at again when its data change, not on every run."""
+    names = {n: warehouse.ref(n, create=True)
+             for n in ("studies", "roi_features", "cognitive_scores", "predictions", "prediction_refusals")}
+    cte = _CHANGED_CTE.format(**names)
+    cte_params = [specialty, specialty, specialty, model, version, specialty, model, version]
 
     def rows(sql: str, columns: tuple[str, ...]) -> list[dict]:
         return [dict(zip(columns, r)) for r in warehouse.query(cte + sql.format(**names), cte_params + [specialty])]
@@ -307,6 +312,32 @@ def prediction_rows(predictions: list[dict], sequences: dict, spec, *, specialty
              "target_date": p["target_date"],
              "n_sessions": min(len(sequences[p["patient_id"]].sessions), spec.max_sessions),
              "model_sha256": p["model_sha256"], "run_id": run_id, "computed_at": computed_at} for p in predictions]
+
+
+PREDICTION_SCOPE = ("specialty", "patient_id", "model", "model_version")  # one set per patient and model
+
+
+def refusal_rows(refused: list[dict], spec, *, specialty: str, run_id: str, computed_at: dt.datetime) -> list[dict]:
+    """``prediction_refusals`` rows of the changed patients the model could not take (``sequences_of`` and
+    ``predict_many`` refusals: ``patient_id``, ``reason``, ``message``)."""
+    return [{"specialty": specialty, "patient_id": r["patient_id"], "model": spec.name,
+             "model_version": spec.version, "reason": r["reason"], "message": r["message"], "run_id": run_id,
+             "computed_at": computed_at} for r in refused]
+
+
+def save_predictions(warehouse, specialty: str, spec, rows: list[dict], refusals: list[dict]) -> None:
+    """One transaction: each predicted patient's set replaces its earlier one by this model version (and any
+    refusal it had), each refused patient's refusal is recorded (its earlier predictions stay: they were made
+    on data the model could take)."""
+    scope = PREDICTION_SCOPE
+    predicted = sorted({r["patient_id"] for r in rows})
+    with warehouse.transaction() as tx:
+        if rows:
+            tx.upsert("predictions", rows, replace_scope=scope)
+            tx.upsert("prediction_refusals", [], replace_scope=scope,
+                      scopes=[(specialty, p, spec.name, spec.version) for p in predicted])
+        if refusals:
+            tx.upsert("prediction_refusals", refusals)
 
 
 def check_model(spec) -> None:

@@ -118,6 +118,13 @@ _TABLES: list[Table] = [
         _c("n_sessions", "INT64"), _c("model_sha256", "STRING", False, "the archive the prediction came from"),
         _c("run_id", "STRING"), _c("computed_at", "TIMESTAMP"),
     ), "progression predictions: the latest per patient, model, horizon and score"),
+    Table("prediction_refusals", ("specialty", "patient_id", "model", "model_version"), (
+        _c("specialty", "STRING", True), _c("patient_id", "STRING", True, "keyed pseudonym of PatientID"),
+        _c("model", "STRING", True), _c("model_version", "STRING", True),
+        _c("reason", "STRING", True, "not_enough_sessions, missing_features, ..."),
+        _c("message", "STRING", False, "what the model lacked and when to expect a prediction"),
+        _c("run_id", "STRING"), _c("computed_at", "TIMESTAMP"),
+    ), "patients a progression model could not take, and why; looked at again when their data change"),
     Table("ledger", ("specialty", "study_id"), (
         _c("specialty", "STRING", True), _c("study_id", "STRING", True), _c("patient_id", "STRING"),
         _c("state", "STRING", True, "loaded | quarantined | failed (the states that reach the warehouse)"),

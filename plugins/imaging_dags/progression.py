@@ -24,7 +24,6 @@ PATIENT_SYSTEM_VARIABLE = "imaging_fhir_patient_identifier_system"  # the Patien
 SCORE_CODES_VARIABLE = "imaging_fhir_score_codes"  # JSON {"system|code": score}; default LOINC MMSE
 PREDICTIONS_ASSET = Asset(name="imaging_progression_predictions")
 DEFAULT_ARGS = {**SPECIALTY_DEFAULTS, "on_failure_callback": notify_task_failure}
-PREDICTION_SCOPE = ("specialty", "patient_id", "model", "model_version")  # one set per patient and model
 
 
 def sessions_asset() -> Asset:
@@ -155,12 +154,14 @@ def predict() -> dict:
     """The model (Param ``model_uri``, else Variable ``imaging_progression_model_uri``; neither: skipped) loaded
     once; the patients whose sessions or scores changed since their last prediction by it predicted in one batch
     and upserted (one set per patient: its earlier set by this model version replaced); a patient the model
-    cannot take (too few sessions, a feature never measured) is logged and counted, not failed.  Emits
+    cannot take (too few sessions, a feature never measured) is logged, counted and recorded in
+    ``prediction_refusals``, not failed; it is looked at again when its sessions or scores change.  Emits
     ``imaging_progression_predictions`` with counts; skipped (no event) when nothing was predicted."""
     from airflow.sdk.exceptions import AirflowSkipException
 
     from imaging_tasks.progression.model import load_progression_model, predict_many
-    from imaging_tasks.progression.store import changed_rows, check_model, prediction_rows, sequences_of
+    from imaging_tasks.progression.store import (changed_rows, check_model, prediction_rows, refusal_rows,
+                                                 save_predictions, sequences_of)
 
     ctx = get_current_context()
     ti = ctx["ti"]
@@ -185,8 +186,8 @@ def predict() -> dict:
     rows = prediction_rows(predictions, sequences, spec, specialty=specialty, run_id=ti.run_id,
                            computed_at=computed_at)
     predicted = sorted({r["patient_id"] for r in rows})
-    if rows:
-        warehouse.upsert("predictions", rows, replace_scope=PREDICTION_SCOPE)
+    save_predictions(warehouse, specialty, spec, rows,
+                     refusal_rows(refused, spec, specialty=specialty, run_id=ti.run_id, computed_at=computed_at))
     reasons: dict[str, int] = {}
     for r in refused:
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
