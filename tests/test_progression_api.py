@@ -5,6 +5,7 @@ then the timeline page in a real browser (Debian chromium via Playwright, the ap
 """
 from __future__ import annotations
 
+import datetime as dt
 import re
 import socket
 import threading
@@ -80,6 +81,13 @@ def env(airflow_db, tmp_path_factory):
     stored = long_ids[0]
     DuckDBWarehouse(warehouse).upsert("predictions", prediction_rows(
         predict(model, spec, sequences[stored]), specialty, {stored: len(sequences[stored].sessions)}))
+    from imaging_tasks.progression.features import NotEnoughSessions
+    from imaging_tasks.progression.store import refusal_rows
+
+    why = NotEnoughSessions(one_id, 1, spec.min_sessions)  # as the progression DAG records it
+    DuckDBWarehouse(warehouse).upsert("prediction_refusals", refusal_rows(
+        [{"patient_id": one_id, "reason": why.reason, "message": why.message}], spec, specialty=specialty,
+        run_id="scheduled__test", computed_at=dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AIRFLOW_VAR_IMAGING_WAREHOUSE", f"duckdb://{warehouse}")
         mp.setenv("AIRFLOW_VAR_IMAGING_PROGRESSION_MODEL_URI", trained.model_uri)
@@ -197,7 +205,14 @@ def test_timeline_json(env):
     assert {(p["model"], p["model_version"], p["model_sha256"]) for p in body["predictions"]} == \
         {("progression-lstm", "test.1", spec.sha256)}
     none = env["client"].get(f"/imaging/patient-timeline/{env['long'][1]}", headers=_auth(env)).json()
-    assert none["predictions"] == [] and len(none["sessions"]) == 10
+    assert none["predictions"] == [] and len(none["sessions"]) == 10 and none["refusals"] == []
+    assert body["refusals"] == []
+    one = env["client"].get(f"/imaging/patient-timeline/{env['one']}", headers=_auth(env)).json()
+    assert [(r["model"], r["model_version"], r["reason"]) for r in one["refusals"]] == \
+        [("progression-lstm", "test.1", "not_enough_sessions")]
+    assert "1 dated session" in one["refusals"][0]["message"] and one["predictions"] == []
+    page = env["client"].get(f"/imaging/patients/{env['one']}", headers=_auth(env)).text
+    assert "Not predicted (1)" in page and "not_enough_sessions" in page
     assert env["client"].get("/imaging/patient-timeline/PZZZZZZZZZZZZZZZZ", headers=_auth(env)).status_code == 404
 
 

@@ -3,7 +3,7 @@
 | route (under ``/imaging``) | answers |
 |---|---|
 | ``POST /predict-progression`` | body ``{"patient_id": "P…"}`` (optional ``"model_uri"``): the patient's predicted cognitive scores at the model's horizons, computed now from the warehouse (JSON below); nothing is written |
-| ``GET /patient-timeline/{patient}`` | JSON: the patient's sessions (date, study, a few ROI features), cognitive scores and stored predictions |
+| ``GET /patient-timeline/{patient}`` | JSON: the patient's sessions (date, study, a few ROI features), cognitive scores, stored predictions and the progression DAG's refusals (model, reason, message) |
 | ``GET /patients`` | HTML: the patients of the progression specialty (sessions, dates, stored predictions) |
 | ``GET /patients/{patient}`` | HTML: the timeline as inline SVG charts (ROI trajectories, scores, predictions at their horizons) |
 
@@ -141,14 +141,27 @@ def _prediction_rows(warehouse, name: str, patient: str) -> list[dict]:
     return out
 
 
+def _refusal_rows(warehouse, name: str, patient: str) -> list[dict]:
+    """Why the progression DAG made no prediction for the patient, per model version (``prediction_refusals``)."""
+    columns = ("model", "model_version", "reason", "message", "computed_at")
+    rows = [dict(zip(columns, r)) for r in warehouse.query(
+        f"SELECT {', '.join(columns)} FROM {warehouse.ref('prediction_refusals')} WHERE specialty = ? AND "
+        "patient_id = ? ORDER BY model, model_version", [name, patient])]
+    for item in rows:
+        if hasattr(item["computed_at"], "isoformat"):
+            item["computed_at"] = item["computed_at"].isoformat()
+    return rows
+
+
 def _patient_data(name: str, patient: str, *, predictions: bool) -> dict:
     with _reading("warehouse"):
         warehouse = _warehouse(name)
         if warehouse is None:
-            return {"sessions": [], "studies": 0, "scores": [], "predictions": []}
+            return {"sessions": [], "studies": 0, "scores": [], "predictions": [], "refusals": []}
         sessions, studies, scores = _patient_rows(warehouse, name, patient)
         stored = _prediction_rows(warehouse, name, patient) if predictions else []
-    return {"sessions": sessions, "studies": studies, "scores": scores, "predictions": stored}
+        refusals = _refusal_rows(warehouse, name, patient) if predictions else []
+    return {"sessions": sessions, "studies": studies, "scores": scores, "predictions": stored, "refusals": refusals}
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -343,7 +356,7 @@ def timeline(patient: str) -> dict:
             "dates": "shifted per patient by de-identification (YYYYMMDD); intervals are real",
             "features": [{"key": k, "label": label, "unit": unit} for k, label, unit in TIMELINE_FEATURES],
             "sessions": sessions, "studies_without_roi_features": data["studies"] - len(studies),
-            "scores": scores, "predictions": data["predictions"]}
+            "scores": scores, "predictions": data["predictions"], "refusals": data["refusals"]}
 
 
 @router.get("/patient-timeline/{patient}")
@@ -443,6 +456,12 @@ def timeline_page(base: str, data: dict) -> str:
     else:
         parts.append('<p class="muted">No stored prediction (the progression DAG writes them; '
                      "<code>POST /imaging/predict-progression</code> computes one on demand).</p>")
+    if data.get("refusals"):
+        parts.append(f'<h2>Not predicted ({len(data["refusals"])})</h2>')
+        parts.append(render.table(["model", "version", "reason", "what the model lacked", "checked"],
+                                  [[h(r["model"]), h(r["model_version"]), f'<code>{h(r["reason"])}</code>',
+                                    h(r["message"]), h(render.fmt_time(r["computed_at"]))]
+                                   for r in data["refusals"]]))
     return render.page(f"{patient} timeline", "".join(parts),
                        crumbs=[("Imaging QC", f"{base}/"), ("Patients", f"{base}/patients"), (patient, None)])
 
