@@ -63,15 +63,7 @@ def _xcom_text(dag_id: str) -> str:
 
 
 def _summary(run_id: str) -> dict:
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        value = session.scalar(select(XComModel.value).where(
-            XComModel.dag_id == "progression", XComModel.run_id == run_id, XComModel.task_id == "predict",
-            XComModel.key == "summary"))
-    return json.loads(value) if isinstance(value, str) else value
+    return _xcom_value("predict", run_id, key="summary")
 
 
 def _states(run) -> dict[str, str]:
@@ -206,7 +198,8 @@ def test_runs_predict_changed_patients_once(model_uri, airflow_db, buckets, monk
     assert warehouse.count("predictions", "WHERE run_id = ?", [run4.run_id]) == 0
 
 
-def _xcom_value(task_id: str, run_id: str):
+def _xcom_value(task_id: str, run_id: str, key: str = "return_value"):
+    """A progression task's XCom of the run, decoded."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
@@ -214,7 +207,7 @@ def _xcom_value(task_id: str, run_id: str):
     with create_session() as session:
         value = session.scalar(select(XComModel.value).where(
             XComModel.dag_id == "progression", XComModel.run_id == run_id, XComModel.task_id == task_id,
-            XComModel.key == "return_value"))
+            XComModel.key == key))
     return json.loads(value) if isinstance(value, str) else value
 
 

@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 
 from imaging_tasks.deid.keys import DEMO_KEY
+from test_progression_dag import _xcom_value
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIALTY = "neuroimaging"
@@ -358,24 +359,12 @@ def test_the_dag_ingests_fhir_scores_when_a_server_is_configured(server, airflow
     dag = DagBag(dag_folder=str(REPO / "dags" / "progression.py")).dags["progression"]
     run = dag.test(run_conf={"landing_quiet_seconds": 0})
     assert run.state == "success"
-    counts = _xcom(run.run_id)
+    counts = _xcom_value("ingest_scores", run.run_id)
     assert counts["uploads"] == 0 and counts["rows"] == 0  # no upload: the upload counts as before
     assert (counts["fhir_observations"], counts["fhir_loaded"], counts["fhir_rows"]) == (10, 6, 6)
     assert _rows(DuckDBWarehouse(buckets["warehouse"])) == _expected(raw)
     assert list((buckets["lake"] / "progression" / SPECIALTY / "fhir_scores").glob("*.json"))
     _no_phi(json.dumps(counts))  # (a second run asking from the watermark: the first test, on the same code)
-
-
-def _xcom(run_id: str) -> dict:
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        value = session.scalar(select(XComModel.value).where(
-            XComModel.dag_id == "progression", XComModel.run_id == run_id, XComModel.task_id == "ingest_scores",
-            XComModel.key == "return_value"))
-    return json.loads(value) if isinstance(value, str) else value
 
 
 def test_task_glue_without_a_server_does_nothing_and_a_refusal_is_not_retried(server, tmp_path, monkeypatch):
