@@ -743,7 +743,9 @@ def synthesize_study(out: pathlib.Path, label: str, rng: np.random.Generator, *,
                      head_scale: tuple[float, float] = (0.86, 0.97), warp_mm: float = 4.0, pet_frames: int = 1,
                      pet_frame_s: float = 300.0, max_frame_rotation_deg: float = 2.0,
                      max_frame_translation_mm: float = 2.5, layout: str = "dicom", with_bold: bool = False,
-                     with_dwi: bool = False, series4d_style: str = "enhanced", bold_volumes: int = 80) -> dict:
+                     with_dwi: bool = False, series4d_style: str = "enhanced", bold_volumes: int = 80,
+                     patient: phi.Patient | None = None, study_date: str | None = None,
+                     head_scale_xyz=None, anatomy_seed: int | None = None, region_suvr=None) -> dict:
     """One session: a T1 (and a PET unless ``with_pet`` is False) in ``layout``; returns the truth record.
 
     ``warp_mm``: peak displacement of the largest anatomy-warp bump (0: the subject is an affine copy of the
@@ -752,6 +754,14 @@ def synthesize_study(out: pathlib.Path, label: str, rng: np.random.Generator, *,
     "nifti" (see the module docstring).  ``with_bold`` / ``with_dwi``: add a BOLD run with its events table and a
     DWI series in the same head (:mod:`.synth_session4d`; DICOM as ``series4d_style`` "classic" per-slice files or
     one "enhanced" multi-frame object; ``bold_volumes`` long).
+
+    Longitudinal sessions of one subject (:mod:`.synth_longitudinal`) fix what would otherwise be drawn; every
+    draw still happens, so the rest of the session is what the same ``rng`` gives without them:
+    ``patient`` (a :class:`~imaging_tasks.synth.phi.Patient`: the same PatientID, name and birth date in every
+    session), ``study_date`` (``YYYYMMDD``), ``head_scale_xyz`` (the head's scale per scanner axis, 3 floats),
+    ``anatomy_seed`` (the anatomy warp drawn from ``default_rng(anatomy_seed)``: the same brain in every
+    session) and ``region_suvr`` (true SUVRs by :data:`PET_REGIONS` name, and ``other_grey_matter`` for the rest
+    of the cortex, 0.5-4; regions not named keep their drawn SUVR).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
@@ -763,6 +773,17 @@ def synthesize_study(out: pathlib.Path, label: str, rng: np.random.Generator, *,
     # Children for what later versions added; spawning does not advance ``rng`` (see _extra_rngs).
     warp_rng, suvr_rng, motion_rng, frame_noise_rng = _extra_rngs(rng, 4)
     study = phi.fake_study(rng, label)
+    if patient is not None:
+        study.patient = patient
+    if study_date is not None:
+        if len(str(study_date)) != 8 or not str(study_date).isdigit():
+            raise ValueError(f"study_date must be YYYYMMDD, not {study_date!r}")
+        study.study_date = str(study_date)
+    region_suvr = dict(region_suvr or {})
+    unknown = sorted(set(region_suvr) - set(PET_REGIONS) - {"other_grey_matter"})
+    if unknown or not all(0.5 <= float(v) <= 4.0 for v in region_suvr.values()):
+        raise ValueError(f"region_suvr takes SUVRs 0.5-4 of {sorted(PET_REGIONS)} or other_grey_matter; got "
+                         f"{region_suvr}")
     if layout == "dicom":
         study_dir = out / SPECIALTY / label
     else:
@@ -777,7 +798,11 @@ def synthesize_study(out: pathlib.Path, label: str, rng: np.random.Generator, *,
     # --- MR ---------------------------------------------------------------------------------------------
     # Head size: the MNI152 brain (1.9 l) is larger than most; each subject is a scaled copy (about 1.2-1.7 l).
     scale = rng.uniform(*head_scale) * rng.uniform(0.97, 1.03, 3)
+    if head_scale_xyz is not None:
+        scale = np.asarray(head_scale_xyz, dtype=float).reshape(3)
     mr_pose = _pose(rng, ph["centre_lps"], scale, max_rotation_deg, max_translation_mm)
+    if anatomy_seed is not None:
+        warp_rng = np.random.default_rng(anatomy_seed)
     geo = {"mr": {"pose": mr_pose["truth"], "warp": _draw_warp(warp_rng, warp_mm)}}
     extent = ph["extent_mm"] * scale.max()
     grid = _grid(ph["centre_lps"], extent, mr_voxel_mm, margin_mm=max_translation_mm + 6.0)
@@ -840,10 +865,13 @@ def synthesize_study(out: pathlib.Path, label: str, rng: np.random.Generator, *,
                   "cerebellum": float(rng.uniform(6500, 8500)), "csf": float(rng.uniform(300, 700)),
                   "scalp": float(rng.uniform(1000, 2000))}
         uptake = {k: round(v, 3) for k, v in uptake.items()}
+        if "other_grey_matter" in region_suvr:
+            uptake["grey_matter"] = round(float(region_suvr["other_grey_matter"]) * uptake["cerebellum"], 3)
         other = uptake["grey_matter"] / uptake["cerebellum"]
         factors = suvr_rng.uniform(*PET_REGION_SUVR_FACTOR, len(PET_REGIONS))
         suvr_true = {name: round(float(np.clip(other * f, *PET_REGION_SUVR_RANGE)), 6)
                      for name, f in zip(PET_REGIONS, factors)}
+        suvr_true.update({name: round(float(v), 6) for name, v in region_suvr.items() if name in PET_REGIONS})
         suvr_true.update(other_grey_matter=round(other, 6), cerebellar_grey_matter=1.0,
                          white_matter=round(uptake["white_matter"] / uptake["cerebellum"], 6))
         pet_truth = {"uptake_bqml": uptake, "suvr_true": suvr_true, "psf_fwhm_mm": pet_fwhm_mm}

@@ -54,8 +54,8 @@ MEASURES = (("hippocampus", "gm_volume", "ml"), ("entorhinal", "gm_volume", "ml"
 FEATURES = tuple(f"roi:{roi}:{metric}" for roi, metric, _ in MEASURES) + (
     "score:MMSE", "score:CDR_SB", "score:ADAS_Cog", "days_since_first", "interval_days")
 SCORES = ("MMSE", "CDR_SB", "ADAS_Cog")
-_SCORE_SD = {"MMSE": 1.4, "CDR_SB": 0.8, "ADAS_Cog": 3.0}
-_SCORE_STEP = {"MMSE": 1.0, "CDR_SB": 0.5, "ADAS_Cog": 1 / 3}
+SCORE_SD = {"MMSE": 1.4, "CDR_SB": 0.8, "ADAS_Cog": 3.0}
+SCORE_STEP = {"MMSE": 1.0, "CDR_SB": 0.5, "ADAS_Cog": 1 / 3}
 _REGION_SD = {"hippocampus": 0.025, "entorhinal": 0.04, "amygdala": 0.04, "precuneus": 0.03,
               "lateral_occipital": 0.03}
 
@@ -153,7 +153,7 @@ class CohortTruth:
                 "params": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.params).items()}}
 
 
-def _round_to(value: float, step: float) -> float:
+def round_to(value: float, step: float) -> float:
     return round(round(value / step) * step, 4)
 
 
@@ -220,11 +220,11 @@ def synthesize_cohort(n_patients: int = 200, seed: int = 0, params: CohortParams
             visit_day = day + (visit - real).days
             expected = truth.expected_scores([visit_day])
             for score in SCORES:
-                observed = expected[score][0] + rng.normal(0.0, _SCORE_SD[score] * truth.score_noise)
+                observed = expected[score][0] + rng.normal(0.0, SCORE_SD[score] * truth.score_noise)
                 if k > 0 and rng.random() < p.missing_score_fraction:
                     continue
                 low, high = SCORE_RANGES[score]
-                value = _round_to(float(np.clip(observed, low, high)), _SCORE_STEP[score])
+                value = round_to(float(np.clip(observed, low, high)), SCORE_STEP[score])
                 raw_scores.append({"patient_id": raw_id, "date": visit.isoformat(), "score": score, "value": value})
                 score_rows.append({"patient_id": pid, "date": shift_date(visit.strftime("%Y%m%d"), shift),
                                    "score": score, "value": value})
