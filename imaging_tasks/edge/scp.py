@@ -80,6 +80,23 @@ def _transfer_syntaxes() -> list[str]:
             uid.JPEGLSNearLossless, uid.JPEG2000Lossless, uid.JPEG2000, uid.RLELossless]
 
 
+class _ServerContext(ssl.SSLContext):
+    """The receiver's TLS context.  pynetdicom wraps each accepted socket in its accept loop, where by default the
+    handshake runs: a single connection that never completes it (a port scanner, a stalled client, a plain-TCP
+    sender that opens and waits) would stop every other association from being accepted.  Here the handshake is
+    left to the association's own thread (OpenSSL does it on the first read, once the client has sent something;
+    one that sends nothing is dropped by the ACSE timer), each read or write bounded by ``io_timeout_s``; a failed
+    handshake closes that connection only."""
+
+    io_timeout_s = 60.0
+
+    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, *args, **kwargs):
+        if server_side:
+            sock.settimeout(self.io_timeout_s)
+            do_handshake_on_connect = False
+        return super().wrap_socket(sock, server_side, do_handshake_on_connect, *args, **kwargs)
+
+
 @dataclass(frozen=True)
 class TLSFiles:
     cert: str
@@ -90,7 +107,7 @@ class TLSFiles:
         for name, path in (("--tls-cert", self.cert), ("--tls-key", self.key), ("--tls-ca", self.ca)):
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{name} {path} is not a readable file")
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx = _ServerContext(ssl.PROTOCOL_TLS_SERVER)  # what create_default_context(Purpose.CLIENT_AUTH) makes
         try:
             ctx.load_cert_chain(self.cert, self.key)
             if self.ca:
@@ -99,6 +116,9 @@ class TLSFiles:
         except ssl.SSLError as exc:
             raise ConfigError(f"the TLS files do not load ({exc.reason or exc}): --tls-cert must be a PEM certificate "
                               "(chain), --tls-key its private key, --tls-ca a PEM CA bundle") from None
+        except OSError as exc:  # e.g. a key only root may read
+            raise ConfigError(f"the TLS files cannot be read ({exc.strerror or exc}): check that the user the "
+                              "receiver runs as may read --tls-cert, --tls-key and --tls-ca") from None
         return ctx
 
 
