@@ -7,6 +7,9 @@
     imaging-tasks process cardiovascular FILE... --out DIR
     imaging-tasks receive --landing URI --spool DIR [--port 11112] [--allow-ae AE ...] [--deidentify] ...
     imaging-tasks train-progression --out models/progression [--cohort synthetic --patients 200 | --sessions F --scores F]
+    imaging-tasks ingest-scores --scores data/landing/cognitive_scores --warehouse data/warehouse.duckdb \
+        [--fhir-base-url URL --lake data/lake]
+    imaging-tasks predict-progression --model models/progression.pt --warehouse data/warehouse.duckdb
 """
 from __future__ import annotations
 
@@ -362,6 +365,68 @@ def _train_progression(args) -> int:
     return 0
 
 
+def _ingest_scores(args) -> int:
+    """The progression DAG's ``ingest_scores`` outside Airflow: the score uploads under --scores (and, with
+    --fhir-base-url, the FHIR server's score Observations) pseudonymised with the de-identification key into the
+    warehouse's ``cognitive_scores``, each upload / Observation version once.  Prints counts, never an ID.
+    Exit status 2 for what retrying cannot fix (no key, a bad setting, the server refusing the credentials)."""
+    from imaging_tasks.errors import ConfigError
+    from imaging_tasks.progression import store
+    from imaging_tasks.specialties import progression_specialty
+    from imaging_tasks.warehouse import open_warehouse
+
+    key, _demo = _key(args)
+    specialty = args.specialty or progression_specialty()
+    try:
+        warehouse = open_warehouse(args.warehouse)
+        counts = {"uploads": store.ingest(args.scores, warehouse, specialty, key, quiet_s=args.quiet_seconds)}
+        if args.fhir_base_url:
+            if not args.lake:
+                raise ConfigError("--fhir-base-url needs --lake: the Observation versions loaded and the watermark "
+                                  "are kept there")
+            from imaging_tasks import fhir
+            from imaging_tasks.progression.fhir_scores import parse_codes
+
+            client = fhir.FhirClient(args.fhir_base_url)
+            try:
+                counts["fhir"] = store.ingest_fhir(client, warehouse, specialty, key, lake_root=args.lake,
+                                                   codes=parse_codes(args.fhir_score_codes),
+                                                   patient_system=args.fhir_patient_system)
+            except fhir.FhirError as exc:
+                if exc.status in (400, 401, 403, 404):
+                    raise ConfigError(str(exc)) from None
+                raise
+            finally:
+                client.close()
+    except ConfigError as exc:
+        print(f"imaging-tasks: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(counts, indent=1))
+    return 0
+
+
+def _predict_progression(args) -> int:
+    """The progression DAG's ``predict`` outside Airflow: the patients whose sessions or scores changed since their
+    last prediction by this model version, predicted and saved (``predictions``; refusals with their reason in
+    ``prediction_refusals``).  Prints counts.  Exit status 2 for a model that cannot be used."""
+    from imaging_tasks.errors import BadInput, ConfigError
+    from imaging_tasks.progression.model import load_progression_model
+    from imaging_tasks.progression.store import check_model, predict_changed
+    from imaging_tasks.specialties import progression_specialty
+    from imaging_tasks.warehouse import open_warehouse
+
+    try:
+        model, spec = load_progression_model(args.model)
+        check_model(spec)
+    except (BadInput, ConfigError, FileNotFoundError) as exc:
+        print(f"imaging-tasks: {exc}", file=sys.stderr)
+        return 2
+    counts = predict_changed(open_warehouse(args.warehouse), args.specialty or progression_specialty(), model, spec,
+                             run_id=args.run_id)
+    print(json.dumps({"model": spec.name, "version": spec.version, **counts}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imaging-tasks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -424,6 +489,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-key", action="store_true", help="pseudonymise --scores with the public demo key "
                    "(synthetic data only)")
     p.set_defaults(func=_train_progression)
+    warehouse_help = ("DuckDB file (or duckdb://PATH), or bigquery://PROJECT/DATASET[?location=EU] (ambient Google "
+                      "credentials)")
+    specialty_help = "the specialty whose sessions feed progression (default: the one the registry marks)"
+    p = sub.add_parser("ingest-scores", help="cognitive-score uploads (and FHIR Observations) pseudonymised into "
+                                             "the warehouse, each once")
+    p.add_argument("--scores", required=True, help="folder of CSV/Parquet uploads (patient_id, date, score, value; "
+                   "raw IDs and real dates), e.g. data/landing/cognitive_scores; a path or file://, s3://, gs:// URI")
+    p.add_argument("--warehouse", required=True, help=warehouse_help)
+    p.add_argument("--specialty", default=None, help=specialty_help)
+    p.add_argument("--quiet-seconds", type=float, default=0.0,
+                   help="an upload modified more recently than this is still arriving and waits (default 0)")
+    p.add_argument("--fhir-base-url", default=None, help="also read score Observations from this FHIR R4 server")
+    p.add_argument("--lake", default=None, help="lake root (with --fhir-base-url: where the Observation versions "
+                   "loaded and the watermark are kept)")
+    p.add_argument("--fhir-patient-system", default=None, help="system of the Patient identifier that is the "
+                   "DICOM PatientID (default: the Patient's only identifier)")
+    p.add_argument("--fhir-score-codes", default=None, help='JSON {"system|code": score}; default LOINC 72107-6 '
+                   "(MMSE)")
+    p.add_argument("--demo-key", action="store_true", help="use the public demo key (synthetic data only)")
+    p.set_defaults(func=_ingest_scores)
+    p = sub.add_parser("predict-progression", help="predict for the patients whose sessions or scores changed "
+                                                   "since their last prediction by the model")
+    p.add_argument("--model", required=True, help="the model file (.pt / .pt2, its JSON beside it): a path or "
+                   "file://, s3://, gs:// URI")
+    p.add_argument("--warehouse", required=True, help=warehouse_help)
+    p.add_argument("--specialty", default=None, help=specialty_help)
+    p.add_argument("--run-id", default="cli", help="recorded on every prediction row (default cli)")
+    p.set_defaults(func=_predict_progression)
     return parser
 
 

@@ -257,3 +257,49 @@ def test_changed_patients_and_score_uploads_in_bigquery(bq, tmp_path):
     assert {r["patient_id"] for r in rows} == set(truth.patients) - {done} and patients == 3
     assert done not in {r["patient_id"] for r in scores}
     assert len(changed_rows(bq, SPECIALTY, "m", "2")[0]) == len(sessions)  # another version: every patient
+
+
+def test_the_two_steps_from_the_command_line_with_relative_paths(model_uri, tmp_path):
+    """``imaging-tasks ingest-scores`` and ``predict-progression`` (a subprocess, run from the data folder with
+    relative paths): the DAG's two steps outside Airflow, on the same library calls, with their exit statuses."""
+    import shutil
+    import subprocess
+    import sys
+
+    from imaging_tasks.warehouse import DuckDBWarehouse
+
+    sessions, _, truth = synthesize_cohort(5, seed=8, key=DEMO_KEY, params=CohortParams(sessions=(1, 4)))
+    _load_sessions(DuckDBWarehouse(tmp_path / "wh.duckdb"), sessions)
+    _write_csv(tmp_path / "landing" / "cognitive_scores" / "scores.csv", truth.raw_score_rows())
+    for suffix in (".pt", ".json"):
+        shutil.copy(Path(model_uri).with_suffix(suffix), tmp_path / f"model{suffix}")
+    env = {k: v for k, v in os.environ.items() if k not in ("IMAGING_DEID_KEY", "IMAGING_DEID_DEMO")}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "imaging_tasks.cli", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    no_key = cli("ingest-scores", "--scores", "landing/cognitive_scores", "--warehouse", "wh.duckdb")
+    assert no_key.returncode == 2 and "key" in no_key.stderr.lower()
+    ingest = cli("ingest-scores", "--scores", "landing/cognitive_scores", "--warehouse", "wh.duckdb", "--demo-key")
+    assert ingest.returncode == 0, ingest.stderr
+    assert json.loads(ingest.stdout)["uploads"]["loaded"] == 1
+    n_sessions = {p.patient_id: len(p.session_days) for p in truth.patients.values()}
+    expected = {p for p, n in n_sessions.items() if n >= 2}
+    first = cli("predict-progression", "--model", "model.pt", "--warehouse", "wh.duckdb", "--run-id", "by-hand")
+    assert first.returncode == 0, first.stderr
+    counts = json.loads(first.stdout)
+    assert counts["predicted"] == len(expected) and counts["refused"] == len(n_sessions) - len(expected)
+    assert counts["rows"] == len(expected) * HORIZONS * OUTPUTS
+    warehouse = DuckDBWarehouse(tmp_path / "wh.duckdb")
+    assert {r[0] for r in warehouse.query("SELECT DISTINCT patient_id FROM predictions WHERE run_id = 'by-hand'")} \
+        == expected
+    again = json.loads(cli("predict-progression", "--model", "model.pt", "--warehouse", "wh.duckdb").stdout)
+    assert (again["changed"], again["predicted"], again["refused"]) == (0, 0, 0)
+    raw = "\n".join([ingest.stdout, ingest.stderr, first.stdout, first.stderr])
+    assert "MRN" not in raw and not any(p.raw_id in raw for p in truth.patients.values())
+    missing = cli("predict-progression", "--model", "nothing.pt", "--warehouse", "wh.duckdb")
+    assert missing.returncode == 2 and "nothing" in missing.stderr and "Traceback" not in missing.stderr
+    no_lake = cli("ingest-scores", "--scores", "landing/cognitive_scores", "--warehouse", "wh.duckdb", "--demo-key",
+                  "--fhir-base-url", "http://127.0.0.1:9/fhir")
+    assert no_lake.returncode == 2 and "--lake" in no_lake.stderr

@@ -340,6 +340,38 @@ def save_predictions(warehouse, specialty: str, spec, rows: list[dict], refusals
             tx.upsert("prediction_refusals", refusals)
 
 
+def predict_changed(warehouse, specialty: str, model, spec, *, run_id: str) -> dict:
+    """The batch step of the ``progression`` DAG and ``imaging-tasks predict-progression``: the patients whose
+    sessions or scores changed since their last prediction (or refusal) by this model version, predicted in one
+    batch and saved with their refusals (:func:`save_predictions`).  A patient the model cannot take (too few
+    sessions, a feature never measured) is logged with its reason and counted, never guessed.  Returns counts
+    (no patient ID): ``patients``, ``changed``, ``predicted``, ``rows``, ``refused``, ``refused_by_reason``,
+    ``unchanged``."""
+    from imaging_tasks.progression.model import predict_many
+
+    log.info("progression model %s %s (sha256 %s), %s sessions", spec.name, spec.version, spec.sha256[:16],
+             specialty)
+    computed_at = dt.datetime.now(dt.timezone.utc)  # before the read: rows loaded after it count as changed
+    sessions, scores, patients = changed_rows(warehouse, specialty, spec.name, spec.version)
+    sequences, refused = sequences_of(sessions, scores)
+    changed = len(sequences) + len(refused)
+    predictions, refused_by_model = predict_many(model, spec, sequences.values())
+    refused += refused_by_model
+    rows = prediction_rows(predictions, sequences, spec, specialty=specialty, run_id=run_id,
+                           computed_at=computed_at)
+    save_predictions(warehouse, specialty, spec, rows,
+                     refusal_rows(refused, spec, specialty=specialty, run_id=run_id, computed_at=computed_at))
+    reasons: dict[str, int] = {}
+    for r in refused:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        log.warning("patient %s: no prediction (%s): %s", r["patient_id"], r["reason"], r["message"])
+    counts = {"patients": patients, "changed": changed, "predicted": len({r["patient_id"] for r in rows}),
+              "rows": len(rows), "refused": len(refused), "refused_by_reason": reasons,
+              "unchanged": max(0, patients - changed)}
+    log.info("progression predictions: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return counts
+
+
 def check_model(spec) -> None:
     """What the predictions table can hold: whole-month horizons (its ``horizon_months`` is INT64)."""
     from imaging_tasks.errors import ConfigError

@@ -7,7 +7,6 @@ pseudonym only, and score uploads by their sha256 (an object name in the landing
 """
 from __future__ import annotations
 
-import datetime as dt
 import logging
 
 from airflow.sdk import Asset, Param, get_current_context, task
@@ -159,9 +158,8 @@ def predict() -> dict:
     ``imaging_progression_predictions`` with counts; skipped (no event) when nothing was predicted."""
     from airflow.sdk.exceptions import AirflowSkipException
 
-    from imaging_tasks.progression.model import load_progression_model, predict_many
-    from imaging_tasks.progression.store import (changed_rows, check_model, prediction_rows, refusal_rows,
-                                                 save_predictions, sequences_of)
+    from imaging_tasks.progression.model import load_progression_model
+    from imaging_tasks.progression.store import check_model, predict_changed
 
     ctx = get_current_context()
     ti = ctx["ti"]
@@ -175,31 +173,11 @@ def predict() -> dict:
         model, spec = load_progression_model(uri)
         check_model(spec)
         warehouse = _warehouse(specialty)
-    log.info("progression model %s %s (sha256 %s), %s sessions", spec.name, spec.version, spec.sha256[:16],
-             specialty)
-    computed_at = dt.datetime.now(dt.timezone.utc)  # before the read: rows loaded after it count as changed
-    sessions, scores, patients = changed_rows(warehouse, specialty, spec.name, spec.version)
-    sequences, refused = sequences_of(sessions, scores)
-    changed = len(sequences) + len(refused)
-    predictions, refused_by_model = predict_many(model, spec, sequences.values())
-    refused += refused_by_model
-    rows = prediction_rows(predictions, sequences, spec, specialty=specialty, run_id=ti.run_id,
-                           computed_at=computed_at)
-    predicted = sorted({r["patient_id"] for r in rows})
-    save_predictions(warehouse, specialty, spec, rows,
-                     refusal_rows(refused, spec, specialty=specialty, run_id=ti.run_id, computed_at=computed_at))
-    reasons: dict[str, int] = {}
-    for r in refused:
-        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-        log.warning("patient %s: no prediction (%s): %s", r["patient_id"], r["reason"], r["message"])
-    counts = {"patients": patients, "changed": changed,
-              "predicted": len(predicted), "rows": len(rows), "refused": len(refused), "refused_by_reason": reasons,
-              "unchanged": max(0, patients - changed)}
-    log.info("progression predictions: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    counts = predict_changed(warehouse, specialty, model, spec, run_id=ti.run_id)
     ti.xcom_push(key="summary", value=counts)
-    if not rows:
+    if not counts["rows"]:
         raise AirflowSkipException(f"nothing new to predict ({counts['refused']} changed patient(s) refused, "
-                                   f"{counts['unchanged']} unchanged): no warehouse write, no asset event")
+                                   f"{counts['unchanged']} unchanged): no prediction written, no asset event")
     ctx["outlet_events"][PREDICTIONS_ASSET].extra = {
         "specialty": specialty, "run_id": ti.run_id, "model": spec.name, "model_version": spec.version,
         "model_sha256": spec.sha256, **{k: v for k, v in counts.items() if k != "refused_by_reason"},
