@@ -19,8 +19,11 @@ import threading
 
 from airflow.plugins_manager import AirflowPlugin
 
+from imaging_dags.preload import preload_for_tasks
 from imaging_dags.qc import URL_PREFIX
 from imaging_dags.qc.links import StudyQCLink
+
+preload_for_tasks()  # torch, in a scheduler (LocalExecutor) or Celery worker only: its task processes inherit it
 
 
 class QCApp:

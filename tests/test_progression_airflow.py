@@ -305,3 +305,18 @@ def test_no_raw_id_outside_the_uploads(env, first_run):
     found |= {(raw, "warehouse rows") for raw in raw_ids if raw in dump}
     assert not found, f"raw patient IDs found in: {sorted(found)}"
     assert warehouse.count("cognitive_scores") == len(env.truth.raw_scores)  # the upload was loaded, pseudonymised
+
+
+def test_the_scheduler_preloads_torch_for_the_task_processes_it_forks(env, first_run):
+    """``imaging_dags.preload``: the scheduler (LocalExecutor) has torch loaded, so the task processes it forks
+    (the predict task here, every GPU step in the specialty DAGs) do not import it again; the other components do
+    not carry it for nothing.  The run above succeeded with it: the forked task used torch."""
+    stack = env.stack
+
+    def mapped(name: str) -> bool:
+        maps = Path(f"/proc/{stack.procs[name].pid}/maps").read_text()
+        return "libtorch_cpu" in maps or "libtorch.so" in maps
+
+    assert mapped("scheduler")
+    assert not mapped("dag-processor") and not mapped("triggerer")
+    assert "torch preloaded in airflow" in (stack.tmp / "scheduler.log").read_text(errors="replace")
