@@ -14,6 +14,7 @@ Variables (so ``AIRFLOW_VAR_IMAGING_LAKE_URI`` etc.) and Connections, read insid
 | de-identification key | Connection ``imaging_deid`` (password), else env ``IMAGING_DEID_KEY`` | none: refuses to run; env ``IMAGING_DEID_DEMO=1`` selects the public demo key (outputs marked DEMO) |
 | GPU queue / pool | config ``[imaging] gpu_queue`` / ``gpu_pool`` | ``gpu`` / ``gpu`` |
 | torch device | env ``IMAGING_DEVICE`` | ``auto`` (CUDA if present) |
+| torch imported in the scheduler (LocalExecutor) or Celery worker that forks the task processes (``imaging_dags.preload``) | config ``[imaging] preload_torch`` | ``true`` |
 | nightly schedule | config ``[imaging] schedule`` | ``0 2 * * *`` |
 | sensor timeout (s) | config ``[imaging] sensor_timeout`` | ``3600`` |
 | landing quiet period (s): an upload is finished when nothing new arrived for this long | config ``[imaging] landing_quiet_seconds`` (read at run time); a Param / run conf ``landing_quiet_seconds`` wins | ``120`` |
