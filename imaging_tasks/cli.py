@@ -388,14 +388,10 @@ def _ingest_scores(args) -> int:
             from imaging_tasks.progression.fhir_scores import parse_codes
 
             client = fhir.FhirClient(args.fhir_base_url)
-            try:
+            try:  # a refused read (fhir.FhirRefused) is a ConfigError: exit 2 below
                 counts["fhir"] = store.ingest_fhir(client, warehouse, specialty, key, lake_root=args.lake,
                                                    codes=parse_codes(args.fhir_score_codes),
                                                    patient_system=args.fhir_patient_system)
-            except fhir.FhirError as exc:
-                if exc.status in (400, 401, 403, 404):
-                    raise ConfigError(str(exc)) from None
-                raise
             finally:
                 client.close()
     except ConfigError as exc:

@@ -59,6 +59,15 @@ class FhirError(RuntimeError):
         self.status = status
 
 
+class FhirRefused(FhirError, ConfigError):
+    """A read the server refused for a reason only a setting fixes (base URL, credentials, read access, the
+    search's codes): a :class:`ConfigError` too, so every caller fails it once, at once, without a mapping of its
+    own."""
+
+
+REFUSED_READ = frozenset({400, 401, 403, 404})  # GET answers that retrying cannot change
+
+
 # --------------------------------------------------------------------------------------------- facts
 @dataclass(frozen=True)
 class StudyFacts:
@@ -284,7 +293,6 @@ class FhirClient:
                 out = {**out, "id": match.group(1)}
         return out
 
-
     # ----------------------------------------------------------------------------------------- reading
     def read(self, url: str, params: dict | None = None) -> dict:
         """``GET`` of a resource or a search page (``url``: relative to the base, or an absolute URL on the base's
@@ -330,9 +338,10 @@ class FhirClient:
             hint = {401: "check the credentials of connection imaging_fhir",
                     403: "the FHIR account may not read this resource type: ask for read access",
                     404: "check the FHIR base URL (Variable imaging_fhir_base_url or connection imaging_fhir)"}
-            raise FhirError(f"FHIR server refused GET {what} (HTTP {response.status_code}: {_outcome(response)})"
-                            + (f"; {hint[response.status_code]}" if response.status_code in hint else ""),
-                            response.status_code)
+            refused = FhirRefused if response.status_code in REFUSED_READ else FhirError
+            raise refused(f"FHIR server refused GET {what} (HTTP {response.status_code}: {_outcome(response)})"
+                          + (f"; {hint[response.status_code]}" if response.status_code in hint else ""),
+                          response.status_code)
         try:
             return response.json()
         except ValueError:

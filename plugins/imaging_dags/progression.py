@@ -115,7 +115,6 @@ def _ingest_fhir_scores(specialty: str, warehouse, key: bytes) -> dict:
     """Score Observations of the FHIR server, when one is configured (``settings.fhir_server``); none: nothing
     (``{}``).  Which versions were loaded and the watermark live in the lake."""
     from imaging_dags.settings import _var, fhir_server, for_specialty
-    from imaging_tasks.errors import ConfigError
 
     with failing_fast("ingest cognitive scores from FHIR"):
         server = fhir_server()
@@ -134,14 +133,8 @@ def _ingest_fhir_scores(specialty: str, warehouse, key: bytes) -> dict:
     log.info("cognitive scores from FHIR %s: codes %s, patient identifier system %s", fhir.origin(server.base_url),
              ", ".join(sorted(codes)), system or "(none: the Patient's only identifier)")
     try:
-        with failing_fast("ingest cognitive scores from FHIR"):
-            try:
-                return ingest_fhir(client, warehouse, specialty, key, lake_root=lake, codes=codes,
-                                   patient_system=system)
-            except fhir.FhirError as exc:
-                if exc.status in (400, 401, 403, 404):  # a setting to fix (URL, credentials, codes): not retried
-                    raise ConfigError(str(exc)) from None
-                raise
+        with failing_fast("ingest cognitive scores from FHIR"):  # a refused read (fhir.FhirRefused) fails once
+            return ingest_fhir(client, warehouse, specialty, key, lake_root=lake, codes=codes, patient_system=system)
     finally:
         client.close()
 
