@@ -128,29 +128,27 @@ def _patient_rows(warehouse, name: str, patient: str) -> tuple[list[dict], int, 
     return [r for r in sessions if r["roi"] is not None], len({r["study_id"] for r in sessions}), scores
 
 
-def _prediction_rows(warehouse, name: str, patient: str) -> list[dict]:
-    rows = warehouse.query(f"SELECT {', '.join(PREDICTION_COLUMNS)} FROM {warehouse.ref('predictions')} "
-                           "WHERE specialty = ? AND patient_id = ? ORDER BY model, model_version, score, "
-                           "horizon_months", [name, patient])
-    out = []
-    for row in rows:
-        item = dict(zip(PREDICTION_COLUMNS, row))
-        if hasattr(item["computed_at"], "isoformat"):
-            item["computed_at"] = item["computed_at"].isoformat()
-        out.append(item)
-    return out
-
-
-def _refusal_rows(warehouse, name: str, patient: str) -> list[dict]:
-    """Why the progression DAG made no prediction for the patient, per model version (``prediction_refusals``)."""
-    columns = ("model", "model_version", "reason", "message", "computed_at")
+def _patient_table(warehouse, table: str, columns: tuple[str, ...], name: str, patient: str,
+                   order: str) -> list[dict]:
+    """One patient's rows of a progression table as JSON-ready dicts (``computed_at`` as ISO text)."""
     rows = [dict(zip(columns, r)) for r in warehouse.query(
-        f"SELECT {', '.join(columns)} FROM {warehouse.ref('prediction_refusals')} WHERE specialty = ? AND "
-        "patient_id = ? ORDER BY model, model_version", [name, patient])]
+        f"SELECT {', '.join(columns)} FROM {warehouse.ref(table)} WHERE specialty = ? AND patient_id = ? "
+        f"ORDER BY {order}", [name, patient])]
     for item in rows:
         if hasattr(item["computed_at"], "isoformat"):
             item["computed_at"] = item["computed_at"].isoformat()
     return rows
+
+
+def _prediction_rows(warehouse, name: str, patient: str) -> list[dict]:
+    return _patient_table(warehouse, "predictions", PREDICTION_COLUMNS, name, patient,
+                          "model, model_version, score, horizon_months")
+
+
+def _refusal_rows(warehouse, name: str, patient: str) -> list[dict]:
+    """Why the progression DAG made no prediction for the patient, per model version (``prediction_refusals``)."""
+    return _patient_table(warehouse, "prediction_refusals", ("model", "model_version", "reason", "message",
+                                                             "computed_at"), name, patient, "model, model_version")
 
 
 def _patient_data(name: str, patient: str, *, predictions: bool) -> dict:
