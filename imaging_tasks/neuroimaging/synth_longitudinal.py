@@ -132,8 +132,7 @@ def synthesize_longitudinal(out: pathlib.Path, *, sessions: Sequence[int] = (4, 
     :func:`.synth.synthesize_study` (e.g. ``mr_voxel_mm``); the session's identity, date, head, anatomy and
     regional SUVRs are this module's.  Deterministic in ``seed``.
     """
-    from imaging_tasks.progression.cohort import SCORE_SD, SCORE_STEP, round_to
-    from imaging_tasks.progression.features import SCORE_RANGES
+    from imaging_tasks.progression.cohort import SCORE_SD, as_scored
     from imaging_tasks.synth import phi
 
     out = pathlib.Path(out)
@@ -173,9 +172,7 @@ def synthesize_longitudinal(out: pathlib.Path, *, sessions: Sequence[int] = (4, 
             expected = {s: float(v[0]) for s, v in truth.expected_scores([visit_day]).items()}
             observed = {}
             for score, value in expected.items():
-                low, high = SCORE_RANGES[score]
-                noisy = value + rng.normal(0.0, SCORE_SD[score] * truth.score_noise)
-                observed[score] = round_to(float(np.clip(noisy, low, high)), SCORE_STEP[score])
+                observed[score] = as_scored(score, value + rng.normal(0.0, SCORE_SD[score] * truth.score_noise))
                 score_rows.append({"patient_id": person.patient_id, "date": visit.isoformat(), "score": score,
                                    "value": observed[score]})
             pet = study["truth"]["pet"]

@@ -157,6 +157,13 @@ def round_to(value: float, step: float) -> float:
     return round(round(value / step) * step, 4)
 
 
+def as_scored(score: str, value: float) -> float:
+    """A score value as its instrument reports it: clipped to the score's range, rounded to its step (MMSE whole
+    points, CDR-SB half points, ADAS-Cog thirds)."""
+    low, high = SCORE_RANGES[score]
+    return round_to(float(np.clip(value, low, high)), SCORE_STEP[score])
+
+
 def synthesize_cohort(n_patients: int = 200, seed: int = 0, params: CohortParams | None = None, *,
                       key: bytes = COHORT_KEY, specialty: str | None = None
                       ) -> tuple[list[dict], list[dict], CohortTruth]:
@@ -223,8 +230,7 @@ def synthesize_cohort(n_patients: int = 200, seed: int = 0, params: CohortParams
                 observed = expected[score][0] + rng.normal(0.0, SCORE_SD[score] * truth.score_noise)
                 if k > 0 and rng.random() < p.missing_score_fraction:
                     continue
-                low, high = SCORE_RANGES[score]
-                value = round_to(float(np.clip(observed, low, high)), SCORE_STEP[score])
+                value = as_scored(score, observed)
                 raw_scores.append({"patient_id": raw_id, "date": visit.isoformat(), "score": score, "value": value})
                 score_rows.append({"patient_id": pid, "date": shift_date(visit.strftime("%Y%m%d"), shift),
                                    "score": score, "value": value})
